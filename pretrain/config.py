@@ -1,0 +1,218 @@
+"""Typed configs for a run, and the checks that run before any work.
+
+Hydra composes `conf/` into a DictConfig; `load_config` turns it into these dataclasses, which
+rejects unknown keys and wrong types, then `validate` checks what types cannot express. The
+defaults live in `conf/` only: the dataclasses say which keys exist, not what their values are.
+Every error is one line that names the key and the value at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig, compose
+from pretrain.diffusion import MaskConfig
+from pretrain.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before any expensive step."""
+
+
+@dataclass
+class ScheduleConfig:
+    unit: str
+    points: list[Any]  # [[position, lr_fraction], ...]; checked in validate
+
+
+@dataclass
+class OptimConfig:
+    lr: float
+    betas: list[float]
+    eps: float
+    weight_decay: float
+    grad_clip: float
+    schedule: ScheduleConfig
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: Optional[int]
+    max_tokens: Optional[int]
+    seq_len: int
+    micro_batch_size: int
+    global_batch_size: int
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    ckpt_every: int
+    precision: str
+
+
+@dataclass
+class ClusterConfig:
+    name: str
+    device: str
+
+
+@dataclass
+class LoggingConfig:
+    mode: str
+    project: str
+    entity: Optional[str]
+    name: Optional[str]
+
+
+@dataclass
+class SampleConfig:
+    at_end: bool
+    prompt: str
+    gen_length: int
+    steps: int
+
+
+@dataclass
+class RunConfig:
+    run_dir: str
+    seed: int
+    resume: str
+    model: ModelConfig
+    mask: MaskConfig
+    data: DataConfig
+    optim: OptimConfig
+    deepspeed: Any  # passed through to DeepSpeed; checked by validate_deepspeed_section
+    cluster: ClusterConfig
+    logging: LoggingConfig
+    sample: SampleConfig
+    trainer: TrainerConfig
+
+
+def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
+    """Hydra's composed config -> a validated RunConfig."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        run = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        # OmegaConf's message names the key ("Key 'foo' not in 'ModelConfig'"); keep its first line.
+        raise ConfigError(f"config: {str(e).splitlines()[0]} (full key: {e.full_key})") from None
+    run.deepspeed = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    validate(run, world_size)
+    return run
+
+
+def compose_config(overrides: list[str], world_size: int = 1) -> RunConfig:
+    """The validated config a `python -m pretrain.train OVERRIDES...` run would get (for tools and tests)."""
+    return load_config(compose(overrides), world_size)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_model(m: ModelConfig) -> None:
+    _require(m.d_model % m.n_heads == 0,
+             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    _require(m.n_heads % m.n_kv_heads == 0,
+             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    _require(m.head_dim % 2 == 0, f"model head dim d_model/n_heads={m.head_dim} must be even for RoPE")
+    _require(m.attention in ("auto", "sdpa", "flash"),
+             f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
+    for key in ("n_layers", "d_model", "mlp_hidden_size", "vocab_size", "max_sequence_length"):
+        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+
+
+def validate(run: RunConfig, world_size: int) -> None:
+    validate_model(run.model)
+    t = run.trainer
+    _require(t.micro_batch_size > 0, f"trainer.micro_batch_size={t.micro_batch_size} must be positive")
+    per_step = t.micro_batch_size * world_size
+    _require(t.global_batch_size % per_step == 0,
+             f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+             f"trainer.micro_batch_size={t.micro_batch_size} x world size {world_size} = {per_step}")
+    _require(0 < t.seq_len <= run.model.max_sequence_length,
+             f"trainer.seq_len={t.seq_len} is outside 1..model.max_sequence_length="
+             f"{run.model.max_sequence_length} (model={run.model.name})")
+    _require(t.max_steps is not None or t.max_tokens is not None,
+             "trainer.max_steps and trainer.max_tokens are both null: the run would never end")
+    _require(t.precision in ("bf16", "fp32"), f"trainer.precision={t.precision!r} is not one of bf16, fp32")
+    _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
+    _require(run.mask.schedule == "linear", f"mask.schedule={run.mask.schedule!r} is not one of linear")
+    _require(0 < run.mask.eps < 1, f"mask.eps={run.mask.eps} must be in (0, 1)")
+    _require(0 <= run.mask.random_length_prob <= 1,
+             f"mask.random_length_prob={run.mask.random_length_prob} must be in [0, 1]")
+    _require(run.data.seq_len == t.seq_len,
+             f"data.seq_len={run.data.seq_len} differs from trainer.seq_len={t.seq_len}")
+    _require(run.optim.schedule.unit in ("steps", "tokens"),
+             f"optim.schedule.unit={run.optim.schedule.unit!r} is not one of steps, tokens")
+    points = run.optim.schedule.points
+    _require(len(points) > 0 and all(isinstance(p, list) and len(p) == 2 for p in points),
+             f"optim.schedule.points={points} must be a non-empty list of [position, lr_fraction]")
+    positions = [p[0] for p in points]
+    _require(positions == sorted(positions), f"optim.schedule.points={points} positions must not decrease")
+    _require(run.logging.mode in ("offline", "online", "disabled"),
+             f"logging.mode={run.logging.mode!r} is not one of offline, online, disabled")
+    validate_deepspeed_section(run.deepspeed)
+
+
+def validate_data(run: RunConfig, manifest) -> None:
+    """The shards in data.dir must fit this run's model and sequence length."""
+    where = f"{run.data.dir}/manifest.json"
+    _require(manifest.seq_len == run.trainer.seq_len,
+             f"{where}: seq_len={manifest.seq_len} but trainer.seq_len={run.trainer.seq_len}; rebuild the "
+             f"shards or point data.dir elsewhere")
+    _require(manifest.vocab_size <= run.model.vocab_size,
+             f"{where}: vocab_size={manifest.vocab_size} exceeds model.vocab_size={run.model.vocab_size} "
+             f"(model={run.model.name})")
+
+
+# Top-level keys DeepSpeed 0.19 reads from its config (deepspeed/runtime/config.py). DeepSpeed
+# silently ignores any other key, so a typo such as "zero_optimisation" would quietly train
+# without ZeRO; we refuse it instead.
+DEEPSPEED_KEYS = frozenset("""
+    zero_optimization optimizer scheduler fp16 bf16 torch_autocast amp gradient_clipping
+    prescale_gradients gradient_predivide_factor gradient_allreduce_op communication_data_type
+    seq_parallel_communication_data_type zero_allow_untested_optimizer zero_force_ds_cpu_optimizer
+    activation_checkpointing aio steps_per_print wall_clock_breakdown memory_breakdown dump_state
+    flops_profiler tensorboard wandb csv_monitor comet comms_logger elasticity checkpoint data_types
+    dataloader_drop_last data_efficiency curriculum_learning sparse_attention pipeline
+    compression_training autotuning nebula timers weight_quantization hybrid_engine disable_allgather
+    sparse_gradients eigenvalue progressive_layer_drop quantize_training
+    use_data_before_expert_parallelism graph_harvesting compile tensor_parallel disable_python_gc
+    use_node_local_storage
+""".split())
+
+# Keys the framework derives from trainer.* and optim.*, so there is one place to set each.
+DERIVED_DEEPSPEED_KEYS = {
+    "train_batch_size": "trainer.global_batch_size",
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.global_batch_size",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "trainer.precision",
+    "fp16": "trainer.precision",
+}
+
+
+def validate_deepspeed_section(section: dict) -> None:
+    _require(isinstance(section, dict), f"deepspeed: expected a mapping, got {type(section).__name__}")
+    for key in section:
+        if key in DERIVED_DEEPSPEED_KEYS:
+            raise ConfigError(f"deepspeed.{key} is set from {DERIVED_DEEPSPEED_KEYS[key]}; remove it from the "
+                              f"deepspeed section")
+        _require(key in DEEPSPEED_KEYS, f"deepspeed.{key}: unknown DeepSpeed config key (DeepSpeed would "
+                                        f"ignore it silently)")
+    zero = section.get("zero_optimization")
+    if zero is not None:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+
+        try:
+            DeepSpeedZeroConfig(**zero)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"deepspeed.zero_optimization.{where}={err.get('input')!r}: {err['msg']}") from None

@@ -1,0 +1,110 @@
+"""DeepSpeed setup: process group, engine config, the model built under ZeRO-3, the optimizer.
+
+The backend is chosen once, here: DeepSpeed's accelerator says whether this is CUDA or the CPU, and
+that picks the optimizer (DeepSpeed's fused Adam on CUDA; torch AdamW on the CPU, which needs no C++
+build) and, through the model config, the attention kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from pretrain.config import RunConfig
+from pretrain.lr_schedule import lr_fraction, step_to_position
+from pretrain.model import LLaDAModel
+
+deepspeed.utils.logger.setLevel(logging.WARNING)  # the framework logs what matters; DeepSpeed's INFO floods
+# DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step; the warning is not ours to fix.
+warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher set up (deepspeed, torchrun, srun), or make a one-process
+    group on loopback when started as plain `python -m pretrain.train`. Returns (rank, world_size)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def check_device(run: RunConfig) -> None:
+    found = get_accelerator().device_name()
+    if run.cluster.device != found:
+        raise RuntimeError(f"cluster={run.cluster.name} expects device {run.cluster.device!r}, but DeepSpeed "
+                           f"found {found!r}; pick a cluster= config for this machine")
+
+
+def deepspeed_config(run: RunConfig, world_size: int) -> dict:
+    t = run.trainer
+    return {
+        **run.deepspeed,
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
+        "gradient_clipping": run.optim.grad_clip,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # torch AdamW on the CPU
+    }
+
+
+def _torch_adamw(groups, run: RunConfig):
+    return torch.optim.AdamW(groups, lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps)
+
+
+def _fused_adam(groups, run: RunConfig):
+    from deepspeed.ops.adam import FusedAdam
+
+    return FusedAdam(groups, lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps, adam_w_mode=True)
+
+
+OPTIMIZERS = {"cpu": _torch_adamw, "cuda": _fused_adam}
+
+
+def make_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimizer:
+    # Decay matrices only: decaying RMSNorm gains toward 0 would fight the normalization.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": run.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return OPTIMIZERS[get_accelerator().device_name()](groups, run)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
+    sched = run.optim.schedule
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_fraction(sched.points, step_to_position(step, sched.unit, tokens_per_step)))
+
+
+def build_engine(run: RunConfig, world_size: int):
+    """The model, built shard by shard under ZeRO-3 (an 8B model is never whole on one rank), wrapped
+    in a DeepSpeed engine with its optimizer and lr schedule."""
+    ds_config = deepspeed_config(run, world_size)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    torch.manual_seed(run.seed)  # the same initial weights on every rank and every run
+    dtype = torch.bfloat16 if run.trainer.precision == "bf16" else torch.float32
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, enabled=stage == 3):
+        model = LLaDAModel(run.model)
+    optimizer = make_optimizer(model, run)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           lr_scheduler=lr_scheduler(optimizer, run))
+    return engine

@@ -1,0 +1,135 @@
+"""The training loop: batches in, optimizer steps out, with logging, eval and checkpoints.
+
+It knows the engine only through forward / backward / step, so the model and the optimizer step
+stay in pretrain/model.py and DeepSpeed. Every rank runs the same number of forward passes and
+collectives in the same order: the stream never runs dry, and stopping is decided from the step
+count, which all ranks share.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.stream import TokenStream, make_loader
+from pretrain import checkpoint
+from pretrain.config import RunConfig
+from pretrain.diffusion import diffusion_loss, forward_process, random_length
+from pretrain.metrics import MetricsLogger
+
+EVAL_SEED_OFFSET = 1_000_003  # eval masks come from their own fixed seed, not the training RNG
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    batches: int = 0  # micro-batches this rank has consumed
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, engine, train_stream: TokenStream, eval_stream: TokenStream | None,
+                 mask_id: int, metrics: MetricsLogger):
+        self.run, self.engine, self.metrics = run, engine, metrics
+        self.train_stream, self.eval_stream, self.mask_id = train_stream, eval_stream, mask_id
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = engine.device
+        t = run.trainer
+        self.accum = t.global_batch_size // (t.micro_batch_size * self.world)
+        self.tokens_per_step = t.global_batch_size * t.seq_len
+        self.state = LoopState()
+        self.mask_rng = torch.Generator().manual_seed(run.seed * 7919 + self.rank)
+
+    # -- state -------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"step": self.state.step, "batches": self.state.batches,
+                "data": self.train_stream.state_dict(self.state.batches),
+                "mask_rng": checkpoint.rng_state(self.mask_rng)}
+
+    def load_trainer_state(self, saved: dict) -> None:
+        self.train_stream.load_state_dict(saved["data"])
+        checkpoint.set_rng_state(self.mask_rng, saved["mask_rng"])
+        self.state = LoopState(step=saved["step"], batches=saved["batches"])
+
+    def done(self) -> bool:
+        t = self.run.trainer
+        return ((t.max_steps is not None and self.state.step >= t.max_steps)
+                or (t.max_tokens is not None and self.state.step * self.tokens_per_step >= t.max_tokens))
+
+    # -- steps -------------------------------------------------------------------------------
+    def micro_step(self, x0: torch.Tensor, micro: int) -> tuple[torch.Tensor, int]:
+        # The random-length cut is drawn from the global micro-batch index, so all ranks agree.
+        cut_rng = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.state.step * self.accum + micro)
+        x0 = random_length(x0.to(self.device), self.run.mask.random_length_prob, cut_rng)
+        noisy = forward_process(x0, self.mask_id, self.run.mask.eps, self.mask_rng)
+        loss = diffusion_loss(self.engine(noisy.input_ids), x0, noisy)
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
+        return loss.detach().float(), x0.numel()
+
+    def train(self) -> None:
+        t = self.run.trainer
+        batches = iter(make_loader(self.train_stream))
+        # Since the last log: the loss stays on the device (no sync per micro-batch); counts are ints.
+        loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
+        window_start = time.perf_counter()
+        while not self.done():
+            for micro in range(self.accum):
+                loss, n = self.micro_step(next(batches), micro)
+                loss_sum += loss
+                micro_batches, tokens = micro_batches + 1, tokens + n
+            self.state.step += 1
+            self.state.batches += self.accum
+            last = self.done()
+            if self.state.step % t.log_every == 0 or last:
+                self.log_window(loss_sum, micro_batches, tokens, time.perf_counter() - window_start)
+                loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
+                window_start = time.perf_counter()
+            if t.eval_every and (self.state.step % t.eval_every == 0 or last):
+                self.evaluate()
+            if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not last:
+                self.save()
+        self.save()
+
+    def _sum_over_ranks(self, *values) -> list[float]:
+        totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        dist.all_reduce(totals)
+        return totals.tolist()
+
+    def log_window(self, loss_sum: torch.Tensor, micro_batches: int, tokens: int, seconds: float) -> None:
+        loss_sum, micro_batches, tokens = self._sum_over_ranks(loss_sum, micro_batches, tokens)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
+                  "loss": loss_sum / micro_batches, "lr": self.engine.get_lr()[0],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "tokens_per_s": tokens / seconds}
+        self.metrics.log(record)
+        if self.rank == 0:
+            print(f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                  f"grad_norm {record['grad_norm'] or 0:.3f} | {record['tokens_per_s']:,.0f} tok/s", flush=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out loss with fixed masks: the same estimate of the same quantity at every eval."""
+        assert self.eval_stream is not None
+        self.engine.eval()
+        rng = torch.Generator().manual_seed(self.run.seed + EVAL_SEED_OFFSET + self.rank)
+        loss_sum, count = torch.zeros((), device=self.device), 0
+        for x0 in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
+            x0 = x0.to(self.device)
+            noisy = forward_process(x0, self.mask_id, self.run.mask.eps, rng)
+            loss_sum += diffusion_loss(self.engine(noisy.input_ids), x0, noisy).float()
+            count += 1
+        loss_sum, count = self._sum_over_ranks(loss_sum, count)
+        self.engine.train()
+        loss = loss_sum / count
+        self.metrics.log({"step": self.state.step, "eval/loss": loss})
+        if self.rank == 0:
+            print(f"step {self.state.step:>6} | eval loss {loss:.4f}", flush=True)
+        return loss
+
+    def save(self) -> None:
+        checkpoint.save(self.engine, self.run.run_dir, self.state.step, self.trainer_state())

@@ -1,0 +1,120 @@
+"""Train a LLaDA model: `python -m pretrain.train [Hydra overrides]`.
+
+The same module runs alone (one process), under `deepspeed --num_gpus N --module pretrain.train`,
+under `torchrun --nproc_per_node N -m pretrain.train`, and under SLURM's srun. Order of work: check
+the config and the data (cheap, fails fast), then join the process group, build the engine, resume,
+train, save, and optionally print a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from data_pipeline.build import ensure_built
+from data_pipeline.shards import Manifest
+from data_pipeline.stream import DataStateError, TokenStream
+from data_pipeline.tokenizer import load_tokenizer
+from pretrain import checkpoint
+from pretrain.config import ConfigError, RunConfig, load_config, validate_data
+from pretrain.engine import build_engine, check_device, init_distributed, world_size_from_env
+from pretrain.generate import generate
+from pretrain.loop import Trainer
+from pretrain.metrics import MetricsLogger
+from pretrain.model import count_params
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N, which Hydra would reject; LOCAL_RANK is also in
+    the environment, so the flag carries nothing we need."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank="):
+            continue
+        elif arg == "--local_rank":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def prepare_data(run: RunConfig, rank: int) -> Manifest:
+    """Rank 0 builds the demo corpus if it is missing; every rank then checks the manifest."""
+    if rank == 0:
+        ensure_built(run.data)
+    dist.barrier()
+    manifest = Manifest.load(run.data.dir)
+    validate_data(run, manifest)
+    return manifest
+
+
+def write_setup(run: RunConfig, engine, cfg: DictConfig, world: int) -> None:
+    """config.yaml (resolved) and setup.json: what this run is, including how ZeRO-3 split the model."""
+    local = sum(getattr(p, "ds_tensor", p).numel() for p in engine.module.parameters())
+    per_rank = [0] * world
+    dist.all_gather_object(per_rank, local)
+    if dist.get_rank() == 0:
+        Path(run.run_dir, "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        setup = {"world_size": world, **count_params(engine.module), "local_params_per_rank": per_rank,
+                 "device": str(engine.device), "deepspeed_config": engine.config}
+        Path(run.run_dir, "setup.json").write_text(json.dumps(setup, indent=1, default=str))
+
+
+def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
+    tok = load_tokenizer(Path(run.data.dir) / "tokenizer.json")
+    prompt = torch.tensor([tok.encode(run.sample.prompt).ids], device=engine.device)
+    engine.eval()
+    out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id)
+    if dist.get_rank() == 0:
+        print("sample:", tok.decode(out[0].tolist()), flush=True)
+
+
+def train(cfg: DictConfig) -> None:
+    run = load_config(cfg, world_size_from_env())  # every config error before any work
+    rank, world = init_distributed()
+    check_device(run)
+    manifest = prepare_data(run, rank)
+    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+
+    engine = build_engine(run, world)
+    write_setup(run, engine, cfg, world)
+    stream_args = dict(micro_batch_size=run.trainer.micro_batch_size, rank=rank, world_size=world, seed=run.seed,
+                       shuffle_buffer=run.data.shuffle_buffer, num_workers=run.data.num_workers)
+    train_stream = TokenStream(run.data.dir, "train", **stream_args)
+    eval_stream = TokenStream(run.data.dir, "heldout", **stream_args) if run.trainer.eval_every else None
+    metrics = MetricsLogger(run.run_dir, run.logging, OmegaConf.to_container(cfg, resolve=True), enabled=rank == 0)
+    trainer = Trainer(run, engine, train_stream, eval_stream, manifest.mask_id, metrics)
+
+    if run.resume == "auto":
+        saved = checkpoint.load(engine, run.run_dir)
+        if saved is not None:
+            trainer.load_trainer_state(saved)
+            if rank == 0:
+                print(f"resumed from {checkpoint.ckpt_dir(run.run_dir) / checkpoint.latest(run.run_dir)} "
+                      f"at step {trainer.state.step}", flush=True)
+    trainer.train()
+    if run.sample.at_end:
+        print_sample(run, engine, manifest)
+    metrics.close()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (ConfigError, DataStateError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.argv = strip_local_rank(sys.argv)
+    main()
