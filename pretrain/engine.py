@@ -21,8 +21,8 @@ from pretrain.lr_schedule import lr_fraction, step_to_position
 from pretrain.model import LLaDAModel
 
 deepspeed.utils.logger.setLevel(logging.WARNING)  # the framework logs what matters; DeepSpeed's INFO floods
-# DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step; the warning is not ours to fix.
-warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+# DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, every step; the warning is not ours to fix.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def _free_port() -> int:

@@ -1,0 +1,39 @@
+# make demo: train a tiny LLaDA on the built-in corpus on this machine's CPU, then print a sample.
+# make test: the whole test suite (CPU only).
+# Both create .venv and install what is missing first.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Installed first, and only when the venv has no torch: pinned, so pip takes the local CPU build
+# instead of pulling a multi-GB CUDA build. On a GPU machine: make install TORCH_SPEC=torch==2.13.0
+# with your CUDA index, or create the venv with torch already in it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	rm -rf outputs/demo
+	$(PY) -m pretrain.train model=tiny optim=wsd_short trainer.max_steps=300 trainer.log_every=20 \
+		trainer.eval_every=100 sample.at_end=true run_dir=outputs/demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/model.py
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(PY) -m ruff check pretrain data_pipeline tests bench
+
+clean:
+	rm -rf outputs .pytest_cache

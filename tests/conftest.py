@@ -1,0 +1,61 @@
+"""Shared fixtures: a small demo corpus on disk, and a helper that runs the real training entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.build import build
+from data_pipeline.config import DataConfig
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SEQ_LEN = 64
+
+
+def demo_data_config(directory: Path, seq_len: int = SEQ_LEN, **overrides) -> DataConfig:
+    fields = dict(source="demo", dir=str(directory), tokenizer=None, vocab_size=1024, seq_len=seq_len,
+                  shard_bytes=16_000, heldout_fraction=0.05, shuffle_buffer=64, num_workers=0)
+    return DataConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """The demo corpus as several shards of 64-token windows (built once per test session)."""
+    directory = tmp_path_factory.mktemp("data") / "demo-64"
+    build(demo_data_config(directory))
+    return directory
+
+
+def child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(WANDB_MODE="offline", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+# Small and fast: the tiny model at seq 64, a short warmup, logs and checkpoints at every step.
+TRAIN_ARGS = ["model=tiny", "model.vocab_size=1024", f"trainer.seq_len={SEQ_LEN}", "trainer.micro_batch_size=4",
+              "trainer.global_batch_size=8", "trainer.log_every=1", "mask.random_length_prob=0.01",
+              "optim.lr=3e-3", "optim.schedule.unit=steps", "optim.schedule.points=[[0,0.1],[5,1.0]]"]
+
+
+def run_train(launcher: list[str], run_dir: Path, data_dir: Path, *overrides: str, timeout: int = 300,
+              check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [*launcher, *TRAIN_ARGS, f"data.dir={data_dir}", f"run_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

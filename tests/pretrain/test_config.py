@@ -1,0 +1,58 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pretrain.config import ConfigError, compose_config
+from tests.conftest import REPO, child_env
+
+
+@pytest.mark.parametrize("overrides, world_size, message", [
+    (["model.d_model=130"], 1, "model.d_model=130 is not divisible by model.n_heads=4"),
+    (["model.n_kv_heads=3"], 1, "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
+    (["trainer.global_batch_size=20"], 1,
+     "trainer.global_batch_size=20 is not divisible by trainer.micro_batch_size=8 x world size 1 = 8"),
+    (["trainer.global_batch_size=24"], 2,
+     "trainer.global_batch_size=24 is not divisible by trainer.micro_batch_size=8 x world size 2 = 16"),
+    (["trainer.seq_len=2048"], 1, "trainer.seq_len=2048 is outside 1..model.max_sequence_length=1024 (model=tiny)"),
+    (["+deepspeed.zero_optimisation={stage: 3}"], 1, "deepspeed.zero_optimisation: unknown DeepSpeed config key"),
+    (["+deepspeed.zero_optimization.stage3_prefetch_bucket_sizee=1"], 1,
+     "deepspeed.zero_optimization.stage3_prefetch_bucket_sizee=1: Extra inputs are not permitted"),
+    (["+deepspeed.train_batch_size=64"], 1, "deepspeed.train_batch_size is set from trainer.global_batch_size"),
+    (["+model.n_layer=3"], 1, "Key 'n_layer' not in 'ModelConfig'"),
+    (["trainer.precision=fp16"], 1, "trainer.precision='fp16' is not one of bf16, fp32"),
+    (["mask.eps=0"], 1, "mask.eps=0.0 must be in (0, 1)"),
+    (["optim.schedule.points=[[10,1],[0,0]]"], 1, "positions must not decrease"),
+])
+def test_validation_errors_name_key_and_value(overrides, world_size, message):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides, world_size)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_paper_models_compose():
+    cfg = compose_config(["model=llada_8b"])
+    m = cfg.model
+    assert (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.mlp_hidden_size, m.vocab_size) == \
+           (32, 4096, 32, 32, 12288, 126464)
+    m = compose_config(["model=llada_1b"]).model
+    assert (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.mlp_hidden_size) == (22, 2048, 32, 4, 5634)
+    assert m.rope_theta == 500000.0 and m.rms_norm_eps == 1e-5
+
+
+def test_paper_training_defaults():
+    cfg = compose_config(["cluster=local_cpu"])
+    assert cfg.optim.weight_decay == 0.1 and cfg.optim.lr == 4e-4
+    assert cfg.mask.eps == 1e-3 and cfg.mask.random_length_prob == 0.01
+
+
+def test_train_rejects_bad_config_before_any_work():
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "model.d_model=130", "run_dir=/nonexistent/x"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: model.d_model=130 is not divisible by model.n_heads=4" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60
