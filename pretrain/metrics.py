@@ -11,11 +11,18 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, logging_cfg, config: dict, enabled: bool):
+    def __init__(self, run_dir: str, logging_cfg, config: dict, enabled: bool, start_step: int = 0):
+        """start_step: the step training (re)starts from; records past it, logged by an interrupted
+        run after its last checkpoint, are dropped so each step appears once."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb_run = None
-        if not enabled or logging_cfg.mode == "disabled":
+        if not enabled:
+            return
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if logging_cfg.mode == "disabled":
             return
         import wandb  # only rank 0 pays for the import
 

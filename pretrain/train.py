@@ -79,6 +79,9 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
 
 def train(cfg: DictConfig) -> None:
     run = load_config(cfg, world_size_from_env())  # every config error before any work
+    if run.resume == "never" and checkpoint.latest(run.run_dir):
+        raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"
+                          f" resume=auto continues that run, or choose another run_dir")
     rank, world = init_distributed()
     check_device(run)
     manifest = prepare_data(run, rank)
@@ -86,20 +89,19 @@ def train(cfg: DictConfig) -> None:
 
     engine = build_engine(run, world)
     write_setup(run, engine, cfg, world)
+    saved = checkpoint.load(engine, run.run_dir) if run.resume == "auto" else None
     stream_args = dict(micro_batch_size=run.trainer.micro_batch_size, rank=rank, world_size=world, seed=run.seed,
                        shuffle_buffer=run.data.shuffle_buffer, num_workers=run.data.num_workers)
     train_stream = TokenStream(run.data.dir, "train", **stream_args)
     eval_stream = TokenStream(run.data.dir, "heldout", **stream_args) if run.trainer.eval_every else None
-    metrics = MetricsLogger(run.run_dir, run.logging, OmegaConf.to_container(cfg, resolve=True), enabled=rank == 0)
+    metrics = MetricsLogger(run.run_dir, run.logging, OmegaConf.to_container(cfg, resolve=True),
+                            enabled=rank == 0, start_step=saved["step"] if saved else 0)
     trainer = Trainer(run, engine, train_stream, eval_stream, manifest.mask_id, metrics)
-
-    if run.resume == "auto":
-        saved = checkpoint.load(engine, run.run_dir)
-        if saved is not None:
-            trainer.load_trainer_state(saved)
-            if rank == 0:
-                print(f"resumed from {checkpoint.ckpt_dir(run.run_dir) / checkpoint.latest(run.run_dir)} "
-                      f"at step {trainer.state.step}", flush=True)
+    if saved is not None:
+        trainer.load_trainer_state(saved)
+        if rank == 0:
+            print(f"resumed from {checkpoint.ckpt_dir(run.run_dir) / checkpoint.latest(run.run_dir)} "
+                  f"at step {trainer.state.step}", flush=True)
     trainer.train()
     if run.sample.at_end:
         print_sample(run, engine, manifest)

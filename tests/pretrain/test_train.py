@@ -1,0 +1,102 @@
+"""The real entry point under each launcher, on the CPU: DeepSpeed ZeRO-3 with gloo."""
+
+import json
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import BIN, read_metrics, run_train, train_losses
+
+PYTHON = [sys.executable, "-m", "pretrain.train"]
+
+
+def assert_loss_falls(losses: dict[int, float]) -> None:
+    steps = sorted(losses)
+    first, last = losses[steps[0]], sum(losses[s] for s in steps[-3:]) / 3
+    assert last < first - 0.5, f"loss did not fall: first {first:.3f}, last three {last:.3f}"
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, demo_shards):
+    run_dir = tmp_path_factory.mktemp("runs") / "single"
+    proc = run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=24", "trainer.eval_every=12",
+                     "sample.at_end=true", "sample.gen_length=8", "sample.steps=4")
+    return run_dir, proc
+
+
+def test_single_process_trains_and_writes_the_run_directory(single_run):
+    run_dir, proc = single_run
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 25))
+    for r in records:
+        assert set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"}
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["tokens"] == r["step"] * 8 * 64
+    assert records[0]["lr"] == pytest.approx(3e-3 * (0.1 + 0.9 / 5))  # lr after the first step of the schedule
+    assert_loss_falls(train_losses(run_dir))
+    evals = [r["eval/loss"] for r in read_metrics(run_dir) if "eval/loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.model.name == "tiny" and saved.trainer.max_steps == 24 and saved.run_dir == str(run_dir)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000024"
+    assert (run_dir / "checkpoints" / "step00000024" / "trainer_state_rank0.json").is_file()
+    assert "sample: " in proc.stdout
+
+
+def test_wandb_writes_offline_run_files(single_run):
+    run_dir, _ = single_run
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "no .wandb event file in the offline run"
+
+
+def test_resume_continues_exactly(tmp_path, demo_shards):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(PYTHON, straight, demo_shards, "trainer.max_steps=6", "trainer.ckpt_every=3")
+    run_train(PYTHON, split, demo_shards, "trainer.max_steps=3")
+    proc = run_train(PYTHON, split, demo_shards, "trainer.max_steps=6")
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(4, 7):  # the same data, masks and optimizer state after the resume
+        assert b[step] == pytest.approx(a[step], rel=1e-6), (step, a[step], b[step])
+
+
+def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path, demo_shards):
+    run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=1")
+    proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=1", "resume=never", check=False)
+    assert proc.returncode == 2 and "already has checkpoints" in proc.stderr
+    assert (tmp_path / "r" / "checkpoints" / "step00000001").is_dir()
+
+
+def test_manifest_that_does_not_fit_the_run_is_refused(tmp_path, demo_shards):
+    proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=1", "trainer.seq_len=128", check=False)
+    assert proc.returncode == 2
+    assert f"{demo_shards}/manifest.json: seq_len=64 but trainer.seq_len=128" in proc.stderr
+
+
+def two_process_run(launcher, run_dir, demo_shards, steps):
+    # Persistence threshold 0: ZeRO-3 partitions even the small parameters of the tiny model.
+    run_train(launcher, run_dir, demo_shards, f"trainer.max_steps={steps}",
+              "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
+    setup = json.loads((run_dir / "setup.json").read_text())
+    assert setup["world_size"] == 2
+    return setup
+
+
+def test_deepspeed_launcher_two_ranks_partition_the_model(tmp_path, demo_shards):
+    launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29611", "--module", "pretrain.train"]
+    setup = two_process_run(launcher, tmp_path / "ds", demo_shards, steps=20)
+    total, per_rank = setup["params"], setup["local_params_per_rank"]
+    # Each rank holds its half of every parameter (ZeRO-3 pads each one to a multiple of the world size).
+    assert len(per_rank) == 2 and all(total / 2 <= n <= total / 2 + 64 * 2 for n in per_rank)
+    assert_loss_falls(train_losses(tmp_path / "ds"))
+    assert sorted((tmp_path / "ds" / "checkpoints" / "step00000020").glob("trainer_state_rank*.json"))[-1].name \
+        == "trainer_state_rank1.json"
+
+
+def test_torchrun_two_ranks(tmp_path, demo_shards):
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29612", "-m", "pretrain.train"]
+    setup = two_process_run(launcher, tmp_path / "tr", demo_shards, steps=3)
+    assert sum(setup["local_params_per_rank"]) >= setup["params"]
+    assert sorted(train_losses(tmp_path / "tr")) == [1, 2, 3]
