@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # with your CUDA index, or create the venv with torch already in it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -23,17 +23,15 @@ $(VENV)/.installed: setup.py
 demo: install
 	rm -rf outputs/demo
 	$(PY) -m pretrain.train model=tiny optim=wsd_short trainer.max_steps=300 trainer.log_every=20 \
-		trainer.eval_every=100 sample.at_end=true run_dir=outputs/demo
+		trainer.eval_every=100 sample.at_end=true sample.gen_length=48 sample.steps=48 sample.temperature=0.8 \
+		run_dir=outputs/demo
 
 test: install
 	$(PY) -m pytest -q tests
 
-bench: install
-	$(PY) bench/model.py
-
 lint: install
 	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check pretrain data_pipeline tests bench
+	$(PY) -m ruff check pretrain data_pipeline tests
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from data_pipeline.config import DataConfig, compose
-from data_pipeline.shards import FORMAT_VERSION, Manifest, token_dtype, write_shard
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, token_dtype, write_shard
 from data_pipeline.sources import load_documents
 from data_pipeline.tokenizer import fingerprint, load_tokenizer, special_ids, train_bpe
 
@@ -41,10 +41,10 @@ def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> np.ndarray:
 def build(cfg: DataConfig) -> Manifest:
     out = Path(cfg.dir)
     if cfg.seq_len <= 0:
-        raise ValueError(f"data.seq_len={cfg.seq_len} must be positive")
+        raise DataError(f"data.seq_len={cfg.seq_len} must be positive")
     documents = load_documents(cfg.source)
     if not documents:
-        raise ValueError(f"data.source={cfg.source!r} yielded no documents")
+        raise DataError(f"data.source={cfg.source!r} yielded no documents")
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_bpe(documents, cfg.vocab_size)
     tok.save(str(out / "tokenizer.json"))
@@ -53,7 +53,7 @@ def build(cfg: DataConfig) -> Manifest:
     start = time.perf_counter()
     windows = pack([e.ids for e in tok.encode_batch(documents)], ids["eos_id"], cfg.seq_len)
     if len(windows) < 2:
-        raise ValueError(f"data.source={cfg.source!r} has too few tokens for two windows of data.seq_len={cfg.seq_len}")
+        raise DataError(f"data.source={cfg.source!r} has too few tokens for two windows of data.seq_len={cfg.seq_len}")
     vocab = pad_vocab(tok.get_vocab_size())
     windows = windows.astype(token_dtype(vocab))
     n_heldout = max(1, int(round(len(windows) * cfg.heldout_fraction))) if cfg.heldout_fraction > 0 else 0
@@ -77,11 +77,25 @@ def build(cfg: DataConfig) -> Manifest:
     return manifest
 
 
+BUILD_KEYS = ("source", "tokenizer", "vocab_size", "seq_len", "heldout_fraction")  # what decides the content
+
+
+def check_built_with(manifest: Manifest, cfg: DataConfig) -> None:
+    """Shards built with other settings than the run asks for are an error, not a silent reuse."""
+    for key in BUILD_KEYS:
+        built = manifest.build_config.get(key)
+        if built != getattr(cfg, key):
+            raise DataError(f"{cfg.dir} was built with data.{key}={built!r}, this run has data.{key}="
+                             f"{getattr(cfg, key)!r}; point data.dir elsewhere or remove that directory")
+
+
 def ensure_built(cfg: DataConfig) -> Manifest:
     """The manifest of cfg.dir; the built-in demo corpus is built on first use, anything else must
     have been built beforehand."""
     if (Path(cfg.dir) / "manifest.json").is_file() or cfg.source != "demo":
-        return Manifest.load(cfg.dir)
+        manifest = Manifest.load(cfg.dir)
+        check_built_with(manifest, cfg)
+        return manifest
     staging = Path(cfg.dir + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     build(DataConfig(**{**asdict(cfg), "dir": str(staging)}))
@@ -95,7 +109,11 @@ def data_config(cfg) -> DataConfig:
 
 
 def main(argv: list[str]) -> None:
-    build(data_config(compose(argv)))
+    try:
+        build(data_config(compose(argv)))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

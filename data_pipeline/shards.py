@@ -23,6 +23,10 @@ FORMAT_VERSION = 1
 MEMBER_SUFFIX = "tokens"
 
 
+class DataError(ValueError):
+    """Shards, a manifest or a data state that cannot serve the run; the message names the file."""
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
@@ -62,13 +66,13 @@ class Manifest:
         os.replace(tmp, directory / "manifest.json")  # never a half-written manifest
 
     @staticmethod
-    def load(directory: str | Path) -> "Manifest":
+    def load(directory: str | Path) -> Manifest:
         path = Path(directory) / "manifest.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no manifest.json in {directory} (build shards with python -m data_pipeline.build)")
+            raise DataError(f"no manifest.json in {directory} (build shards with python -m data_pipeline.build)")
         raw = json.loads(path.read_text())
         if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version={raw.get('format_version')} is not {FORMAT_VERSION}")
+            raise DataError(f"{path}: format_version={raw.get('format_version')} is not {FORMAT_VERSION}")
         raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
         return Manifest(**raw)
 
@@ -97,7 +101,7 @@ def decode_sample(sample: dict, dtype: np.dtype, seq_len: int) -> np.ndarray:
     payload = sample.get(MEMBER_SUFFIX)
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
     if not isinstance(payload, (bytes, bytearray)):
-        raise ValueError(f"{where} has no '.{MEMBER_SUFFIX}' member (members: {sorted(sample)})")
+        raise DataError(f"{where} has no '.{MEMBER_SUFFIX}' member (members: {sorted(sample)})")
     if len(payload) != seq_len * dtype.itemsize:
-        raise ValueError(f"{where} holds {len(payload)} bytes, expected {seq_len} tokens of {dtype}")
+        raise DataError(f"{where} holds {len(payload)} bytes, expected {seq_len} tokens of {dtype}")
     return np.frombuffer(payload, dtype=dtype)

@@ -3,6 +3,8 @@ the standard library's `pydoc_data.topics` (79 topics, ~465 KB)."""
 
 from __future__ import annotations
 
+from data_pipeline.shards import DataError
+
 
 def demo_documents() -> list[str]:
     from pydoc_data.topics import topics
@@ -13,4 +15,4 @@ def demo_documents() -> list[str]:
 def load_documents(source: str) -> list[str]:
     if source == "demo":
         return demo_documents()
-    raise ValueError(f"data.source={source!r} is not a known source (known: demo)")
+    raise DataError(f"data.source={source!r} is not a known source (known: demo)")

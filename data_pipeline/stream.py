@@ -13,18 +13,18 @@ have yielded next. The state records the manifest's fingerprint, so a resume on 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shards import Manifest, decode_sample
+from data_pipeline.shards import DataError, Manifest, decode_sample
 
 
-class DataStateError(ValueError):
+class DataStateError(DataError):
     """A saved stream state that does not fit the data or the layout it is loaded into."""
 
 
@@ -34,14 +34,14 @@ class TokenStream(IterableDataset):
         self.directory = Path(directory)
         self.manifest = Manifest.load(directory)
         if split not in self.manifest.splits or self.manifest.samples(split) == 0:
-            raise ValueError(f"{self.directory}/manifest.json has no samples in split {split!r}")
+            raise DataError(f"{self.directory}/manifest.json has no samples in split {split!r}")
         self.split, self.micro_batch_size = split, micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
         self.start_batch = 0
         readers = world_size * max(num_workers, 1)
         if self.manifest.samples(split) < readers * micro_batch_size:
-            raise ValueError(f"{self.directory}: split {split!r} has {self.manifest.samples(split)} samples, fewer "
+            raise DataError(f"{self.directory}: split {split!r} has {self.manifest.samples(split)} samples, fewer "
                              f"than one micro-batch of {micro_batch_size} for each of {readers} readers")
 
     # -- resume state -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ package works where it cannot be installed (CPU machines); torch SDPA is the fal
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

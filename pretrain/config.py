@@ -9,7 +9,7 @@ Every error is one line that names the key and the value at fault.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -41,8 +41,8 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: Optional[int]
-    max_tokens: Optional[int]
+    max_steps: int | None
+    max_tokens: int | None
     seq_len: int
     micro_batch_size: int
     global_batch_size: int
@@ -63,8 +63,8 @@ class ClusterConfig:
 class LoggingConfig:
     mode: str
     project: str
-    entity: Optional[str]
-    name: Optional[str]
+    entity: str | None
+    name: str | None
 
 
 @dataclass
@@ -73,6 +73,7 @@ class SampleConfig:
     prompt: str
     gen_length: int
     steps: int
+    temperature: float
 
 
 @dataclass

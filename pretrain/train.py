@@ -18,8 +18,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.build import ensure_built
-from data_pipeline.shards import Manifest
-from data_pipeline.stream import DataStateError, TokenStream
+from data_pipeline.shards import DataError, Manifest
+from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint
 from pretrain.config import ConfigError, RunConfig, load_config, validate_data
@@ -72,7 +72,8 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
     tok = load_tokenizer(Path(run.data.dir) / "tokenizer.json")
     prompt = torch.tensor([tok.encode(run.sample.prompt).ids], device=engine.device)
     engine.eval()
-    out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id)
+    out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
+                   temperature=run.sample.temperature, seed=run.seed)
     if dist.get_rank() == 0:
         print("sample:", tok.decode(out[0].tolist()), flush=True)
 
@@ -112,7 +113,7 @@ def train(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ConfigError, DataStateError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

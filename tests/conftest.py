@@ -39,7 +39,8 @@ def child_env() -> dict:
 
 
 # Small and fast: the tiny model at seq 64, a short warmup, logs and checkpoints at every step.
-TRAIN_ARGS = ["model=tiny", "model.vocab_size=1024", f"trainer.seq_len={SEQ_LEN}", "trainer.micro_batch_size=4",
+TRAIN_ARGS = ["model=tiny", "model.vocab_size=1024", "data.vocab_size=1024", f"trainer.seq_len={SEQ_LEN}",
+              "trainer.micro_batch_size=4",
               "trainer.global_batch_size=8", "trainer.log_every=1", "mask.random_length_prob=0.01",
               "optim.lr=3e-3", "optim.schedule.unit=steps", "optim.schedule.points=[[0,0.1],[5,1.0]]"]
 

@@ -4,8 +4,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from data_pipeline.build import build, pack, pad_vocab
-from data_pipeline.shards import Manifest, decode_sample
+from data_pipeline.build import build, ensure_built, pack, pad_vocab
+from data_pipeline.shards import DataError, Manifest, decode_sample
 from data_pipeline.sources import demo_documents
 from data_pipeline.tokenizer import EOS, MASK, load_tokenizer
 from tests.conftest import SEQ_LEN, demo_data_config
@@ -33,7 +33,7 @@ def test_shards_match_the_manifest(demo_shards):
     assert (manifest.eos_id, manifest.mask_id) == (tok.token_to_id(EOS), tok.token_to_id(MASK))
     assert len(manifest.splits["train"]) > 1 and manifest.samples("heldout") > 0
     key_seen = set()
-    for split, shards in manifest.splits.items():
+    for shards in manifest.splits.values():
         for info in shards:
             path = demo_shards / info.name
             assert hashlib.sha256(path.read_bytes()).hexdigest() == info.sha256
@@ -74,5 +74,12 @@ def test_malformed_sample_is_named():
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"no manifest.json in {tmp_path}"):
+    with pytest.raises(DataError, match=f"no manifest.json in {tmp_path}"):
         Manifest.load(tmp_path)
+
+
+def test_shards_built_with_other_settings_are_refused(demo_shards):
+    with pytest.raises(DataError, match=f"{demo_shards} was built with data.vocab_size=1024, this run has "
+                                        "data.vocab_size=2048"):
+        ensure_built(demo_data_config(demo_shards, vocab_size=2048))
+    assert ensure_built(demo_data_config(demo_shards, shuffle_buffer=7)).seq_len == SEQ_LEN

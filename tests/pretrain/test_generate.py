@@ -27,3 +27,17 @@ def test_reveals_the_most_confident_positions_first():
     assert out.tolist() == [[7, 8, 3, 4, 5, 6, 7, 8]]
     # step 1 sees all 6 masked; the two most confident (last two) are revealed first
     assert reveal_order == [[2, 3, 4, 5, 6, 7], [2, 3, 4, 5], [2, 3]]
+
+
+def test_temperature_samples_and_is_seeded():
+    def forward(x):  # a flat distribution over tokens 1..9 everywhere
+        logits = torch.full((*x.shape, 10), 0.0)
+        logits[..., MASK] = -5.0
+        return logits
+
+    prompt = torch.tensor([[5]])
+    greedy = generate(forward, prompt, 12, 4, MASK)
+    a = generate(forward, prompt, 12, 4, MASK, temperature=1.0, seed=1)
+    b = generate(forward, prompt, 12, 4, MASK, temperature=1.0, seed=1)
+    assert torch.equal(a, b) and (a[0, 1:] != MASK).all()
+    assert len(set(a[0, 1:].tolist())) > 2 and len(set(greedy[0, 1:].tolist())) == 1

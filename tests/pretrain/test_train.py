@@ -100,3 +100,18 @@ def test_torchrun_two_ranks(tmp_path, demo_shards):
     setup = two_process_run(launcher, tmp_path / "tr", demo_shards, steps=3)
     assert sum(setup["local_params_per_rank"]) >= setup["params"]
     assert sorted(train_losses(tmp_path / "tr")) == [1, 2, 3]
+
+
+def test_hydra_sweep_gives_each_job_its_own_run_dir(tmp_path, demo_shards):
+    import subprocess
+
+    from tests.conftest import TRAIN_ARGS, child_env
+
+    cmd = [*PYTHON, "-m", *TRAIN_ARGS, f"data.dir={demo_shards}", "trainer.max_steps=1", "seed=1,2",
+           f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 2 and ",seed=1," in runs[0].name and ",seed=2," in runs[1].name
+    losses = [train_losses(r)[1] for r in runs]
+    assert losses[0] != losses[1]  # different seeds, different initial weights and masks
