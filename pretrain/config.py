@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig, compose
-from pretrain.diffusion import MaskConfig
+from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
 from pretrain.model import ModelConfig
 
 
@@ -127,6 +127,15 @@ def validate_model(m: ModelConfig) -> None:
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
 
 
+def validate_mask(m: MaskConfig) -> None:
+    _require(m.schedule in SCHEDULES, f"mask.schedule={m.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    _require(0 < m.eps < 1, f"mask.eps={m.eps} must be in (0, 1)")
+    _require(m.schedule != "polynomial" or m.exponent > 0, f"mask.exponent={m.exponent} must be > 0")
+    _require(m.time_sampling in TIME_SAMPLING,
+             f"mask.time_sampling={m.time_sampling!r} is not one of {', '.join(TIME_SAMPLING)}")
+    _require(m.normalize in ("tokens", "masked"), f"mask.normalize={m.normalize!r} is not one of tokens, masked")
+
+
 def validate(run: RunConfig, world_size: int) -> None:
     validate_model(run.model)
     t = run.trainer
@@ -142,8 +151,7 @@ def validate(run: RunConfig, world_size: int) -> None:
              "trainer.max_steps and trainer.max_tokens are both null: the run would never end")
     _require(t.precision in ("bf16", "fp32"), f"trainer.precision={t.precision!r} is not one of bf16, fp32")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
-    _require(run.mask.schedule == "linear", f"mask.schedule={run.mask.schedule!r} is not one of linear")
-    _require(0 < run.mask.eps < 1, f"mask.eps={run.mask.eps} must be in (0, 1)")
+    validate_mask(run.mask)
     _require(0 <= run.mask.random_length_prob <= 1,
              f"mask.random_length_prob={run.mask.random_length_prob} must be in [0, 1]")
     _require(run.data.seq_len == t.seq_len,

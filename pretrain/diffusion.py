@@ -1,13 +1,18 @@
-"""LLaDA's forward (masking) process and its training loss. Pure torch.
+"""The forward (masking) process of masked diffusion and its training loss. Pure torch.
 
-Per sequence, t ~ U(0, 1) and p_mask = (1 - eps) t + eps; each token is replaced by the mask id
-independently with probability p_mask. The loss is the cross-entropy on the masked positions,
-each weighted by 1 / p_mask, summed and divided by B * L (every token of the batch, masked or not):
-an unbiased estimate of the negative ELBO per token (arXiv 2502.09992, Eq. 3).
+LLaDA (arXiv 2502.09992, Eq. 3): per sequence, t ~ U(0, 1) and p_mask = (1 - eps) t + eps; each token
+is replaced by the mask id independently with probability p_mask. The loss is the cross-entropy on
+the masked positions, each weighted by 1 / p_mask, summed and divided by B * L (every token of the
+batch, masked or not): an unbiased estimate of the negative ELBO per token.
+
+Other schedules (the `mask=` config group) replace p_mask by 1 - alpha(t) and the weight by
+-alpha'(t) / (1 - alpha(t)), with t drawn from [eps, 1]; for the linear schedule, alpha = 1 - t, this
+is exactly LLaDA's objective. How t is drawn across the global batch is `mask.time_sampling`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,39 +21,145 @@ import torch.nn.functional as F
 
 @dataclass
 class MaskConfig:
-    schedule: str  # linear (LLaDA's)
-    eps: float
+    schedule: str  # linear (LLaDA's) | cosine | polynomial | loglinear
+    eps: float  # t is drawn from [eps, 1]: keeps the 1/t-like weights finite
+    exponent: float  # of the polynomial schedule
+    time_sampling: str  # iid (the paper) | stratified | antithetic, over the global batch
+    normalize: str  # tokens (the paper: B * L) | masked (the number of masked tokens)
     random_length_prob: float  # share of batches cut to a random length
 
 
+# -- schedules: alpha(t) is the probability that a token is kept at time t --------------------------
+class Schedule:
+    """alpha(1) = 0 (all masked); the ELBO weight of a masked token at time t is -alpha'(t) / (1 - alpha(t))."""
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def alpha_prime(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mask_probability(self, t: torch.Tensor) -> torch.Tensor:
+        return 1 - self.alpha(t)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        return -self.alpha_prime(t) / (1 - self.alpha(t))
+
+
+class Linear(Schedule):
+    """LLaDA: alpha = 1 - t, so p_mask = t and the weight is 1 / t = 1 / p_mask."""
+
+    def alpha(self, t):
+        return 1 - t
+
+    def alpha_prime(self, t):
+        return -torch.ones_like(t)
+
+
+class Cosine(Schedule):
+    """alpha = cos(pi t / 2): masks fewer tokens early, more late."""
+
+    def alpha(self, t):
+        return torch.cos(math.pi / 2 * t)
+
+    def alpha_prime(self, t):
+        return -math.pi / 2 * torch.sin(math.pi / 2 * t)
+
+
+class Polynomial(Schedule):
+    """alpha = 1 - t^k; the weight is k / t."""
+
+    def __init__(self, exponent: float):
+        self.k = exponent
+
+    def alpha(self, t):
+        return 1 - t**self.k
+
+    def alpha_prime(self, t):
+        return -self.k * t ** (self.k - 1)
+
+
+class LogLinear(Schedule):
+    """MDLM's log-linear noise, sigma(t) = -log(1 - (1 - eps) t), so alpha = 1 - (1 - eps) t: the
+    linear schedule with masking capped at 1 - eps (kept for comparisons with MDLM runs)."""
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def alpha(self, t):
+        return 1 - (1 - self.eps) * t
+
+    def alpha_prime(self, t):
+        return -(1 - self.eps) * torch.ones_like(t)
+
+
+SCHEDULES = {"linear": lambda cfg: Linear(), "cosine": lambda cfg: Cosine(),
+             "polynomial": lambda cfg: Polynomial(cfg.exponent), "loglinear": lambda cfg: LogLinear(cfg.eps)}
+
+
+def make_schedule(cfg: MaskConfig) -> Schedule:
+    return SCHEDULES[cfg.schedule](cfg)
+
+
+# -- time sampling over the global batch ----------------------------------------------------------
+TIME_SAMPLING = ("iid", "stratified", "antithetic")
+
+
+def sample_times(method: str, n_global: int, first: int, n: int, eps: float, generator: torch.Generator):
+    """t in [eps, 1] for sequences first..first+n-1 of a global batch of n_global. `generator` must be
+    seeded identically on every rank (from the step): each rank draws the global batch's times and
+    keeps its own slice, so stratification holds across data-parallel ranks.
+      iid:        independent u ~ U(0, 1)
+      stratified: one offset u0, then u_i = (u0 + i / n_global) mod 1 (evenly spaced)
+      antithetic: pairs (u, 1 - u) for sequences 2j and 2j + 1
+    """
+    if method == "iid":
+        u = torch.rand(n_global, generator=generator)
+    elif method == "stratified":
+        u = (torch.rand(1, generator=generator) + torch.arange(n_global) / n_global) % 1.0
+    elif method == "antithetic":
+        half = torch.rand((n_global + 1) // 2, generator=generator)
+        u = torch.stack([half, 1 - half], dim=1).flatten()[:n_global]
+    else:
+        raise ValueError(f"mask.time_sampling={method!r} is not one of iid, stratified, antithetic")
+    return eps + (1 - eps) * u[first: first + n]
+
+
+# -- the forward process and the loss ---------------------------------------------------------------
 @dataclass
 class NoisyBatch:
     input_ids: torch.Tensor  # [B, L] x0 with masked positions replaced by the mask id
     masked: torch.Tensor  # [B, L] bool
     p_mask: torch.Tensor  # [B, 1] the masking probability of each sequence
+    weight: torch.Tensor  # [B, 1] the ELBO weight of a masked token of each sequence
 
 
 def mask_probability(t: torch.Tensor, eps: float) -> torch.Tensor:
-    """The linear schedule: t in [0, 1] -> p_mask in [eps, 1]; eps keeps the 1/p_mask weight finite."""
+    """The paper's linear schedule with time drawn from U(0, 1): p_mask = (1 - eps) t + eps."""
     return (1 - eps) * t + eps
 
 
-def forward_process(x0: torch.Tensor, mask_id: int, eps: float, generator: torch.Generator) -> NoisyBatch:
+def forward_process(x0: torch.Tensor, mask_id: int, t: torch.Tensor, schedule: Schedule,
+                    generator: torch.Generator) -> NoisyBatch:
+    """Masks each token of sequence b independently with probability 1 - alpha(t_b)."""
     B, L = x0.shape
-    t = torch.rand(B, generator=generator, device=generator.device).to(x0.device)
-    p_mask = mask_probability(t, eps)[:, None]
-    masked = torch.rand(B, L, generator=generator, device=generator.device).to(x0.device) < p_mask
-    return NoisyBatch(torch.where(masked, mask_id, x0), masked, p_mask)
+    t = t.to(torch.float64)  # the weights of small t need the precision
+    p_mask = schedule.mask_probability(t)[:, None]
+    weight = schedule.weight(t)[:, None]
+    masked = torch.rand(B, L, generator=generator, device=generator.device).to(x0.device) < p_mask.to(x0.device)
+    return NoisyBatch(torch.where(masked, mask_id, x0), masked, p_mask.float().to(x0.device),
+                      weight.float().to(x0.device))
 
 
-def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
-    """sum over masked positions of CE(logits, x0) / p_mask, divided by B * L."""
+def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch, normalize: str = "tokens"):
+    """sum over masked positions of weight * CE(logits, x0), divided by B * L (`tokens`, the paper) or
+    by the number of masked tokens (`masked`). For the linear schedule, weight = 1 / p_mask."""
     B, L = x0.shape
     rows = batch.masked
     # Only the masked rows are upcast: at 126k vocab the full logits in fp32 would not fit.
     ce = F.cross_entropy(logits[rows].float(), x0[rows], reduction="none")
-    weight = batch.p_mask.expand(B, L)[rows]
-    return (ce / weight).sum() / (B * L)
+    total = (ce * batch.weight.expand(B, L)[rows]).sum()
+    return total / (B * L) if normalize == "tokens" else total / rows.sum().clamp_min(1)
 
 
 def random_length(x0: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:

@@ -8,6 +8,7 @@ count, which all ranks share.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -18,10 +19,13 @@ import torch.distributed as dist
 from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
-from pretrain.diffusion import diffusion_loss, forward_process, random_length
+from pretrain.diffusion import diffusion_loss, forward_process, make_schedule, random_length, sample_times
 from pretrain.metrics import MetricsLogger
 
-EVAL_SEED_OFFSET = 1_000_003  # eval masks come from their own fixed seed, not the training RNG
+
+def derived_seed(*parts: int | str) -> int:
+    """A seed for one purpose at one step, the same on every rank and in every process."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 @dataclass
@@ -41,7 +45,8 @@ class Trainer:
         self.accum = t.global_batch_size // (t.micro_batch_size * self.world)
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.state = LoopState()
-        self.mask_rng = torch.Generator().manual_seed(run.seed * 7919 + self.rank)
+        self.mask_rng = torch.Generator().manual_seed(derived_seed("mask", run.seed, self.rank))
+        self.schedule = make_schedule(run.mask)
 
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -61,11 +66,16 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------
     def micro_step(self, x0: torch.Tensor, micro: int) -> tuple[torch.Tensor, int]:
-        # The random-length cut is drawn from the global micro-batch index, so all ranks agree.
-        cut_rng = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.state.step * self.accum + micro)
-        x0 = random_length(x0.to(self.device), self.run.mask.random_length_prob, cut_rng)
-        noisy = forward_process(x0, self.mask_id, self.run.mask.eps, self.mask_rng)
-        loss = diffusion_loss(self.engine(noisy.input_ids), x0, noisy)
+        # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
+        m, step = self.run.mask, self.state.step
+        cut_rng = torch.Generator().manual_seed(derived_seed("cut", self.run.seed, step, micro))
+        x0 = random_length(x0.to(self.device), m.random_length_prob, cut_rng)
+        B = x0.shape[0]
+        time_rng = torch.Generator().manual_seed(derived_seed("time", self.run.seed, step))
+        t = sample_times(m.time_sampling, self.run.trainer.global_batch_size, (micro * self.world + self.rank) * B, B,
+                         m.eps, time_rng)
+        noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng)
+        loss = diffusion_loss(self.engine(noisy.input_ids), x0, noisy, m.normalize)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         return loss.detach().float(), x0.numel()
@@ -102,8 +112,9 @@ class Trainer:
     def log_window(self, loss_sum: torch.Tensor, micro_batches: int, tokens: int, seconds: float) -> None:
         loss_sum, micro_batches, tokens = self._sum_over_ranks(loss_sum, micro_batches, tokens)
         grad_norm = self.engine.get_global_grad_norm()
+        loss_name = "loss/per_token" if self.run.mask.normalize == "tokens" else "loss/per_masked_token"
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
-                  "loss": loss_sum / micro_batches, "lr": self.engine.get_lr()[0],
+                  "loss": loss_sum / micro_batches, loss_name: loss_sum / micro_batches, "lr": self.engine.get_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "tokens_per_s": tokens / seconds}
         self.metrics.log(record)
@@ -113,15 +124,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Held-out loss with fixed masks: the same estimate of the same quantity at every eval."""
+        """The held-out negative ELBO per token, with the run's schedule and fixed times and masks: the
+        same estimate of the same quantity at every eval."""
         assert self.eval_stream is not None
         self.engine.eval()
-        rng = torch.Generator().manual_seed(self.run.seed + EVAL_SEED_OFFSET + self.rank)
+        rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
         loss_sum, count = torch.zeros((), device=self.device), 0
         for x0 in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
             x0 = x0.to(self.device)
-            noisy = forward_process(x0, self.mask_id, self.run.mask.eps, rng)
-            loss_sum += diffusion_loss(self.engine(noisy.input_ids), x0, noisy).float()
+            t = sample_times("iid", x0.shape[0], 0, x0.shape[0], self.run.mask.eps, rng)
+            noisy = forward_process(x0, self.mask_id, t, self.schedule, rng)
+            loss_sum += diffusion_loss(self.engine(noisy.input_ids), x0, noisy, "tokens").float()
             count += 1
         loss_sum, count = self._sum_over_ranks(loss_sum, count)
         self.engine.train()

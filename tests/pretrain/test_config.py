@@ -24,6 +24,11 @@ from tests.conftest import REPO, child_env
     (["trainer.precision=fp16"], 1, "trainer.precision='fp16' is not one of bf16, fp32"),
     (["mask.eps=0"], 1, "mask.eps=0.0 must be in (0, 1)"),
     (["optim.schedule.points=[[10,1],[0,0]]"], 1, "positions must not decrease"),
+    (["mask.schedule=quadratic"], 1, "mask.schedule='quadratic' is not one of linear, cosine, polynomial, loglinear"),
+    (["mask=polynomial", "mask.exponent=0"], 1, "mask.exponent=0.0 must be > 0"),
+    (["mask.eps=1.5"], 1, "mask.eps=1.5 must be in (0, 1)"),
+    (["mask.time_sampling=sobol"], 1, "mask.time_sampling='sobol' is not one of iid, stratified, antithetic"),
+    (["mask.normalize=batch"], 1, "mask.normalize='batch' is not one of tokens, masked"),
 ])
 def test_validation_errors_name_key_and_value(overrides, world_size, message):
     with pytest.raises(ConfigError) as err:
@@ -40,6 +45,12 @@ def test_paper_models_compose():
     m = compose_config(["model=llada_1b"]).model
     assert (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.mlp_hidden_size) == (22, 2048, 32, 4, 5634)
     assert m.rope_theta == 500000.0 and m.rms_norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "polynomial", "loglinear"])
+def test_mask_group_composes(name):
+    m = compose_config([f"mask={name}"]).mask
+    assert m.schedule == name and m.eps == 1e-3 and m.time_sampling == "iid" and m.normalize == "tokens"
 
 
 def test_paper_training_defaults():

@@ -1,24 +1,74 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.diffusion import NoisyBatch, diffusion_loss, forward_process, mask_probability, random_length
+from pretrain.diffusion import (
+    SCHEDULES,
+    Linear,
+    MaskConfig,
+    NoisyBatch,
+    diffusion_loss,
+    forward_process,
+    make_schedule,
+    mask_probability,
+    random_length,
+    sample_times,
+)
 
 MASK = 99
+EPS = 1e-3
 
 
-def test_mask_probability_is_linear_with_floor_eps():
-    t = torch.tensor([0.0, 0.5, 1.0])
-    torch.testing.assert_close(mask_probability(t, 1e-3), torch.tensor([1e-3, 0.5005, 1.0]))
+def mask_cfg(schedule="linear", exponent=2.0, **kw) -> MaskConfig:
+    fields = dict(schedule=schedule, eps=EPS, exponent=exponent, time_sampling="iid", normalize="tokens",
+                  random_length_prob=0.01)
+    return MaskConfig(**{**fields, **kw})
+
+
+def llada_batch(x0, g, schedule=None):
+    t = sample_times("iid", x0.shape[0], 0, x0.shape[0], EPS, g)
+    return forward_process(x0, MASK, t, schedule or Linear(), g)
+
+
+def test_linear_schedule_is_the_papers_p_mask_and_weight():
+    u = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    t = EPS + (1 - EPS) * u  # what sample_times returns for draws u
+    s = Linear()
+    torch.testing.assert_close(s.mask_probability(t), mask_probability(u, EPS))
+    torch.testing.assert_close(s.weight(t), 1 / mask_probability(u, EPS))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_weight_is_minus_alpha_prime_over_one_minus_alpha(name):
+    s = make_schedule(mask_cfg(name, exponent=3.0))
+    t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
+    h = 1e-6
+    numeric = (s.alpha(t + h) - s.alpha(t - h)) / (2 * h)  # a numerical derivative of alpha
+    torch.testing.assert_close(s.weight(t), -numeric / (1 - s.alpha(t)), rtol=1e-6, atol=0)
+    assert (s.mask_probability(t) > 0).all() and (s.mask_probability(t) <= 1).all()
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_every_schedule_gives_the_same_expected_loss_for_a_uniform_model(name):
+    # A model predicting the uniform distribution over V tokens has CE = log V on every masked token;
+    # the ELBO (in nats per token) is log V whatever the schedule.
+    V, B, L = 50, 2048, 64
+    s = make_schedule(mask_cfg(name))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, V, (B, L))
+    t = sample_times("stratified", B, 0, B, EPS, g)
+    loss = diffusion_loss(torch.zeros(B, L, V), x0, forward_process(x0, MASK, t, s, g))
+    assert loss.item() == pytest.approx(math.log(V), rel=0.03)
 
 
 def test_masking_rate_matches_p_mask_per_sequence():
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 50, (64, 4096))
-    noisy = forward_process(x0, MASK, 1e-3, g)
+    noisy = llada_batch(x0, g)
     p = noisy.p_mask.squeeze(1)
-    assert ((p >= 1e-3) & (p <= 1)).all()
+    assert ((p >= EPS) & (p <= 1)).all()
     assert abs(p.mean().item() - 0.5) < 0.1  # t ~ U(0, 1)
     rate = noisy.masked.float().mean(1)
     sigma = torch.sqrt(p * (1 - p) / 4096)
@@ -32,11 +82,14 @@ def test_loss_equals_the_formula_on_a_hand_computed_case():
     logits = torch.tensor([[[2.0, 0.0], [5.0, -5.0]], [[0.0, 0.0], [0.0, 1.0]]])
     x0 = torch.tensor([[1, 0], [0, 0]])
     masked = torch.tensor([[True, False], [False, True]])
-    batch = NoisyBatch(torch.where(masked, MASK, x0), masked, torch.tensor([[0.5], [0.25]]))
+    p = torch.tensor([[0.5], [0.25]])
+    batch = NoisyBatch(torch.where(masked, MASK, x0), masked, p, 1 / p)
     ce_00 = math.log(1 + math.exp(2.0))  # target 1 against logits (2, 0)
     ce_11 = math.log(1 + math.exp(1.0))  # target 0 against logits (0, 1)
     expected = (ce_00 / 0.5 + ce_11 / 0.25) / (2 * 2)  # divided by all B*L tokens, not the 2 masked
     torch.testing.assert_close(diffusion_loss(logits, x0, batch), torch.tensor(expected))
+    by_masked = (ce_00 / 0.5 + ce_11 / 0.25) / 2  # normalize=masked: by the 2 masked tokens
+    torch.testing.assert_close(diffusion_loss(logits, x0, batch, "masked"), torch.tensor(by_masked))
 
 
 def test_loss_is_unbiased_for_the_full_sequence_cross_entropy():
@@ -46,9 +99,30 @@ def test_loss_is_unbiased_for_the_full_sequence_cross_entropy():
     x0 = torch.randint(0, 11, (1, 32))
     g = torch.Generator().manual_seed(1)
     xs, ls = x0.expand(256, 32), logits.expand(256, 32, 11)
-    draws = [diffusion_loss(ls, xs, forward_process(xs, MASK, 1e-3, g)) for _ in range(40)]
+    draws = [diffusion_loss(ls, xs, llada_batch(xs, g)) for _ in range(40)]
     target = F.cross_entropy(logits[0], x0[0]).item()
     assert abs(torch.stack(draws).mean().item() / target - 1) < 0.1
+
+
+def test_stratified_times_are_evenly_spaced_across_ranks():
+    n_global, per_rank = 16, 4
+    ranks = [sample_times("stratified", n_global, r * per_rank, per_rank, 0.0, torch.Generator().manual_seed(7))
+             for r in range(4)]
+    gaps = torch.cat(ranks).sort().values.diff()
+    torch.testing.assert_close(gaps, torch.full((15,), 1 / 16))
+    assert not torch.equal(ranks[0], ranks[1])
+
+
+def test_antithetic_times_come_in_pairs():
+    t = sample_times("antithetic", 8, 0, 8, 0.0, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(t[0::2] + t[1::2], torch.ones(4))
+
+
+def test_times_are_the_same_slice_of_one_draw_on_every_rank():
+    whole = sample_times("iid", 8, 0, 8, EPS, torch.Generator().manual_seed(5))
+    part = sample_times("iid", 8, 4, 4, EPS, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(part, whole[4:])
+    assert ((whole >= EPS) & (whole <= 1)).all()
 
 
 def test_random_length_batches_appear_at_the_configured_rate():
