@@ -75,7 +75,7 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
     out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
                    temperature=run.sample.temperature, seed=run.seed)
     if dist.get_rank() == 0:
-        print("sample:", tok.decode(out[0].tolist()), flush=True)
+        print(f"sample: {tok.decode(out[0].tolist())!r}", flush=True)  # repr: whitespace stays visible
 
 
 def train(cfg: DictConfig) -> None:
