@@ -47,11 +47,18 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def prepare_data(run: RunConfig, rank: int) -> Manifest:
-    """Rank 0 builds the demo corpus if it is missing; every rank then checks the manifest."""
+    """Rank 0 builds the demo corpus if it is missing and shares the outcome, so that a data error
+    stops every rank instead of leaving the others waiting at a collective; then each rank checks."""
+    outcome = [None]
     if rank == 0:
-        ensure_built(run.data)
-    dist.barrier()
-    manifest = Manifest.load(run.data.dir)
+        try:
+            ensure_built(run.data)
+        except DataError as e:
+            outcome = [str(e)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise DataError(outcome[0])
+    manifest = ensure_built(run.data)
     validate_data(run, manifest)
     return manifest
 

@@ -116,3 +116,12 @@ def test_hydra_sweep_gives_each_job_its_own_run_dir(tmp_path, demo_shards):
     assert sorted(OmegaConf.load(r / "config.yaml").seed for r in runs) == [1, 2]
     losses = [train_losses(r)[1] for r in runs]
     assert losses[0] != losses[1]  # different seeds, different initial weights and masks
+
+
+def test_data_error_stops_every_rank(tmp_path, demo_shards):
+    # Rank 0 finds the shards were built with another vocabulary; rank 1 must stop too, not hang.
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29613", "-m", "pretrain.train"]
+    proc = run_train(launcher, tmp_path / "bad", demo_shards, "trainer.max_steps=1", "data.vocab_size=2048",
+                     timeout=240, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("was built with data.vocab_size=1024, this run has data.vocab_size=2048") == 2
