@@ -134,11 +134,6 @@ class NoisyBatch:
     weight: torch.Tensor  # [B, 1] the ELBO weight of a masked token of each sequence
 
 
-def mask_probability(t: torch.Tensor, eps: float) -> torch.Tensor:
-    """The paper's linear schedule with time drawn from U(0, 1): p_mask = (1 - eps) t + eps."""
-    return (1 - eps) * t + eps
-
-
 def forward_process(x0: torch.Tensor, mask_id: int, t: torch.Tensor, schedule: Schedule,
                     generator: torch.Generator) -> NoisyBatch:
     """Masks each token of sequence b independently with probability 1 - alpha(t_b)."""

@@ -12,13 +12,17 @@ from pretrain.diffusion import (
     diffusion_loss,
     forward_process,
     make_schedule,
-    mask_probability,
     random_length,
     sample_times,
 )
 
 MASK = 99
 EPS = 1e-3
+
+
+def mask_probability(u, eps):
+    """The paper's formula, written out: p_mask = (1 - eps) u + eps for u ~ U(0, 1)."""
+    return (1 - eps) * u + eps
 
 
 def mask_cfg(schedule="linear", exponent=2.0, **kw) -> MaskConfig:
