@@ -154,6 +154,14 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_mask(run.mask)
     _require(0 <= run.mask.random_length_prob <= 1,
              f"mask.random_length_prob={run.mask.random_length_prob} must be in [0, 1]")
+    m = run.mask
+    if m.prompt_len is not None:
+        _require(m.conditional, f"mask.prompt_len={m.prompt_len} is set but mask.conditional=false")
+        _require(0 <= m.prompt_len < t.seq_len, f"mask.prompt_len={m.prompt_len} must be in [0, trainer.seq_len="
+                                                f"{t.seq_len}): a prompt that fills the sequence leaves no response")
+    _require(not (m.conditional and m.random_length_prob > 0),
+             f"mask.random_length_prob={m.random_length_prob} with mask.conditional=true would cut into prompts; "
+             f"set it to 0")
     _require(run.data.seq_len == t.seq_len,
              f"data.seq_len={run.data.seq_len} differs from trainer.seq_len={t.seq_len}")
     _require(run.optim.schedule.unit in ("steps", "tokens"),

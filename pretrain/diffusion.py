@@ -8,6 +8,11 @@ batch, masked or not): an unbiased estimate of the negative ELBO per token.
 Other schedules (the `mask=` config group) replace p_mask by 1 - alpha(t) and the weight by
 -alpha'(t) / (1 - alpha(t)), with t drawn from [eps, 1]; for the linear schedule, alpha = 1 - t, this
 is exactly LLaDA's objective. How t is drawn across the global batch is `mask.time_sampling`.
+
+The conditional form (the paper's SFT, Eq. 5; `mask.conditional=true`) trains p(response | prompt):
+the first prompt_len tokens of a sequence are never masked, and each sequence's loss is divided by
+its response length L - prompt_len (EOS padding after a short response counts as response, as in the
+paper), then averaged over the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ class MaskConfig:
     exponent: float  # of the polynomial schedule
     time_sampling: str  # iid (the paper) | stratified | antithetic, over the global batch
     normalize: str  # tokens (the paper: B * L) | masked (the number of masked tokens)
-    random_length_prob: float  # share of batches cut to a random length
+    random_length_prob: float  # share of batches cut to a random length (not in the conditional form)
+    conditional: bool  # prompt/response data: prompt tokens never masked, loss per response token
+    prompt_len: int | None  # the prompt length of samples that carry none (conditional form only)
 
 
 # -- schedules: alpha(t) is the probability that a token is kept at time t --------------------------
@@ -132,28 +139,39 @@ class NoisyBatch:
     masked: torch.Tensor  # [B, L] bool
     p_mask: torch.Tensor  # [B, 1] the masking probability of each sequence
     weight: torch.Tensor  # [B, 1] the ELBO weight of a masked token of each sequence
+    response_len: torch.Tensor | None = None  # [B, 1] tokens after the prompt (conditional form only)
 
 
 def forward_process(x0: torch.Tensor, mask_id: int, t: torch.Tensor, schedule: Schedule,
-                    generator: torch.Generator) -> NoisyBatch:
-    """Masks each token of sequence b independently with probability 1 - alpha(t_b)."""
+                    generator: torch.Generator, prompt_len: torch.Tensor | None = None) -> NoisyBatch:
+    """Masks each token of sequence b independently with probability 1 - alpha(t_b); with
+    `prompt_len` [B], positions before prompt_len[b] are never masked (the conditional form)."""
     B, L = x0.shape
     t = t.to(torch.float64)  # the weights of small t need the precision
     p_mask = schedule.mask_probability(t)[:, None]
     weight = schedule.weight(t)[:, None]
     masked = torch.rand(B, L, generator=generator, device=generator.device).to(x0.device) < p_mask.to(x0.device)
+    response_len = None
+    if prompt_len is not None:
+        prompt_len = prompt_len.to(x0.device)[:, None]
+        masked &= torch.arange(L, device=x0.device)[None, :] >= prompt_len
+        response_len = (L - prompt_len).float()
     return NoisyBatch(torch.where(masked, mask_id, x0), masked, p_mask.float().to(x0.device),
-                      weight.float().to(x0.device))
+                      weight.float().to(x0.device), response_len)
 
 
 def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch, normalize: str = "tokens"):
     """sum over masked positions of weight * CE(logits, x0), divided by B * L (`tokens`, the paper) or
-    by the number of masked tokens (`masked`). For the linear schedule, weight = 1 / p_mask."""
+    by the number of masked tokens (`masked`). For the linear schedule, weight = 1 / p_mask. In the
+    conditional form, `tokens` divides each sequence's sum by its response length, then by B."""
     B, L = x0.shape
     rows = batch.masked
     # Only the masked rows are upcast: at 126k vocab the full logits in fp32 would not fit.
     ce = F.cross_entropy(logits[rows].float(), x0[rows], reduction="none")
-    total = (ce * batch.weight.expand(B, L)[rows]).sum()
+    per_token = batch.weight.expand(B, L)
+    if batch.response_len is not None and normalize == "tokens":
+        per_token = per_token * (L / batch.response_len.clamp_min(1))  # sum / (B * L) below -> per sequence / B
+    total = (ce * per_token[rows]).sum()
     return total / (B * L) if normalize == "tokens" else total / rows.sum().clamp_min(1)
 
 

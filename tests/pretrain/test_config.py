@@ -29,6 +29,9 @@ from tests.conftest import REPO, child_env
     (["mask.eps=1.5"], 1, "mask.eps=1.5 must be in (0, 1)"),
     (["mask.time_sampling=sobol"], 1, "mask.time_sampling='sobol' is not one of iid, stratified, antithetic"),
     (["mask.normalize=batch"], 1, "mask.normalize='batch' is not one of tokens, masked"),
+    (["mask=conditional", "mask.prompt_len=256"], 1, "mask.prompt_len=256 must be in [0, trainer.seq_len=256)"),
+    (["mask.prompt_len=8"], 1, "mask.prompt_len=8 is set but mask.conditional=false"),
+    (["mask.conditional=true"], 1, "mask.random_length_prob=0.01 with mask.conditional=true would cut"),
 ])
 def test_validation_errors_name_key_and_value(overrides, world_size, message):
     with pytest.raises(ConfigError) as err:

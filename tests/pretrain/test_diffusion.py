@@ -27,7 +27,7 @@ def mask_probability(u, eps):
 
 def mask_cfg(schedule="linear", exponent=2.0, **kw) -> MaskConfig:
     fields = dict(schedule=schedule, eps=EPS, exponent=exponent, time_sampling="iid", normalize="tokens",
-                  random_length_prob=0.01)
+                  random_length_prob=0.01, conditional=False, prompt_len=None)
     return MaskConfig(**{**fields, **kw})
 
 
@@ -143,3 +143,50 @@ def test_random_length_never_cuts_at_prob_zero():
     g = torch.Generator().manual_seed(0)
     x0 = torch.zeros(1, 10, dtype=torch.long)
     assert all(random_length(x0, 0.0, g).shape[1] == 10 for _ in range(1000))
+
+
+def test_conditional_form_never_masks_the_prompt():
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, 50, (64, 32), generator=g)
+    prompt_len = torch.randint(0, 31, (64,), generator=g)
+    t = torch.ones(64)  # t = 1: every maskable token is masked
+    noisy = forward_process(x0, MASK, t, Linear(), g, prompt_len)
+    positions = torch.arange(32)[None, :]
+    assert not noisy.masked[positions < prompt_len[:, None]].any()
+    assert noisy.masked[positions >= prompt_len[:, None]].all()
+    torch.testing.assert_close(noisy.response_len[:, 0], (32 - prompt_len).float())
+    assert (noisy.input_ids[positions < prompt_len[:, None]] == x0[positions < prompt_len[:, None]]).all()
+
+
+def test_conditional_loss_is_per_response_token_averaged_over_sequences():
+    # The paper's SFT loss (Eq. 5), written out per sequence: sum over masked response tokens of
+    # CE / p_mask, divided by that sequence's response length, then averaged over the batch.
+    g = torch.Generator().manual_seed(4)
+    B, L, V = 6, 16, 30
+    x0 = torch.randint(0, V, (B, L), generator=g)
+    prompt_len = torch.tensor([0, 3, 5, 8, 12, 15])
+    t = torch.rand(B, generator=g) * 0.9 + 0.1
+    noisy = forward_process(x0, MASK, t, Linear(), g, prompt_len)
+    logits = torch.randn(B, L, V, generator=g)
+    expected = 0.0
+    for b in range(B):
+        ce = F.cross_entropy(logits[b], x0[b], reduction="none")
+        expected += (ce[noisy.masked[b]] / t[b]).sum() / (L - prompt_len[b])
+    expected /= B
+    torch.testing.assert_close(diffusion_loss(logits, x0, noisy, "tokens"), expected.float(), rtol=1e-5, atol=0)
+    # With prompt_len 0 everywhere, the conditional loss is the unconditional one.
+    plain = forward_process(x0, MASK, t, Linear(), torch.Generator().manual_seed(9))
+    cond = forward_process(x0, MASK, t, Linear(), torch.Generator().manual_seed(9), torch.zeros(B, dtype=torch.long))
+    torch.testing.assert_close(diffusion_loss(logits, x0, cond), diffusion_loss(logits, x0, plain))
+
+
+def test_conditional_loss_is_an_unbiased_elbo_of_the_response_for_a_uniform_model():
+    # Uniform model: E[loss] = log V per response token, whatever the prompt length.
+    g = torch.Generator().manual_seed(5)
+    B, L, V = 4096, 16, 64
+    x0 = torch.randint(0, V, (B, L), generator=g)
+    prompt_len = torch.randint(0, L, (B,), generator=g)
+    t = sample_times("stratified", B, 0, B, EPS, g)
+    noisy = forward_process(x0, MASK, t, Linear(), g, prompt_len)
+    loss = diffusion_loss(torch.zeros(B, L, V), x0, noisy, "tokens")
+    assert abs(loss.item() - math.log(V)) < 0.03 * math.log(V)
