@@ -1,15 +1,23 @@
-"""Build shards: documents -> tokens (+EOS each) -> one stream cut into seq_len windows -> tars.
+"""Build shards: input files -> documents -> tokens -> packed windows -> webdataset tars + manifest.
 
-    python -m data_pipeline.build data=demo trainer.seq_len=256 data.dir=outputs/data/demo-256
+    python -m data_pipeline.build data=files data.inputs=[corpus/] data.dir=shards/c4 \
+        data.tokenizer=tok.json trainer.seq_len=4096 build.workers=16
 
-Packing follows the paper: documents are concatenated and chunked with no attention mask between
-them; the incomplete last window is dropped. The last `heldout_fraction` of windows forms the
-held-out split. The result is the same bytes on every run for the same inputs.
+Each input file is one unit of work (a *piece*): it is read, tokenized and packed on its own, into
+shards named after it, and finishes with a small JSON fragment under `pieces/`. So the output is the
+same bytes for any number of workers, a re-run skips the pieces already done, and a SLURM array
+(launch/slurm/build_shards.sbatch) gives each task the pieces i with i % tasks == task; the last
+step merges the fragments into manifest.json. Documents are assigned to the held-out split by a hash
+of their text, so a document is never split between train and held-out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing as mp
+import os
+import queue
 import shutil
 import sys
 import time
@@ -17,100 +25,322 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
+from tokenizers import Tokenizer
 
-from data_pipeline.config import DataConfig, compose
-from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, token_dtype, write_shard
-from data_pipeline.sources import load_documents
-from data_pipeline.tokenizer import fingerprint, load_tokenizer, special_ids, train_bpe
+from data_pipeline.config import BuildConfig, DataConfig, build_config, compose, data_config
+from data_pipeline.pack import Packer
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, ShardInfo, atomic_write, token_dtype, write_shard
+from data_pipeline.sources import DocumentReader, resolve_inputs
+from data_pipeline.tokenizer import fingerprint, load_tokenizer, special_ids, train_bpe, train_on_inputs
 
 VOCAB_MULTIPLE = 128  # embedding tables padded to a multiple of 128 run faster on tensor cores
+SPLITS = ("train", "heldout")
+# What decides the bytes of the shards: a run or a re-run with other values must not reuse them.
+BUILD_KEYS = ("inputs", "format", "text_field", "prompt_field", "response_field", "tokenizer", "vocab_size",
+              "seq_len", "shard_bytes", "member_bytes", "heldout_fraction", "on_decode_error")
+RECORDS_PER_BATCH = 256  # records tokenized per encode_batch call
 
 
 def pad_vocab(n: int) -> int:
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> np.ndarray:
-    """Concatenate the documents, each followed by EOS, and cut into [N, seq_len] windows."""
-    flat = np.fromiter((t for doc in token_lists for t in (*doc, eos_id)), dtype=np.int64)
-    n = len(flat) // seq_len
-    return flat[: n * seq_len].reshape(n, seq_len)
+def is_heldout(text: str, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h < fraction * 2**64
 
 
-def build(cfg: DataConfig) -> Manifest:
+def check_settings(cfg: DataConfig) -> None:
+    checks = [(cfg.seq_len > 0, f"data.seq_len={cfg.seq_len} must be positive"),
+              (cfg.format in ("text", "sft"), f"data.format={cfg.format!r} is not one of text, sft"),
+              (cfg.on_decode_error in ("replace", "skip"),
+               f"data.on_decode_error={cfg.on_decode_error!r} is not one of replace, skip"),
+              (0 <= cfg.heldout_fraction < 1, f"data.heldout_fraction={cfg.heldout_fraction} must be in [0, 1)"),
+              (cfg.shard_bytes >= cfg.member_bytes > 0,
+               f"data.shard_bytes={cfg.shard_bytes} must be >= data.member_bytes={cfg.member_bytes} > 0")]
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+
+
+# -- one piece: one input file ------------------------------------------------------------------
+class SplitWriter:
+    """Takes full blocks out of a Packer and writes them as shards `{stem}-{j:04d}.tar`."""
+
+    def __init__(self, out: Path, stem: str, packer: Packer, dtype: np.dtype, windows_per_member: int,
+                 members_per_shard: int):
+        self.out, self.stem, self.packer, self.dtype = out, stem, packer, dtype
+        self.windows_per_member, self.members_per_shard = windows_per_member, members_per_shard
+        self.blocks, self.shards, self.members = [], [], 0
+
+    def drain(self, final: bool = False) -> None:
+        while self.packer.full_windows() >= self.windows_per_member:
+            self._add(self.packer.take(self.windows_per_member, f"{self.members:08d}", self.dtype))
+        if final:
+            if self.packer.full_windows():
+                self._add(self.packer.take(self.packer.full_windows(), f"{self.members:08d}", self.dtype))
+            if self.blocks:
+                self._write()
+
+    def _add(self, block) -> None:
+        block.first = sum(len(b.tokens) for b in self.blocks)
+        self.blocks.append(block)
+        self.members += 1
+        if len(self.blocks) == self.members_per_shard:
+            self._write()
+
+    def _write(self) -> None:
+        self.shards.append(write_shard(self.out / f"{self.stem}-{len(self.shards):04d}.tar", self.blocks))
+        self.blocks = []
+
+
+def build_piece(index: int, path: str, cfg: DataConfig, tok: Tokenizer, settings_id: str, progress=None) -> dict:
     out = Path(cfg.dir)
-    if cfg.seq_len <= 0:
-        raise DataError(f"data.seq_len={cfg.seq_len} must be positive")
-    documents = load_documents(cfg.source)
-    if not documents:
-        raise DataError(f"data.source={cfg.source!r} yielded no documents")
-    out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_bpe(documents, cfg.vocab_size)
-    tok.save(str(out / "tokenizer.json"))
     ids = special_ids(tok)
+    dtype = token_dtype(pad_vocab(tok.get_vocab_size()))
+    window_bytes = cfg.seq_len * dtype.itemsize
+    per_member = max(1, cfg.member_bytes // window_bytes)
+    per_shard = max(1, cfg.shard_bytes // (per_member * window_bytes))
+    packers = {s: Packer(cfg.seq_len, ids["eos_id"]) for s in SPLITS}
+    writers = {s: SplitWriter(out, f"{s}-{index:05d}", packers[s], dtype, per_member, per_shard) for s in SPLITS}
+    reader = DocumentReader(path, cfg.format, cfg.text_field, cfg.prompt_field, cfg.response_field,
+                            cfg.on_decode_error)
+    too_long, max_prompt = 0, 0
 
-    start = time.perf_counter()
-    windows = pack([e.ids for e in tok.encode_batch(documents)], ids["eos_id"], cfg.seq_len)
-    if len(windows) < 2:
-        raise DataError(f"data.source={cfg.source!r} has too few tokens for two windows of data.seq_len={cfg.seq_len}")
+    def flush(records: list) -> None:
+        nonlocal too_long, max_prompt
+        if cfg.format == "text":
+            encoded = tok.encode_batch(records, add_special_tokens=False)
+            for text, enc in zip(records, encoded, strict=True):
+                packers["heldout" if is_heldout(text, cfg.heldout_fraction) else "train"].add_document(enc.ids)
+            tokens = sum(len(e.ids) + 1 for e in encoded)
+        else:
+            prompts = tok.encode_batch([p for p, _ in records], add_special_tokens=False)
+            responses = tok.encode_batch([r for _, r in records], add_special_tokens=False)
+            tokens = 0
+            for (p, r), pe, re_ in zip(records, prompts, responses, strict=True):
+                split = "heldout" if is_heldout(p + "\0" + r, cfg.heldout_fraction) else "train"
+                if packers[split].add_pair(pe.ids, re_.ids):
+                    max_prompt, tokens = max(max_prompt, len(pe.ids)), tokens + cfg.seq_len
+                else:
+                    too_long += 1
+        for w in writers.values():
+            w.drain()
+        if progress is not None:
+            progress(tokens)
+
+    batch: list = []
+    for record in reader:
+        batch.append(record)
+        if len(batch) == RECORDS_PER_BATCH:
+            flush(batch)
+            batch = []
+    flush(batch)
+    for w in writers.values():
+        w.drain(final=True)
+    stat = os.stat(path) if os.path.isfile(path) else None
+    fragment = {"index": index, "input": path, "input_size": stat.st_size if stat else 0,
+                "input_mtime_ns": stat.st_mtime_ns if stat else 0, "settings": settings_id,
+                "splits": {s: [asdict(x) for x in w.shards] for s, w in writers.items()},
+                "documents": {**asdict(reader.counts), "too_long": too_long}, "max_prompt_len": max_prompt}
+    atomic_write(out / "pieces" / f"{index:05d}.json", json.dumps(fragment))
+    return fragment
+
+
+def piece_done(out: Path, index: int, path: str, settings_id: str) -> bool:
+    """A piece is done when its fragment exists, matches the input file as it is now and the
+    build's settings, and all its shards are on disk with their recorded sizes."""
+    frag_path = out / "pieces" / f"{index:05d}.json"
+    if not frag_path.is_file():
+        return False
+    frag = json.loads(frag_path.read_text())
+    stat = os.stat(path) if os.path.isfile(path) else None
+    if (frag["input"] != path or frag["settings"] != settings_id
+            or (stat and (frag["input_size"], frag["input_mtime_ns"]) != (stat.st_size, stat.st_mtime_ns))):
+        return False
+    return all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
+               for shards in frag["splits"].values() for s in shards)
+
+
+# -- workers ------------------------------------------------------------------------------------
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_json: str, cfg: dict, settings_id: str, progress_queue) -> None:
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: the pool is the parallelism
+    _worker.update(tok=Tokenizer.from_str(tokenizer_json), cfg=DataConfig(**cfg), settings=settings_id,
+                   queue=progress_queue)
+
+
+def _run_piece(args: tuple[int, str]) -> dict:
+    index, path = args
+    return build_piece(index, path, _worker["cfg"], _worker["tok"], _worker["settings"], _worker["queue"].put)
+
+
+class Progress:
+    """A tqdm bar of tokens with their rate; silent when disabled or when stderr is not a terminal."""
+
+    def __init__(self, enabled: bool, pieces: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=None, unit="tok", unit_scale=True, disable=not enabled, file=sys.stderr,
+                        desc=f"build ({pieces} inputs)", mininterval=1.0)
+        self.tokens = 0
+
+    def __call__(self, n: int) -> None:
+        self.tokens += n
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_pieces(jobs: list[tuple[int, str]], cfg: DataConfig, tok: Tokenizer, settings_id: str,
+               bcfg: BuildConfig) -> int:
+    progress = Progress(bcfg.progress, len(jobs))
+    try:
+        if bcfg.workers <= 1 or len(jobs) <= 1:
+            for index, path in jobs:
+                build_piece(index, path, cfg, tok, settings_id, progress)
+            return progress.tokens
+        ctx = mp.get_context("spawn")  # no fork after the tokenizer's threads have started
+        q = ctx.Queue()
+        with ctx.Pool(min(bcfg.workers, len(jobs)), _init_worker, (tok.to_str(), asdict(cfg), settings_id, q)) as pool:
+            result = pool.map_async(_run_piece, jobs, chunksize=1)
+            while not result.ready():
+                try:
+                    progress(q.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+            result.get()  # re-raises a worker's DataError here
+            while not q.empty():
+                progress(q.get())
+        return progress.tokens
+    finally:
+        progress.close()
+
+
+# -- the whole build ----------------------------------------------------------------------------
+def prepare_tokenizer(cfg: DataConfig, files: list[str], out: Path, bcfg: BuildConfig) -> Tokenizer:
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    elif (out / "tokenizer.json").is_file() and (out / "build.json").is_file():
+        tok = load_tokenizer(out / "tokenizer.json")  # a re-run reuses the tokenizer it trained
+    elif bcfg.tasks > 1:
+        raise DataError("data.tokenizer is null but build.tasks > 1: every task would train its own tokenizer; "
+                        "train one first (python -m data_pipeline.tokenizer) and set data.tokenizer")
+    else:
+        tok = train_on_inputs(files, cfg, cfg.vocab_size)
+    atomic_write(out / "tokenizer.json", tok.to_str())
+    return tok
+
+
+def record_settings(cfg: DataConfig, tok: Tokenizer, out: Path) -> str:
+    """build.json: the settings the shards in `out` are built with; a re-run with others is refused."""
+    settings = {"settings": {k: getattr(cfg, k) for k in BUILD_KEYS}, "tokenizer_fingerprint": fingerprint(tok)}
+    path = out / "build.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        for key, value in before["settings"].items():
+            if settings["settings"].get(key) != value:
+                raise DataError(f"{out} holds a build with data.{key}={value!r}, this build has data.{key}="
+                                f"{settings['settings'].get(key)!r}; point data.dir elsewhere or remove that directory")
+        if before["tokenizer_fingerprint"] != settings["tokenizer_fingerprint"]:
+            raise DataError(f"{out} holds a build with another tokenizer; point data.dir elsewhere")
+    else:
+        atomic_write(path, json.dumps(settings, indent=1))
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str) -> Manifest:
+    out = Path(cfg.dir)
+    missing = [f for i, f in enumerate(files) if not piece_done(out, i, f, settings_id)]
+    if missing:
+        raise DataError(f"{out}: {len(missing)} of {len(files)} inputs are not built yet (first: {missing[0]}); "
+                        f"run the build (or the array tasks) again")
+    ids = special_ids(tok)
     vocab = pad_vocab(tok.get_vocab_size())
-    windows = windows.astype(token_dtype(vocab))
-    n_heldout = max(1, int(round(len(windows) * cfg.heldout_fraction))) if cfg.heldout_fraction > 0 else 0
-    splits = {"train": windows[: len(windows) - n_heldout], "heldout": windows[len(windows) - n_heldout:]}
-
-    per_shard = max(1, cfg.shard_bytes // (cfg.seq_len * windows.dtype.itemsize))
-    manifest = Manifest(FORMAT_VERSION, cfg.seq_len, vocab, windows.dtype.str, ids["eos_id"], ids["mask_id"],
-                        fingerprint(tok), build_config={k: v for k, v in asdict(cfg).items() if k != "dir"})
-    key = 0
-    for split, rows in splits.items():
-        manifest.splits[split] = []
-        for i, first in enumerate(range(0, len(rows), per_shard)):
-            part = rows[first: first + per_shard]
-            manifest.splits[split].append(write_shard(out / f"{split}-{i:06d}.tar", part, key))
-            key += len(part)
+    manifest = Manifest(FORMAT_VERSION, cfg.format, cfg.seq_len, vocab, tok.get_vocab_size(), token_dtype(vocab).str,
+                        ids["eos_id"], ids["mask_id"], fingerprint(tok), 0, {s: [] for s in SPLITS},
+                        build_config={k: getattr(cfg, k) for k in BUILD_KEYS})
+    counts: dict[str, int] = {}
+    for i in range(len(files)):
+        frag = json.loads((out / "pieces" / f"{i:05d}.json").read_text())
+        for split in SPLITS:
+            manifest.splits[split] += [ShardInfo(**s) for s in frag["splits"][split]]
+        for k, v in frag["documents"].items():
+            counts[k] = counts.get(k, 0) + v
+        manifest.max_prompt_len = max(manifest.max_prompt_len, frag["max_prompt_len"])
+    manifest.documents = counts
+    if manifest.samples("train") == 0:
+        raise DataError(f"data.inputs={cfg.inputs}: no full window of data.seq_len={cfg.seq_len} tokens "
+                        f"(documents: {counts})")
     manifest.save(out)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"dir": str(out), "windows": int(len(windows)), "tokens": int(windows.size),
-                      "vocab_size": vocab, "shards": {s: len(v) for s, v in manifest.splits.items()},
-                      "tokens_per_s": round(windows.size / max(seconds, 1e-9))}), file=sys.stderr)
     return manifest
 
 
-BUILD_KEYS = ("source", "tokenizer", "vocab_size", "seq_len", "heldout_fraction")  # what decides the content
+def build(cfg: DataConfig, bcfg: BuildConfig) -> Manifest | None:
+    """Builds this task's share of cfg.inputs into cfg.dir; returns the manifest once merged."""
+    check_settings(cfg)
+    files = resolve_inputs(cfg.inputs)  # every input error before any work
+    out = Path(cfg.dir)
+    (out / "pieces").mkdir(parents=True, exist_ok=True)
+    tok = prepare_tokenizer(cfg, files, out, bcfg)
+    settings_id = record_settings(cfg, tok, out)
+    mine = [(i, f) for i, f in enumerate(files) if i % bcfg.tasks == bcfg.task]
+    todo = [(i, f) for i, f in mine if not piece_done(out, i, f, settings_id)]
+    start = time.perf_counter()
+    tokens = run_pieces(todo, cfg, tok, settings_id, bcfg)
+    seconds = time.perf_counter() - start
+    summary = {"dir": str(out), "inputs": len(mine), "built": len(todo), "skipped_done": len(mine) - len(todo),
+               "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9))}
+    manifest = merge(cfg, files, tok, settings_id) if bcfg.merge else None
+    if manifest is not None:
+        summary.update(windows={s: v["samples"] for s, v in manifest.totals.items()}, documents=manifest.documents,
+                       vocab_size=manifest.vocab_size)
+    print(json.dumps(summary), file=sys.stderr)
+    return manifest
+
+
+DEMO_KEYS = ("inputs", "format", "tokenizer", "vocab_size", "seq_len", "heldout_fraction")
 
 
 def check_built_with(manifest: Manifest, cfg: DataConfig) -> None:
-    """Shards built with other settings than the run asks for are an error, not a silent reuse."""
-    for key in BUILD_KEYS:
+    """The demo corpus built with other settings than the run asks for is an error, not a silent
+    reuse. (Other shards are checked against the run by what they hold: seq_len, vocabulary and
+    tokenizer, in pretrain.config.validate_data.)"""
+    if cfg.inputs != ["demo"]:
+        return
+    for key in DEMO_KEYS:
         built = manifest.build_config.get(key)
         if built != getattr(cfg, key):
             raise DataError(f"{cfg.dir} was built with data.{key}={built!r}, this run has data.{key}="
-                             f"{getattr(cfg, key)!r}; point data.dir elsewhere or remove that directory")
+                            f"{getattr(cfg, key)!r}; point data.dir elsewhere or remove that directory")
+
+
+DEMO_BUILD = BuildConfig(workers=1, task=0, tasks=1, merge=True, progress=False)
 
 
 def ensure_built(cfg: DataConfig) -> Manifest:
     """The manifest of cfg.dir; the built-in demo corpus is built on first use, anything else must
     have been built beforehand."""
-    if (Path(cfg.dir) / "manifest.json").is_file() or cfg.source != "demo":
+    if (Path(cfg.dir) / "manifest.json").is_file() or cfg.inputs != ["demo"]:
         manifest = Manifest.load(cfg.dir)
         check_built_with(manifest, cfg)
         return manifest
     staging = Path(cfg.dir + ".building")
     shutil.rmtree(staging, ignore_errors=True)
-    build(DataConfig(**{**asdict(cfg), "dir": str(staging)}))
+    build(DataConfig(**{**asdict(cfg), "dir": str(staging)}), DEMO_BUILD)
     staging.rename(cfg.dir)  # appears whole or not at all
     return Manifest.load(cfg.dir)
 
 
-def data_config(cfg) -> DataConfig:
-    data = OmegaConf.to_container(cfg.data, resolve=True)  # interpolations point outside `data`
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data))
-
-
 def main(argv: list[str]) -> None:
     try:
-        build(data_config(compose(argv)))
+        cfg = compose(argv)
+        build(data_config(cfg), build_config(cfg))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -28,15 +28,32 @@ if not OmegaConf.has_resolver("slug"):
 
 @dataclass
 class DataConfig:
-    source: str  # demo
+    inputs: list[str]  # files, folders or globs of .txt/.jsonl/.parquet (+.gz/.zst); "demo" = built-in corpus
     dir: str  # shards, manifest.json and tokenizer.json
+    format: str  # text (packed documents) | sft (one prompt/response pair per window)
+    text_field: str  # jsonl key / parquet column of a document (format=text)
+    prompt_field: str  # (format=sft)
+    response_field: str  # (format=sft)
     tokenizer: str | None  # a tokenizer.json; None = train a BPE on the corpus
     vocab_size: int  # for a trained tokenizer
     seq_len: int
-    shard_bytes: int
-    heldout_fraction: float
-    shuffle_buffer: int
-    num_workers: int
+    shard_bytes: int  # target size of one shard tar
+    member_bytes: int  # target size of one tar member (many windows each: fast to stream)
+    heldout_fraction: float  # share of documents (by hash) in the held-out split
+    on_decode_error: str  # replace | skip: what to do with a document that is not valid UTF-8
+    shuffle_buffer: int  # windows shuffled together when streaming
+    num_workers: int  # DataLoader workers per rank
+    url: str | None  # where the stream reads shards: None = data.dir, or a template like "pipe:cat {dir}/{name}"
+    on_corrupt: str  # error | skip: a member that fails its checksum while streaming
+
+
+@dataclass
+class BuildConfig:
+    workers: int  # processes that tokenize and write shards
+    task: int  # this task's slice of the inputs (a SLURM array index)
+    tasks: int  # number of slices
+    merge: bool  # write manifest.json once every input is done (the array's last step sets it)
+    progress: bool  # a progress bar with tokens/s on stderr
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -51,3 +68,23 @@ def compose(overrides: list[str]) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def _section(cfg: DictConfig, key: str, schema):
+    from omegaconf.errors import OmegaConfBaseException
+
+    from data_pipeline.shards import DataError
+
+    try:
+        section = OmegaConf.to_container(cfg[key], resolve=True)  # interpolations point outside the section
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section))
+    except OmegaConfBaseException as e:
+        raise DataError(f"config: {str(e).splitlines()[0]} (key: {key}.{e.full_key or ''})".rstrip(".")) from None
+
+
+def data_config(cfg: DictConfig) -> DataConfig:
+    return _section(cfg, "data", DataConfig)
+
+
+def build_config(cfg: DictConfig) -> BuildConfig:
+    return _section(cfg, "build", BuildConfig)

@@ -1,10 +1,17 @@
 """The shard format and its manifest.
 
-A shard is a webdataset tar: one member `{key}.tokens` per packed window, the window's token ids as
-raw little-endian integers (uint16 when the vocabulary fits, else uint32). Nothing is pickled, so
-reading a shard never runs code from it. `manifest.json` beside the shards lists every shard with
-its sample count, token count and sha256, and the facts a trainer must agree with (seq_len,
-vocabulary, special ids, tokenizer fingerprint).
+A shard is a webdataset tar. Each sample (tar member group) is a *block* of consecutive packed
+windows, so a reader handles a few large members instead of millions of tiny ones:
+
+    {key}.tokens   [n, seq_len] token ids, raw little-endian (uint16 when the vocabulary fits, else uint32)
+    {key}.starts   uint32 positions (in the block's flattened tokens) where a document begins
+    {key}.prompt   uint32 [n] prompt length of each window (format=sft only)
+    {key}.json     {"windows": n, "first": i, "crc32": c}: the block holds windows i..i+n-1 of the shard;
+                   c is the crc32 of the other members, in the order above
+
+Nothing is pickled, and a reader accepts only these members, so reading a shard never runs code
+from it. `manifest.json` beside the shards lists every shard (samples, tokens, bytes, sha256) and the
+facts a trainer must agree with (seq_len, vocabulary, special ids, tokenizer fingerprint).
 """
 
 from __future__ import annotations
@@ -14,17 +21,23 @@ import io
 import json
 import os
 import tarfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
-MEMBER_SUFFIX = "tokens"
+FORMAT_VERSION = 2
+MEMBERS = ("tokens", "starts", "prompt", "json")
 
 
 class DataError(ValueError):
-    """Shards, a manifest or a data state that cannot serve the run; the message names the file."""
+    """Inputs, shards, a manifest or a data state that cannot serve the run; the message names the file."""
+
+
+class CorruptShardError(DataError):
+    """A shard member that is truncated, unreadable or fails its checksum."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -33,22 +46,28 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass
 class ShardInfo:
-    name: str
-    samples: int
+    name: str  # relative to the manifest's directory
+    samples: int  # windows
     tokens: int
+    bytes: int
     sha256: str
 
 
 @dataclass
 class Manifest:
     format_version: int
+    format: str  # text | sft
     seq_len: int
-    vocab_size: int
+    vocab_size: int  # padded to a multiple of 128
+    tokenizer_vocab_size: int  # before padding
     dtype: str
     eos_id: int
     mask_id: int
     tokenizer_fingerprint: str
+    max_prompt_len: int  # 0 for format=text
     splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
+    totals: dict[str, dict] = field(default_factory=dict)
+    documents: dict[str, int] = field(default_factory=dict)  # read, replaced, skipped, too_long
     build_config: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
@@ -61,20 +80,50 @@ class Manifest:
         return sum(s.samples for s in self.splits[split])
 
     def save(self, directory: Path) -> None:
-        tmp = directory / "manifest.json.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, directory / "manifest.json")  # never a half-written manifest
+        self.totals = {s: {"shards": len(v), "samples": sum(x.samples for x in v), "tokens": sum(x.tokens for x in v),
+                           "bytes": sum(x.bytes for x in v)} for s, v in self.splits.items()}
+        atomic_write(Path(directory) / "manifest.json", json.dumps(asdict(self), indent=1))
 
     @staticmethod
     def load(directory: str | Path) -> Manifest:
         path = Path(directory) / "manifest.json"
         if not path.is_file():
             raise DataError(f"no manifest.json in {directory} (build shards with python -m data_pipeline.build)")
-        raw = json.loads(path.read_text())
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{path}: format_version={raw.get('format_version')} is not {FORMAT_VERSION}")
-        raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
-        return Manifest(**raw)
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise DataError(f"{path}: format_version={raw.get('format_version')} is not {FORMAT_VERSION}; "
+                                f"rebuild the shards")
+            raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
+            return Manifest(**raw)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise DataError(f"{path}: not a valid manifest ({e})") from None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # never a half-written file
+
+
+# -- writing ------------------------------------------------------------------------------------
+@dataclass
+class Block:
+    key: str
+    tokens: np.ndarray  # [n, seq_len]
+    starts: np.ndarray  # uint32 document starts in tokens.ravel()
+    prompt: np.ndarray | None  # uint32 [n]
+    first: int = 0  # index of the first window in its shard
+
+
+def _payloads(block: Block) -> list[tuple[str, bytes]]:
+    parts = [("tokens", block.tokens.tobytes()), ("starts", block.starts.astype("<u4").tobytes())]
+    if block.prompt is not None:
+        parts.append(("prompt", block.prompt.astype("<u4").tobytes()))
+    crc = 0
+    for _, payload in parts:
+        crc = zlib.crc32(payload, crc)
+    return parts + [("json", json.dumps({"windows": len(block.tokens), "first": block.first, "crc32": crc}).encode())]
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -85,23 +134,90 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_shard(path: Path, windows: np.ndarray, first_key: int) -> ShardInfo:
-    """windows [N, seq_len] -> one tar; written to a temporary name, then renamed into place."""
-    tmp = path.with_suffix(".tar.tmp")
+def write_shard(path: Path, blocks: list[Block]) -> ShardInfo:
+    """Blocks -> one tar, written under a temporary name and renamed into place: a shard is whole or absent."""
+    tmp = path.with_name(path.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, window in enumerate(windows):
-            _tar_member(tar, f"{first_key + i:012d}.{MEMBER_SUFFIX}", window.tobytes())
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        for block in blocks:
+            for suffix, payload in _payloads(block):
+                _tar_member(tar, f"{block.key}.{suffix}", payload)
+    data = tmp.read_bytes()
     os.replace(tmp, path)
-    return ShardInfo(path.name, int(windows.shape[0]), int(windows.size), digest)
+    return ShardInfo(path.name, sum(len(b.tokens) for b in blocks), sum(b.tokens.size for b in blocks), len(data),
+                     hashlib.sha256(data).hexdigest())
 
 
-def decode_sample(sample: dict, dtype: np.dtype, seq_len: int) -> np.ndarray:
-    """A webdataset sample dict -> token ids, without pickle; names the sample when it is malformed."""
-    payload = sample.get(MEMBER_SUFFIX)
-    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
-    if not isinstance(payload, (bytes, bytearray)):
-        raise DataError(f"{where} has no '.{MEMBER_SUFFIX}' member (members: {sorted(sample)})")
-    if len(payload) != seq_len * dtype.itemsize:
-        raise DataError(f"{where} holds {len(payload)} bytes, expected {seq_len} tokens of {dtype}")
-    return np.frombuffer(payload, dtype=dtype)
+# -- reading ------------------------------------------------------------------------------------
+def open_url(url: str):
+    """A local path, or a webdataset URL such as `pipe:aws s3 cp s3://bucket/shard.tar -`."""
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    return open(url, "rb", buffering=1 << 20)
+
+
+def decode_block(url: str, key: str, members: dict[str, bytes], dtype: np.dtype, seq_len: int) -> Block:
+    """One tar member group -> a Block, checked against its own header; never unpickles anything."""
+    where = f"{url}: sample {key}"
+    unexpected = sorted(set(members) - set(MEMBERS))
+    if unexpected:
+        raise CorruptShardError(f"{where} has unexpected member(s) {unexpected}; shard members are only "
+                                f"{list(MEMBERS)} and are never unpickled")
+    if "tokens" not in members or "json" not in members or "starts" not in members:
+        raise CorruptShardError(f"{where} lacks a member (has {sorted(members)}): truncated or not our format")
+    try:
+        header = json.loads(members["json"])
+        n, first, crc = int(header["windows"]), int(header["first"]), int(header["crc32"])
+    except (ValueError, KeyError, TypeError):
+        raise CorruptShardError(f"{where}: unreadable .json header") from None
+    actual = 0
+    for name in ("tokens", "starts", "prompt"):
+        if name in members:
+            actual = zlib.crc32(members[name], actual)
+    if actual != crc or len(members["tokens"]) != n * seq_len * dtype.itemsize:
+        raise CorruptShardError(f"{where} fails its checksum or size ({len(members['tokens'])} token bytes, "
+                                f"expected {n} windows of {seq_len} {dtype})")
+    tokens = np.frombuffer(members["tokens"], dtype=dtype).reshape(n, seq_len)
+    prompt = np.frombuffer(members["prompt"], dtype="<u4") if "prompt" in members else None
+    return Block(key, tokens, np.frombuffer(members["starts"], dtype="<u4"), prompt, first)
+
+
+def read_blocks(url: str, dtype: np.dtype, seq_len: int, on_corrupt: str = "error",
+                skipped: list[str] | None = None) -> Iterator[Block]:
+    """The blocks of one shard, in order. A corrupt block raises CorruptShardError naming the shard
+    and sample, or with on_corrupt="skip" is left out and its key appended to `skipped`; a truncated
+    tar ends the shard the same way."""
+    group: dict[str, bytes] = {}
+    key = None
+    stream = open_url(url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                stem, _, suffix = member.name.partition(".")
+                if stem != key and group:
+                    yield from _checked(url, key, group, dtype, seq_len, on_corrupt, skipped)
+                    group = {}
+                key = stem
+                f = tar.extractfile(member)
+                group[suffix] = f.read() if f is not None else b""
+            if group:
+                yield from _checked(url, key, group, dtype, seq_len, on_corrupt, skipped)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        error = CorruptShardError(f"{url}: unreadable after sample {key} ({type(e).__name__}: {e})")
+        if on_corrupt != "skip":
+            raise error from None
+        if skipped is not None:
+            skipped.append(f"{key}+rest")
+    finally:
+        stream.close()
+
+
+def _checked(url, key, group, dtype, seq_len, on_corrupt, skipped):
+    try:
+        yield decode_block(url, key, group, dtype, seq_len)
+    except CorruptShardError:
+        if on_corrupt != "skip":
+            raise
+        if skipped is not None:
+            skipped.append(key)

@@ -1,107 +1,168 @@
 """Stream packed windows from shards as endless, seeded, resumable micro-batches for one rank.
 
-Every rank reads every shard and keeps every `readers`-th sample (readers = ranks x DataLoader
-workers), so each rank has data whatever the shard count and no collective waits on a rank that ran
-dry. The stream runs over epochs, reshuffling the shard order and a sample buffer from the seed each
-epoch; training ends by steps or tokens, never by the data running out.
+Readers are (rank, DataLoader worker) pairs; data_pipeline/plan.py decides which positions each
+reader reads, so each reader opens only its own shards and the stream never runs dry. A micro-batch
+is a dict: `tokens` [B, L] in the shards' integer type (uint16 or uint32; the trainer widens it on
+the device), `ids` [B] global window ids, `epoch` [B], and `prompt_len` [B] for SFT shards.
 
-Resume is exact: the stream is a pure function of (manifest, seed, rank, world size, workers), so
-after `batches` micro-batches a new stream told to start at `batches` yields what the first would
-have yielded next. The state records the manifest's fingerprint, so a resume on other data fails.
+Resume is exact: the stream is a pure function of (manifest, seed, plan, layout), so after `batches`
+micro-batches a new stream told to start there yields what the first would have yielded next. With
+another world size, worker count or micro-batch size, the plan is redrawn so that every position
+not yet read is read exactly once. The state records the manifest's fingerprint, so a resume on
+other data fails.
 """
 
 from __future__ import annotations
 
-import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shards import DataError, Manifest, decode_sample
+from data_pipeline.plan import Plan, Visits, replan
+from data_pipeline.shards import CorruptShardError, DataError, Manifest, read_blocks
 
 
 class DataStateError(DataError):
-    """A saved stream state that does not fit the data or the layout it is loaded into."""
+    """A saved stream state that does not fit the data it is loaded into."""
 
 
 class TokenStream(IterableDataset):
     def __init__(self, directory: str | Path, split: str, micro_batch_size: int, rank: int, world_size: int,
-                 seed: int, shuffle_buffer: int, num_workers: int = 0):
+                 seed: int, shuffle_buffer: int, num_workers: int = 0, url: str | None = None,
+                 on_corrupt: str = "error"):
         self.directory = Path(directory)
         self.manifest = Manifest.load(directory)
         if split not in self.manifest.splits or self.manifest.samples(split) == 0:
             raise DataError(f"{self.directory}/manifest.json has no samples in split {split!r}")
-        self.split, self.micro_batch_size = split, micro_batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
-        self.start_batch = 0
-        readers = world_size * max(num_workers, 1)
-        if self.manifest.samples(split) < readers * micro_batch_size:
-            raise DataError(f"{self.directory}: split {split!r} has {self.manifest.samples(split)} samples, fewer "
-                             f"than one micro-batch of {micro_batch_size} for each of {readers} readers")
+        if on_corrupt not in ("error", "skip"):
+            raise DataError(f"data.on_corrupt={on_corrupt!r} is not one of error, skip")
+        self.split, self.micro_batch_size, self.seed = split, micro_batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.shuffle_buffer, self.url, self.on_corrupt = max(1, shuffle_buffer), url, on_corrupt
+        shards = self.manifest.splits[split]
+        self.visits = Visits([s.samples for s in shards], seed, split)
+        self.urls = [url.format(dir=self.directory, name=s.name) if url else str(self.directory / s.name)
+                     for s in shards]
+        self.plan = Plan(self.readers)
+        self.start_batch = 0  # micro-batches of this plan consumed before this stream started
+
+    @property
+    def readers(self) -> int:
+        return self.world_size * max(self.num_workers, 1)
 
     # -- resume state -------------------------------------------------------------------------
     def state_dict(self, batches_consumed: int) -> dict:
-        return {"fingerprint": self.manifest.fingerprint(), "split": self.split, "batches": batches_consumed,
-                "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed}
+        """`batches_consumed`: micro-batches this process took from the stream."""
+        return {"fingerprint": self.manifest.fingerprint(), "split": self.split, "seed": self.seed,
+                "batches": self.start_batch + batches_consumed, "world_size": self.world_size,
+                "num_workers": self.num_workers, "micro_batch_size": self.micro_batch_size,
+                "shuffle_buffer": self.shuffle_buffer, "plan": self.plan.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.manifest.fingerprint():
             raise DataStateError(f"the checkpoint's data state is for other data (fingerprint {state['fingerprint']}) "
                                  f"than {self.directory} (fingerprint {self.manifest.fingerprint()})")
-        for key in ("world_size", "num_workers", "seed"):
+        for key in ("seed", "shuffle_buffer"):
             if state[key] != getattr(self, key):
                 raise DataStateError(f"the checkpoint's data state was saved with {key}={state[key]}, this run has "
-                                     f"{key}={getattr(self, key)}; an exact resume needs the same value")
-        self.start_batch = int(state["batches"])
+                                     f"{key}={getattr(self, key)}; the order of the data would change")
+        plan = Plan.from_dict(state["plan"])
+        layout = ("world_size", "num_workers", "micro_batch_size")
+        if all(state[k] == getattr(self, k) for k in layout):
+            self.plan, self.start_batch = plan, int(state["batches"])
+            return
+        # Elastic: what each reader of the old layout consumed, then a plan for the new readers.
+        workers = max(state["num_workers"], 1)
+        consumed = [len(range(r % workers, state["batches"], workers)) * state["micro_batch_size"]
+                    for r in range(plan.readers)]
+        self.plan, self.start_batch = replan(plan, consumed, self.readers, self.visits), 0
 
     # -- iteration ----------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # DataLoader takes its j-th batch from worker j % workers. Batch n (counted from the start of
-        # training) belongs to reader n % workers, so after a resume at start_batch, worker w plays
-        # reader (w + start_batch) % workers and skips that reader's batches before start_batch.
+        # DataLoader takes its j-th batch from worker j % workers. Batch n of this plan belongs to
+        # reader role n % workers, so after a resume at start_batch, worker w plays role
+        # (w + start_batch) % workers, whose batches before start_batch were consumed.
         role = (worker + self.start_batch) % workers
-        skip = len(range(role, self.start_batch, workers))
-        batches = self._batches(self.rank * workers + role, self.world_size * workers)
-        for i, batch in enumerate(batches):
-            if i >= skip:
-                yield batch
+        consumed = len(range(role, self.start_batch, workers)) * self.micro_batch_size
+        ranges = self.plan.ranges_after(self.rank * workers + role, consumed, self.visits)
+        yield from self._batches(ranges)
 
-    def _batches(self, reader: int, readers: int) -> Iterator[torch.Tensor]:
-        pending: list[np.ndarray] = []
-        for sample in self._samples(reader, readers):
-            pending.append(sample)
-            if len(pending) == self.micro_batch_size:
-                yield torch.from_numpy(np.stack(pending).astype(np.int64))
-                pending = []
+    def _batches(self, ranges) -> Iterator[dict]:
+        B = self.micro_batch_size
+        pending: list[dict[str, np.ndarray]] = []
+        have = 0
+        for part in self._windows(ranges):
+            pending.append(part)
+            have += len(part["ids"])
+            while have >= B:
+                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                batch = {k: v[:B] for k, v in merged.items()}
+                rest = {k: v[B:] for k, v in merged.items()}
+                pending, have = ([rest] if len(rest["ids"]) else []), have - B
+                yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
-    def _samples(self, reader: int, readers: int) -> Iterator[np.ndarray]:
-        dtype, seq_len = np.dtype(self.manifest.dtype), self.manifest.seq_len
-        shards = [str(self.directory / s.name) for s in self.manifest.splits[self.split]]
-        epoch = 0
-        while True:
-            rng = random.Random(f"{self.seed}/{self.split}/{epoch}/{reader}")
-            order = random.Random(f"{self.seed}/{self.split}/{epoch}").sample(shards, len(shards))
-            reader_ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                       empty_check=False)
-            buffer: list[np.ndarray] = []
-            for i, sample in enumerate(reader_ds):
-                if i % readers != reader:
-                    continue
-                buffer.append(decode_sample(sample, dtype, seq_len))
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-            rng.shuffle(buffer)
-            yield from buffer
-            epoch += 1
+    def _windows(self, ranges) -> Iterator[dict[str, np.ndarray]]:
+        """For each range, its windows in read order, a chunk at a time."""
+        C = self.shuffle_buffer
+        for g, k0, k1 in ranges:
+            shard = self.visits.shard(g)
+            chunks = self._chunks(shard, k0 // C, (k1 - 1) // C)
+            for c, windows, valid, prompt in chunks:
+                order = self.visits.chunk_order(g, c, len(windows))
+                lo, hi = max(k0 - c * C, 0), min(k1 - c * C, len(windows))
+                pick = order[lo:hi]
+                pick = pick[valid[pick]]  # rows of corrupt blocks are left out (on_corrupt=skip)
+                part = {"tokens": windows[pick], "ids": self.visits.first_id[shard] + c * C + pick,
+                        "epoch": np.full(len(pick), self.visits.epoch(g), dtype=np.int64)}
+                if prompt is not None:
+                    part["prompt_len"] = prompt[pick]
+                yield part
+
+    def _chunks(self, shard: int, first: int, last: int):
+        """Chunks first..last of a shard as (index, windows, valid rows, prompt lengths), read in one
+        sequential pass. Rows of blocks left out as corrupt (data.on_corrupt=skip) are not valid."""
+        C, L, n = self.shuffle_buffer, self.manifest.seq_len, self.visits.sizes[shard]
+        dtype, url = np.dtype(self.manifest.dtype), self.urls[shard]
+        skipped: list[str] = []
+        blocks = read_blocks(url, dtype, L, self.on_corrupt, skipped)
+        carry = None  # a block that reaches into the next chunk
+        try:
+            for c in range(first, last + 1):
+                lo, hi = c * C, min((c + 1) * C, n)
+                rows, valid = np.zeros((hi - lo, L), dtype), np.zeros(hi - lo, dtype=bool)
+                prompt = np.zeros(hi - lo, dtype=np.int64) if self.manifest.format == "sft" else None
+                while True:
+                    block, carry = carry or next(blocks, None), None
+                    if block is None:
+                        break
+                    b0, b1 = block.first, block.first + len(block.tokens)
+                    if b1 <= lo:
+                        continue
+                    s0, s1 = max(b0, lo), min(b1, hi)
+                    rows[s0 - lo: s1 - lo] = block.tokens[s0 - b0: s1 - b0]
+                    valid[s0 - lo: s1 - lo] = True
+                    if prompt is not None:
+                        prompt[s0 - lo: s1 - lo] = block.prompt[s0 - b0: s1 - b0]
+                    if b1 > hi:
+                        carry = block
+                        break
+                if not valid.all() and self.on_corrupt != "skip":
+                    raise CorruptShardError(f"{url}: windows {lo + int(np.argmin(valid))}.. are missing; the "
+                                            f"manifest says the shard holds {n}")
+                yield c, rows, valid, prompt
+        finally:
+            blocks.close()
+            if skipped:
+                print(f"warning: {url}: skipped {len(skipped)} corrupt sample(s) {skipped[:5]} (data.on_corrupt=skip)",
+                      file=sys.stderr, flush=True)
 
 
 def make_loader(stream: TokenStream) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
-                      persistent_workers=stream.num_workers > 0)
+                      persistent_workers=stream.num_workers > 0, prefetch_factor=4 if stream.num_workers else None)

@@ -1,9 +1,15 @@
-"""Hugging Face `tokenizers` tokenizers: train a byte-level BPE, or load a tokenizer.json, with the
-two special tokens a diffusion LM needs: EOS (ends each packed document) and MASK (the noise)."""
+"""Hugging Face `tokenizers` tokenizers: train a byte-level BPE on a corpus, or load any
+tokenizer.json, with the two special tokens a diffusion LM needs: EOS (ends each packed document,
+pads SFT responses) and MASK (the noise). Either is added when a loaded tokenizer lacks it.
+
+    python -m data_pipeline.tokenizer OUT.json data=files data.inputs=[corpus/] data.vocab_size=32000
+"""
 
 from __future__ import annotations
 
 import hashlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -12,7 +18,7 @@ EOS = "<|endoftext|>"
 MASK = "<|mdm_mask|>"
 
 
-def train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:
+def train_bpe(documents, vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -20,6 +26,20 @@ def train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(documents, trainer)
     return tok
+
+
+def corpus_texts(files: list[str], cfg) -> Iterator[str]:
+    """Every text of the inputs (prompt and response separately for format=sft)."""
+    from data_pipeline.sources import DocumentReader
+
+    for path in files:
+        for record in DocumentReader(path, cfg.format, cfg.text_field, cfg.prompt_field, cfg.response_field,
+                                     cfg.on_decode_error):
+            yield from ([record] if isinstance(record, str) else record)
+
+
+def train_on_inputs(files: list[str], cfg, vocab_size: int) -> Tokenizer:
+    return train_bpe(corpus_texts(files, cfg), vocab_size)
 
 
 def ensure_special_tokens(tok: Tokenizer) -> Tokenizer:
@@ -31,10 +51,16 @@ def ensure_special_tokens(tok: Tokenizer) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    from data_pipeline.shards import DataError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    return ensure_special_tokens(Tokenizer.from_file(str(path)))
+        raise DataError(f"tokenizer file not found: {path}")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise DataError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
+    return ensure_special_tokens(tok)
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
@@ -43,3 +69,28 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
 
 def fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+
+
+def main(argv: list[str]) -> None:
+    from data_pipeline.config import compose, data_config
+    from data_pipeline.shards import DataError, atomic_write
+    from data_pipeline.sources import resolve_inputs
+
+    if not argv or "=" in argv[0]:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        sys.exit(2)
+    out, overrides = Path(argv[0]), argv[1:]
+    try:
+        cfg = data_config(compose(overrides))
+        tok = train_on_inputs(resolve_inputs(cfg.inputs), cfg, cfg.vocab_size)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, tok.to_str())
+    print(f"{out}: vocabulary {tok.get_vocab_size()} (EOS {special_ids(tok)['eos_id']}, "
+          f"MASK {special_ids(tok)['mask_id']}), fingerprint {fingerprint(tok)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

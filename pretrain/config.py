@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DataConfig, compose
+from data_pipeline.config import BuildConfig, DataConfig, compose
 from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
 from pretrain.model import ModelConfig
 
@@ -84,6 +84,7 @@ class RunConfig:
     model: ModelConfig
     mask: MaskConfig
     data: DataConfig
+    build: BuildConfig
     optim: OptimConfig
     deepspeed: Any  # passed through to DeepSpeed; checked by validate_deepspeed_section
     cluster: ClusterConfig
@@ -162,6 +163,9 @@ def validate(run: RunConfig, world_size: int) -> None:
     _require(not (m.conditional and m.random_length_prob > 0),
              f"mask.random_length_prob={m.random_length_prob} with mask.conditional=true would cut into prompts; "
              f"set it to 0")
+    _require(run.data.on_corrupt in ("error", "skip"),
+             f"data.on_corrupt={run.data.on_corrupt!r} is not one of error, skip")
+    _require(run.data.num_workers >= 0, f"data.num_workers={run.data.num_workers} must be >= 0")
     _require(run.data.seq_len == t.seq_len,
              f"data.seq_len={run.data.seq_len} differs from trainer.seq_len={t.seq_len}")
     _require(run.optim.schedule.unit in ("steps", "tokens"),
@@ -185,6 +189,18 @@ def validate_data(run: RunConfig, manifest) -> None:
     _require(manifest.vocab_size <= run.model.vocab_size,
              f"{where}: vocab_size={manifest.vocab_size} exceeds model.vocab_size={run.model.vocab_size} "
              f"(model={run.model.name})")
+    if run.data.tokenizer:
+        from data_pipeline.tokenizer import fingerprint, load_tokenizer
+
+        _require(fingerprint(load_tokenizer(run.data.tokenizer)) == manifest.tokenizer_fingerprint,
+                 f"{where}: the shards were tokenized with another tokenizer than data.tokenizer={run.data.tokenizer}")
+    m = run.mask
+    if m.conditional:
+        _require(manifest.format == "sft" or m.prompt_len is not None,
+                 f"{where}: format={manifest.format} shards carry no prompt lengths; mask.conditional=true needs "
+                 f"shards built with data.format=sft, or mask.prompt_len")
+        _require(manifest.max_prompt_len < run.trainer.seq_len,
+                 f"{where}: max_prompt_len={manifest.max_prompt_len} is not below trainer.seq_len={run.trainer.seq_len}")
 
 
 # Top-level keys DeepSpeed 0.19 reads from its config (deepspeed/runtime/config.py). DeepSpeed

@@ -31,7 +31,7 @@ def derived_seed(*parts: int | str) -> int:
 @dataclass
 class LoopState:
     step: int = 0
-    batches: int = 0  # micro-batches this rank has consumed
+    batches: int = 0  # micro-batches this rank has consumed since the run began
 
 
 class Trainer:
@@ -45,13 +45,14 @@ class Trainer:
         self.accum = t.global_batch_size // (t.micro_batch_size * self.world)
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.state = LoopState()
+        self.batches_this_process = 0  # what the train stream's state counts from
         self.mask_rng = torch.Generator().manual_seed(derived_seed("mask", run.seed, self.rank))
         self.schedule = make_schedule(run.mask)
 
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.state.step, "batches": self.state.batches,
-                "data": self.train_stream.state_dict(self.state.batches),
+                "data": self.train_stream.state_dict(self.batches_this_process),
                 "mask_rng": checkpoint.rng_state(self.mask_rng)}
 
     def load_trainer_state(self, saved: dict) -> None:
@@ -65,16 +66,24 @@ class Trainer:
                 or (t.max_tokens is not None and self.state.step * self.tokens_per_step >= t.max_tokens))
 
     # -- steps -------------------------------------------------------------------------------
-    def micro_step(self, x0: torch.Tensor, micro: int) -> tuple[torch.Tensor, int]:
+    def prompt_len(self, batch: dict) -> torch.Tensor | None:
+        """The conditional form's prompt lengths: from the shards (format=sft) or mask.prompt_len."""
+        if not self.run.mask.conditional:
+            return None
+        if "prompt_len" in batch:
+            return batch["prompt_len"]
+        return torch.full((batch["tokens"].shape[0],), self.run.mask.prompt_len, dtype=torch.long)
+
+    def micro_step(self, batch: dict, micro: int) -> tuple[torch.Tensor, int]:
         # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
         m, step = self.run.mask, self.state.step
         cut_rng = torch.Generator().manual_seed(derived_seed("cut", self.run.seed, step, micro))
-        x0 = random_length(x0.to(self.device), m.random_length_prob, cut_rng)
+        x0 = random_length(batch["tokens"].to(self.device).long(), m.random_length_prob, cut_rng)
         B = x0.shape[0]
         time_rng = torch.Generator().manual_seed(derived_seed("time", self.run.seed, step))
         t = sample_times(m.time_sampling, self.run.trainer.global_batch_size, (micro * self.world + self.rank) * B, B,
                          m.eps, time_rng)
-        noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng)
+        noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
         loss = diffusion_loss(self.engine(noisy.input_ids), x0, noisy, m.normalize)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
@@ -93,6 +102,7 @@ class Trainer:
                 micro_batches, tokens = micro_batches + 1, tokens + n
             self.state.step += 1
             self.state.batches += self.accum
+            self.batches_this_process += self.accum
             last = self.done()
             if self.state.step % t.log_every == 0 or last:
                 self.log_window(loss_sum, micro_batches, tokens, time.perf_counter() - window_start)
@@ -130,10 +140,10 @@ class Trainer:
         self.engine.eval()
         rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
         loss_sum, count = torch.zeros((), device=self.device), 0
-        for x0 in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
-            x0 = x0.to(self.device)
+        for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
+            x0 = batch["tokens"].to(self.device).long()
             t = sample_times("iid", x0.shape[0], 0, x0.shape[0], self.run.mask.eps, rng)
-            noisy = forward_process(x0, self.mask_id, t, self.schedule, rng)
+            noisy = forward_process(x0, self.mask_id, t, self.schedule, rng, self.prompt_len(batch))
             loss_sum += diffusion_loss(self.engine(noisy.input_ids), x0, noisy, "tokens").float()
             count += 1
         loss_sum, count = self._sum_over_ranks(loss_sum, count)

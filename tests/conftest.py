@@ -11,24 +11,34 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.build import build
-from data_pipeline.config import DataConfig
+from data_pipeline.config import BuildConfig, DataConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SEQ_LEN = 64
 
 
-def demo_data_config(directory: Path, seq_len: int = SEQ_LEN, **overrides) -> DataConfig:
-    fields = dict(source="demo", dir=str(directory), tokenizer=None, vocab_size=1024, seq_len=seq_len,
-                  shard_bytes=16_000, heldout_fraction=0.05, shuffle_buffer=64, num_workers=0)
+def data_config(directory: Path, inputs=("demo",), seq_len: int = SEQ_LEN, **overrides) -> DataConfig:
+    fields = dict(inputs=list(inputs), dir=str(directory), format="text", text_field="text", prompt_field="prompt",
+                  response_field="response", tokenizer=None, vocab_size=1024, seq_len=seq_len, shard_bytes=16_384,
+                  member_bytes=2048, heldout_fraction=0.05, on_decode_error="replace", shuffle_buffer=64,
+                  num_workers=0, url=None, on_corrupt="error")
     return DataConfig(**{**fields, **overrides})
+
+
+def demo_data_config(directory: Path, seq_len: int = SEQ_LEN, **overrides) -> DataConfig:
+    return data_config(directory, ("demo",), seq_len, **overrides)
+
+
+def build_config(workers: int = 1, task: int = 0, tasks: int = 1, merge: bool = True) -> BuildConfig:
+    return BuildConfig(workers=workers, task=task, tasks=tasks, merge=merge, progress=False)
 
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
-    """The demo corpus as several shards of 64-token windows (built once per test session)."""
+    """The demo corpus as some 20 shards of 64-token windows, 16 windows per tar member (built once)."""
     directory = tmp_path_factory.mktemp("data") / "demo-64"
-    build(demo_data_config(directory))
+    build(demo_data_config(directory), build_config())
     return directory
 
 

@@ -1,0 +1,65 @@
+"""Documents -> fixed-length windows, as the paper packs them, and prompt/response pairs -> windows.
+
+Packing (format=text): each document's tokens then EOS, concatenated into one stream and cut into
+seq_len windows with no padding; a window may hold the end of one document and the start of the
+next. The position where each document begins is kept, for document-masked attention. The last
+incomplete window of an input is dropped.
+
+SFT (format=sft): one window per pair, prompt + response + EOS, padded with EOS to seq_len (the
+paper's SFT data: padding EOS is part of the response). A pair longer than seq_len is left out and
+counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_pipeline.shards import Block
+
+
+class Packer:
+    """Collects documents; `take(n)` returns n full windows and their document starts."""
+
+    def __init__(self, seq_len: int, eos_id: int):
+        self.seq_len, self.eos_id = seq_len, eos_id
+        self.parts: list[np.ndarray] = []
+        self.starts: list[int] = []  # document starts, as positions in the stream since the last take
+        self.length = 0
+        self.prompt: list[int] = []  # per window (sft), empty for text
+
+    def add_document(self, ids: list[int]) -> None:
+        self.starts.append(self.length)
+        self.parts.append(np.asarray(ids, dtype=np.uint32))
+        self.parts.append(np.array([self.eos_id], dtype=np.uint32))
+        self.length += len(ids) + 1
+
+    def add_pair(self, prompt_ids: list[int], response_ids: list[int]) -> bool:
+        """One sft window; False when prompt + response + EOS does not fit."""
+        n = len(prompt_ids) + len(response_ids) + 1
+        if n > self.seq_len:
+            return False
+        window = np.full(self.seq_len, self.eos_id, dtype=np.uint32)
+        window[: n - 1] = prompt_ids + response_ids
+        self.starts.append(self.length)
+        self.parts.append(window)
+        self.length += self.seq_len
+        self.prompt.append(len(prompt_ids))
+        return True
+
+    def full_windows(self) -> int:
+        return self.length // self.seq_len
+
+    def take(self, n: int, key: str, dtype: np.dtype) -> Block:
+        """The first n full windows as a Block; what is left stays for the next take."""
+        flat = np.concatenate(self.parts) if len(self.parts) != 1 else self.parts[0]
+        used = n * self.seq_len
+        tokens = flat[:used].astype(dtype).reshape(n, self.seq_len)
+        starts = np.array([s for s in self.starts if s < used], dtype=np.uint32)
+        rest = flat[used:]
+        self.parts = [rest] if len(rest) else []
+        self.starts = [s - used for s in self.starts if s >= used]
+        self.length -= used
+        prompt = None
+        if self.prompt:
+            prompt, self.prompt = np.array(self.prompt[:n], dtype=np.uint32), self.prompt[n:]
+        return Block(key, tokens, starts, prompt)
