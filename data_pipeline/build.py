@@ -31,7 +31,7 @@ from data_pipeline.config import BuildConfig, DataConfig, build_config, compose,
 from data_pipeline.pack import Packer
 from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, ShardInfo, atomic_write, token_dtype, write_shard
 from data_pipeline.sources import DocumentReader, resolve_inputs
-from data_pipeline.tokenizer import fingerprint, load_tokenizer, special_ids, train_bpe, train_on_inputs
+from data_pipeline.tokenizer import fingerprint, load_tokenizer, special_ids, train_on_inputs
 
 VOCAB_MULTIPLE = 128  # embedding tables padded to a multiple of 128 run faster on tensor cores
 SPLITS = ("train", "heldout")

@@ -98,7 +98,7 @@ def replan(plan: Plan, consumed: list[int], readers: int, visits: Visits) -> Pla
         nexts.append((r, (g, k0, k1), it))
         # Visits before g that belong to r were read whole; visit g up to k0.
         frontier = max(frontier, g + 1 if k0 > 0 else g)
-    for r, (g, k0, k1), it in nexts:
+    for _, (g, k0, k1), it in nexts:
         while g < frontier:
             holes.append((g, k0, k1))
             g, k0, k1 = next(it)

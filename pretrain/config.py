@@ -200,7 +200,8 @@ def validate_data(run: RunConfig, manifest) -> None:
                  f"{where}: format={manifest.format} shards carry no prompt lengths; mask.conditional=true needs "
                  f"shards built with data.format=sft, or mask.prompt_len")
         _require(manifest.max_prompt_len < run.trainer.seq_len,
-                 f"{where}: max_prompt_len={manifest.max_prompt_len} is not below trainer.seq_len={run.trainer.seq_len}")
+                 f"{where}: max_prompt_len={manifest.max_prompt_len} is not below trainer.seq_len="
+                 f"{run.trainer.seq_len}")
 
 
 # Top-level keys DeepSpeed 0.19 reads from its config (deepspeed/runtime/config.py). DeepSpeed

@@ -1,20 +1,43 @@
+import gzip
 import hashlib
+import json
+import signal
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data_pipeline.build import build, ensure_built, pack, pad_vocab
-from data_pipeline.shards import DataError, Manifest, decode_sample
-from data_pipeline.sources import demo_documents
+from data_pipeline.build import build, ensure_built, pad_vocab
+from data_pipeline.pack import Packer
+from data_pipeline.shards import DataError, Manifest, read_blocks
+from data_pipeline.sources import DocumentReader, demo_documents, resolve_inputs
 from data_pipeline.tokenizer import EOS, MASK, load_tokenizer
-from tests.conftest import SEQ_LEN, demo_data_config
+from tests.conftest import REPO, SEQ_LEN, build_config, child_env, data_config, demo_data_config
+
+PY = [sys.executable, "-m"]
 
 
-def test_pack_appends_eos_and_cuts_windows():
-    windows = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], eos_id=0, seq_len=4)
-    assert windows.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]  # the last partial window is dropped
-    assert pack([[1, 2]], 0, 4).shape == (0, 4)
+def test_packer_appends_eos_cuts_windows_and_keeps_document_starts():
+    p = Packer(seq_len=4, eos_id=0)
+    for doc in ([1, 2, 3], [4, 5], [6, 7, 8, 9]):
+        p.add_document(doc)
+    assert p.full_windows() == 3
+    block = p.take(3, "k", np.dtype("<u2"))
+    assert block.tokens.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert block.starts.tolist() == [0, 4, 7]  # where each document begins in the flattened windows
+    assert p.full_windows() == 0
+
+
+def test_sft_pairs_are_padded_with_eos_and_too_long_pairs_refused():
+    p = Packer(seq_len=6, eos_id=0)
+    assert p.add_pair([1, 2], [3])
+    assert not p.add_pair([1, 2, 3], [4, 5, 6])  # 3 + 3 + EOS > 6
+    block = p.take(1, "k", np.dtype("<u2"))
+    assert block.tokens.tolist() == [[1, 2, 3, 0, 0, 0]] and block.prompt.tolist() == [2]
 
 
 def test_vocab_is_padded_to_a_multiple_of_128():
@@ -31,51 +54,216 @@ def test_shards_match_the_manifest(demo_shards):
     tok = load_tokenizer(demo_shards / "tokenizer.json")
     assert manifest.seq_len == SEQ_LEN and manifest.vocab_size == 1024 and manifest.dtype == "<u2"
     assert (manifest.eos_id, manifest.mask_id) == (tok.token_to_id(EOS), tok.token_to_id(MASK))
-    assert len(manifest.splits["train"]) > 1 and manifest.samples("heldout") > 0
-    key_seen = set()
+    assert len(manifest.splits["train"]) > 5 and manifest.samples("heldout") > 0
+    assert manifest.totals["train"]["samples"] == manifest.samples("train")
+    assert manifest.documents["documents"] == len(demo_documents())
     for shards in manifest.splits.values():
         for info in shards:
             path = demo_shards / info.name
             assert hashlib.sha256(path.read_bytes()).hexdigest() == info.sha256
-            with tarfile.open(path) as tar:
-                members = tar.getmembers()
-                assert len(members) == info.samples and info.tokens == info.samples * SEQ_LEN
-                for m in members:
-                    key, ext = m.name.split(".")
-                    key_seen.add(key)
-                    sample = {"__key__": key, ext: tar.extractfile(m).read()}
-                    ids = decode_sample(sample, np.dtype(manifest.dtype), SEQ_LEN)
-                    assert ids.max() < manifest.vocab_size
-    assert len(key_seen) == manifest.samples("train") + manifest.samples("heldout")
+            blocks = list(read_blocks(str(path), np.dtype("<u2"), SEQ_LEN))
+            assert sum(len(b.tokens) for b in blocks) == info.samples and info.tokens == info.samples * SEQ_LEN
+            with tarfile.open(path) as tar:  # 16 windows of 64 uint16 per 2048-byte member
+                assert {m.size for m in tar.getmembers() if m.name.endswith(".tokens")} <= {2048} | {
+                    len(blocks[-1].tokens) * 128}
+
+
+def test_document_starts_follow_eos(demo_shards):
+    manifest = Manifest.load(demo_shards)
+    for info in manifest.splits["train"][:3]:
+        for block in read_blocks(str(demo_shards / info.name), np.dtype("<u2"), SEQ_LEN):
+            flat = block.tokens.ravel()
+            starts = block.starts[block.starts > 0]
+            assert (flat[starts - 1] == manifest.eos_id).all()  # every document begins after an EOS
+            eos = np.flatnonzero(flat[:-1] == manifest.eos_id) + 1
+            assert set(eos.tolist()) <= set(block.starts.tolist())  # and every EOS is followed by one
 
 
 def test_tokens_round_trip_to_the_corpus_text(demo_shards):
     manifest = Manifest.load(demo_shards)
     tok = load_tokenizer(demo_shards / "tokenizer.json")
-    with tarfile.open(demo_shards / manifest.splits["train"][0].name) as tar:
-        first = np.frombuffer(tar.extractfile(tar.getmembers()[0]).read(), dtype="<u2")
-    text = tok.decode(first.tolist(), skip_special_tokens=False)
-    assert text.replace(EOS, "") in "".join(demo_documents()).replace("\n", "\n")
+    block = next(read_blocks(str(demo_shards / manifest.splits["train"][0].name), np.dtype("<u2"), SEQ_LEN))
+    text = tok.decode(block.tokens.ravel().tolist(), skip_special_tokens=False)
+    head = text.split(EOS)[0]  # a piece's first window starts a document
+    assert len(head) > 1000 and any(doc.startswith(head) for doc in demo_documents())
 
 
-def test_build_is_byte_identical_when_repeated(tmp_path, demo_shards):
-    build(demo_data_config(tmp_path / "again"))
-    first, second = Manifest.load(demo_shards), Manifest.load(tmp_path / "again")
-    assert first.fingerprint() == second.fingerprint()
-    assert [s.sha256 for s in first.splits["train"]] == [s.sha256 for s in second.splits["train"]]
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The demo documents spread over every input format: 8 files."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = demo_documents()
+    parts = [docs[i::8] for i in range(8)]
+    (root / "a").mkdir()
+    for i, doc in enumerate(parts[0]):
+        (root / "a" / f"{i:03d}.txt").write_text(doc)
+    lines = lambda part: "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(part))  # noqa: E731
+    (root / "b.jsonl").write_text(lines(parts[1]))
+    (root / "c.jsonl.gz").write_bytes(gzip.compress(lines(parts[2]).encode()))
+    import zstandard
+
+    (root / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines(parts[3]).encode()))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for j in (4, 5, 6, 7):
+        pq.write_table(pa.table({"text": parts[j], "n": list(range(len(parts[j])))}), root / f"e{j}.parquet")
+    return root
 
 
-def test_malformed_sample_is_named():
-    sample = {"__key__": "000000000007", "__url__": "train-000003.tar", "tokens": b"\x00" * 10}
-    with pytest.raises(ValueError, match="train-000003.tar: sample 000000000007 holds 10 bytes"):
-        decode_sample(sample, np.dtype("<u2"), SEQ_LEN)
-    with pytest.raises(ValueError, match="has no '.tokens' member"):
-        decode_sample({"__key__": "1", "pickle": b"\x80\x04K\x01."}, np.dtype("<u2"), SEQ_LEN)
+def test_every_input_format_is_read(corpus):
+    files = resolve_inputs([str(corpus / "a"), str(corpus / "*.jsonl*"), str(corpus / "e*.parquet")])
+    assert len(files) == len(list((corpus / "a").iterdir())) + 3 + 4
+    texts = [doc for f in files for doc in DocumentReader(f, "text", "text", "p", "r", "replace")]
+    assert sorted(texts) == sorted(demo_documents())
 
 
-def test_missing_manifest_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match=f"no manifest.json in {tmp_path}"):
-        Manifest.load(tmp_path)
+def test_missing_or_empty_inputs_are_named(tmp_path):
+    with pytest.raises(DataError, match="'nothere/\\*.jsonl' matches no"):
+        resolve_inputs(["nothere/*.jsonl"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.* matches no"):
+        resolve_inputs([str(tmp_path / "empty")])
+    with pytest.raises(DataError, match="data.inputs is empty"):
+        resolve_inputs([])
+
+
+def test_undecodable_text_is_replaced_or_skipped_and_counted(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 broken"}\n{"text": "also fine"}\n')
+    replaced = DocumentReader(str(path), "text", "text", "", "", "replace")
+    assert list(replaced) == ["fine", "caf\ufffd broken", "also fine"] and replaced.counts.replaced == 1
+    skipped = DocumentReader(str(path), "text", "text", "", "", "skip")
+    assert list(skipped) == ["fine", "also fine"] and skipped.counts.skipped == 1
+
+
+def test_malformed_records_name_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=f"{path}:2: not valid JSON"):
+        list(DocumentReader(str(path), "text", "text", "", "", "replace"))
+    path.write_text('{"body": "a"}\n')
+    with pytest.raises(DataError, match=f"{path}:1: no field 'text'"):
+        list(DocumentReader(str(path), "text", "text", "", "", "replace"))
+
+
+def corpus_config(corpus, directory, **kw):
+    return data_config(directory, [str(corpus)], member_bytes=1024, shard_bytes=8192, **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus_shards(corpus, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("built") / "one-worker"
+    build(corpus_config(corpus, directory), build_config(workers=1))
+    return directory
+
+
+def test_output_is_byte_identical_for_any_worker_count(corpus, corpus_shards, tmp_path):
+    build(corpus_config(corpus, tmp_path / "two", tokenizer=str(corpus_shards / "tokenizer.json")),
+          build_config(workers=2))
+    one, two = Manifest.load(corpus_shards), Manifest.load(tmp_path / "two")
+    assert one.fingerprint() == two.fingerprint()
+    assert [s.sha256 for s in one.splits["train"]] == [s.sha256 for s in two.splits["train"]]
+    assert one.documents["documents"] == len(demo_documents())
+
+
+def test_interrupted_build_finishes_without_redoing_finished_inputs(corpus, corpus_shards, tmp_path):
+    out = tmp_path / "resumed"
+    overrides = ["data=files", f"data.inputs=[{corpus}]", f"data.dir={out}", f"trainer.seq_len={SEQ_LEN}",
+                 f"data.tokenizer={corpus_shards / 'tokenizer.json'}", "data.member_bytes=1024", "data.shard_bytes=8192",
+                 "data.heldout_fraction=0.05", "build.workers=1", "build.progress=false"]
+    proc = subprocess.Popen([*PY, "data_pipeline.build", *overrides], cwd=REPO, env=child_env(),
+                            stderr=subprocess.PIPE)
+    pieces = out / "pieces"
+    deadline = time.time() + 120
+    while len(list(pieces.glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # as a preempted job dies: no cleanup
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")
+            if any(json.loads(f.read_text())["input"] for f in pieces.glob("*.json"))}
+    finished = [json.loads(f.read_text()) for f in pieces.glob("*.json")]
+    kept = {s["name"]: (out / s["name"]).stat().st_mtime_ns for f in finished for v in f["splits"].values() for s in v}
+    assert len(finished) >= 3 and kept and set(kept) <= set(done)
+    rerun = subprocess.run([*PY, "data_pipeline.build", *overrides], cwd=REPO, env=child_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stderr.strip().splitlines()[-1])
+    assert summary["skipped_done"] == len(finished)
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # finished shards were not rewritten
+    assert Manifest.load(out).fingerprint() == Manifest.load(corpus_shards).fingerprint()  # same bytes as one go
+
+
+def test_rebuilding_a_directory_with_other_settings_is_refused_untouched(corpus, corpus_shards):
+    before = (corpus_shards / "manifest.json").read_bytes()
+    with pytest.raises(DataError, match="holds a build with data.seq_len=64, this build has data.seq_len=32"):
+        build(corpus_config(corpus, corpus_shards, seq_len=32), build_config())
+    assert (corpus_shards / "manifest.json").read_bytes() == before
+
+
+def test_array_tasks_then_merge_give_the_single_build(corpus, corpus_shards, tmp_path):
+    cfg = corpus_config(corpus, tmp_path / "array", tokenizer=str(corpus_shards / "tokenizer.json"))
+    assert build(cfg, build_config(task=0, tasks=3, merge=False)) is None
+    with pytest.raises(DataError, match="inputs are not built yet"):
+        build(cfg, build_config(task=1, tasks=3, merge=True))  # task 2 has not run
+    build(cfg, build_config(task=2, tasks=3, merge=False))
+    manifest = build(cfg, build_config(task=0, tasks=3, merge=True))  # everything done: merge only
+    assert manifest.fingerprint() == Manifest.load(corpus_shards).fingerprint()
+
+
+def test_sft_build_records_prompt_lengths(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    pairs = [{"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(300)]
+    pairs.append({"prompt": "long " * 200, "response": "x"})  # longer than seq_len: left out, counted
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tok = tmp_path / "tok.json"
+    subprocess.run([*PY, "data_pipeline.tokenizer", str(tok), "data=files", f"data.inputs=[{path}]", "data.format=sft",
+                    "data.vocab_size=300", "data.dir=unused"], cwd=REPO, env=child_env(), check=True)
+    cfg = data_config(tmp_path / "sft", [str(path)], format="sft", tokenizer=str(tok), heldout_fraction=0.1)
+    manifest = build(cfg, build_config())
+    assert manifest.format == "sft" and manifest.documents["too_long"] == 1
+    assert manifest.samples("train") + manifest.samples("heldout") == 300
+    t = load_tokenizer(tok)
+    block = next(read_blocks(str(tmp_path / "sft" / manifest.splits["train"][0].name), np.dtype("<u2"), SEQ_LEN))
+    row, n_prompt = block.tokens[0], int(block.prompt[0])
+    prompt_text = t.decode(row[:n_prompt].tolist())
+    assert prompt_text.startswith("Question") and prompt_text.endswith("?")
+    assert row[-1] == manifest.eos_id and 0 < manifest.max_prompt_len < SEQ_LEN
+
+
+def test_tokenizer_cli_and_special_tokens(corpus, tmp_path):
+    out = tmp_path / "tok.json"
+    proc = subprocess.run([*PY, "data_pipeline.tokenizer", str(out), "data=files", f"data.inputs=[{corpus}/b.jsonl]",
+                           "data.vocab_size=500", "data.dir=unused"], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    tok = load_tokenizer(out)
+    assert tok.get_vocab_size() == 500 and tok.token_to_id(EOS) is not None and tok.token_to_id(MASK) is not None
+    # A tokenizer without our special tokens gets them appended.
+    from tokenizers import Tokenizer, models
+
+    bare = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    bare.save(str(tmp_path / "bare.json"))
+    loaded = load_tokenizer(tmp_path / "bare.json")
+    assert (loaded.token_to_id(EOS), loaded.token_to_id(MASK)) == (3, 4)
+
+
+def test_validate_cli_finds_a_damaged_shard(corpus_shards, tmp_path):
+    import shutil
+
+    ok = subprocess.run([*PY, "data_pipeline.validate", str(corpus_shards)], cwd=REPO, env=child_env(),
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout.splitlines()[-1])["ok"] is True
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus_shards, copy)
+    victim = Manifest.load(copy).splits["train"][2].name
+    data = bytearray((copy / victim).read_bytes())
+    data[700] ^= 0x01
+    (copy / victim).write_bytes(bytes(data))
+    bad = subprocess.run([*PY, "data_pipeline.validate", str(copy)], cwd=REPO, env=child_env(),
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and victim in bad.stdout and "sha256" in bad.stdout and "fails its checksum" in bad.stdout
 
 
 def test_shards_built_with_other_settings_are_refused(demo_shards):
@@ -83,3 +271,8 @@ def test_shards_built_with_other_settings_are_refused(demo_shards):
                                         "data.vocab_size=2048"):
         ensure_built(demo_data_config(demo_shards, vocab_size=2048))
     assert ensure_built(demo_data_config(demo_shards, shuffle_buffer=7)).seq_len == SEQ_LEN
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=f"no manifest.json in {tmp_path}"):
+        Manifest.load(tmp_path)

@@ -1,83 +1,186 @@
 import itertools
+import shutil
+import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from data_pipeline.build import build
+from data_pipeline.shards import CorruptShardError, DataError, Manifest
 from data_pipeline.stream import DataStateError, TokenStream, make_loader
-from tests.conftest import demo_data_config
+from tests.conftest import build_config, demo_data_config
 
 
-def stream(directory, rank=0, world=2, workers=0, seed=0, batch=4, split="train"):
+def stream(directory, rank=0, world=2, workers=0, seed=0, batch=4, split="train", **kw):
     return TokenStream(directory, split, micro_batch_size=batch, rank=rank, world_size=world, seed=seed,
-                       shuffle_buffer=32, num_workers=workers)
+                       shuffle_buffer=32, num_workers=workers, **kw)
 
 
 def take(s, n):
     return list(itertools.islice(make_loader(s), n))
 
 
-def rows(batches):
-    return [tuple(r.tolist()) for b in batches for r in b]
+def ids_by_epoch(batches) -> Counter:
+    return Counter((int(e), int(i)) for b in batches for e, i in zip(b["epoch"], b["ids"], strict=True))
 
 
-def all_windows(directory) -> Counter:
-    """Every training window once (as a multiset: the demo text repeats some 64-token windows)."""
-    s = stream(directory, world=1, batch=1)
-    return Counter(rows(take(s, s.manifest.samples("train"))))
+def epoch_ids(counter: Counter, epoch: int) -> Counter:
+    return Counter({i: n for (e, i), n in counter.items() if e == epoch})
 
 
-def test_ranks_split_each_epoch_without_overlap(demo_shards):
-    s0, s1 = stream(demo_shards, rank=0), stream(demo_shards, rank=1)
-    n = s0.manifest.samples("train")
-    per_rank = n // 2 // 4  # whole batches per rank per epoch
-    a, b = Counter(rows(take(s0, per_rank))), Counter(rows(take(s1, per_rank)))
-    everything = all_windows(demo_shards)
-    assert a + b <= everything  # no window read by both ranks (more often than it occurs)
-    assert (a + b).total() == 2 * per_rank * 4 >= n - 8  # all but the remainder that fills no batch
+def test_batches_are_windows_in_the_shards_dtype(demo_shards):
+    batch = take(stream(demo_shards), 1)[0]
+    assert batch["tokens"].dtype == torch.uint16 and batch["tokens"].shape == (4, 64)
+    assert batch["ids"].shape == (4,) and batch["epoch"].tolist() == [0, 0, 0, 0]
+    assert "prompt_len" not in batch and int(batch["tokens"].long().max()) < 1024
+
+
+def all_windows(directory) -> np.ndarray:
+    """Every training window, in manifest order (window id = row), read straight from the tars."""
+    manifest = Manifest.load(directory)
+    rows = []
+    for info in manifest.splits["train"]:
+        with tarfile.open(directory / info.name) as tar:
+            names = sorted(m.name for m in tar.getmembers() if m.name.endswith(".tokens"))
+            rows += [np.frombuffer(tar.extractfile(n).read(), "<u2").reshape(-1, 64) for n in names]
+    return np.concatenate(rows)
+
+
+def test_window_ids_name_the_windows(demo_shards):
+    windows = all_windows(demo_shards)
+    for b in take(stream(demo_shards, workers=2), 50):
+        assert np.array_equal(b["tokens"].numpy(), windows[b["ids"].numpy()])
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (1, 3)])
+def test_readers_split_each_epoch_exactly(demo_shards, world, workers):
+    n = Manifest.load(demo_shards).samples("train")
+    per_rank = 2 * n // (world * 4) + 8  # enough batches to finish epoch 0 on every reader
+    seen = Counter()
+    for rank in range(world):
+        seen += ids_by_epoch(take(stream(demo_shards, rank=rank, world=world, workers=workers), per_rank))
+    epoch0 = epoch_ids(seen, 0)
+    assert sorted(epoch0) == list(range(n)) and set(epoch0.values()) == {1}  # each window once
 
 
 def test_stream_runs_over_epochs_and_reshuffles(demo_shards):
     s = stream(demo_shards, world=1, batch=1)
     n = s.manifest.samples("train")
-    samples = rows(take(s, 2 * n))
-    epoch0, epoch1 = samples[:n], samples[n:]
-    assert len(epoch1) == n  # did not stop after one epoch
-    assert epoch0 != epoch1
-    assert Counter(epoch0) == Counter(epoch1) == all_windows(demo_shards)
+    batches = take(s, 2 * n + 10)
+    order0 = [int(b["ids"][0]) for b in batches if int(b["epoch"][0]) == 0]
+    order1 = [int(b["ids"][0]) for b in batches if int(b["epoch"][0]) == 1]
+    assert sorted(order0) == sorted(order1) == list(range(n))
+    assert order0 != order1
 
 
 def test_seed_changes_the_order(demo_shards):
-    assert rows(take(stream(demo_shards, seed=0), 3)) != rows(take(stream(demo_shards, seed=1), 3))
+    a, b = take(stream(demo_shards, seed=0), 3), take(stream(demo_shards, seed=1), 3)
+    assert [x["ids"].tolist() for x in a] != [x["ids"].tolist() for x in b]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("start", [7, 40])
-def test_resume_yields_exactly_the_uninterrupted_batches(demo_shards, workers, start):
-    for rank in (0, 1):
-        full = take(stream(demo_shards, rank=rank, workers=workers), start + 12)
-        resumed = stream(demo_shards, rank=rank, workers=workers)
-        resumed.load_state_dict(stream(demo_shards, rank=rank, workers=workers).state_dict(start))
-        for expected, got in zip(full[start:], take(resumed, 12), strict=True):
-            assert torch.equal(expected, got)
+@pytest.mark.parametrize("start", [7, 150])
+def test_resume_yields_exactly_the_uninterrupted_batches(demo_shards, start):
+    for rank in (0, 1):  # 2 ranks x 2 workers
+        full = take(stream(demo_shards, rank=rank, workers=2), start + 10)
+        resumed = stream(demo_shards, rank=rank, workers=2)
+        resumed.load_state_dict(stream(demo_shards, rank=rank, workers=2).state_dict(start))
+        for expected, got in zip(full[start:], take(resumed, 10), strict=True):
+            assert torch.equal(expected["tokens"], got["tokens"]) and torch.equal(expected["ids"], got["ids"])
+
+
+@pytest.mark.parametrize("new_world,new_workers,new_batch", [(1, 3, 4), (3, 1, 2), (2, 0, 8)])
+def test_elastic_resume_reads_the_rest_of_the_epoch_exactly_once(demo_shards, new_world, new_workers, new_batch):
+    n = Manifest.load(demo_shards).samples("train")
+    before_steps = 60  # batches per rank under 2 ranks x 2 workers, micro-batch 4: ~40% of the epoch
+    seen, state = Counter(), None
+    for rank in range(2):
+        s = stream(demo_shards, rank=rank, world=2, workers=2)
+        seen += ids_by_epoch(take(s, before_steps))
+        state = s.state_dict(before_steps)
+    assert 0 < sum(epoch_ids(seen, 0).values()) < n
+    after = 2 * n // (new_world * new_batch) + 8
+    for rank in range(new_world):
+        s = TokenStream(demo_shards, "train", new_batch, rank, new_world, 0, 32, new_workers)
+        s.load_state_dict(state)
+        seen += ids_by_epoch(take(s, after))
+    epoch0 = epoch_ids(seen, 0)
+    assert sorted(epoch0) == list(range(n)), "a window of epoch 0 was dropped"
+    assert set(epoch0.values()) == {1}, "a window of epoch 0 was read twice"
 
 
 def test_resume_on_other_data_fails(demo_shards, tmp_path):
-    build(demo_data_config(tmp_path / "other", heldout_fraction=0.2))
+    build(demo_data_config(tmp_path / "other", heldout_fraction=0.2), build_config())
     state = stream(demo_shards).state_dict(5)
     with pytest.raises(DataStateError, match="other data"):
         stream(tmp_path / "other").load_state_dict(state)
+    with pytest.raises(DataStateError, match="saved with seed=0, this run has seed=1"):
+        stream(demo_shards, seed=1).load_state_dict(state)
 
 
-def test_resume_with_another_layout_fails(demo_shards):
-    state = stream(demo_shards, world=2).state_dict(5)
-    with pytest.raises(DataStateError, match="world_size=2, this run has world_size=4"):
-        stream(demo_shards, world=4).load_state_dict(state)
+def test_pipe_urls_read_the_same_batches(demo_shards):
+    local = take(stream(demo_shards), 20)
+    piped = take(stream(demo_shards, url="pipe:cat {dir}/{name}"), 20)
+    for a, b in zip(local, piped, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"])
 
 
-def test_batches_are_int64_windows(demo_shards):
-    batch = take(stream(demo_shards), 1)[0]
-    assert batch.dtype == torch.int64 and batch.shape == (4, 64)
-    assert batch.max().item() < 1024 and np.all(batch.numpy() >= 0)
+@pytest.fixture
+def shards_copy(demo_shards, tmp_path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_shards, copy)
+    return copy
+
+
+
+def test_flipped_byte_names_the_shard_and_sample(shards_copy):
+    info = Manifest.load(shards_copy).splits["train"][3]
+    path = shards_copy / info.name
+    with tarfile.open(path) as tar:
+        key = tar.getmembers()[0].name.split(".")[0]
+    data = bytearray(path.read_bytes())
+    data[512 + 100] ^= 0xFF  # inside the first member's payload (after its 512-byte header)
+    path.write_bytes(bytes(data))
+    n = Manifest.load(shards_copy).samples("train")
+    with pytest.raises(CorruptShardError, match=f"{info.name}: sample {key} fails its checksum"):
+        take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
+    skipping = stream(shards_copy, world=1, batch=4, on_corrupt="skip")
+    batches = take(skipping, n // 4 + 4)
+    epoch0 = epoch_ids(ids_by_epoch(batches), 0)
+    first = sum(s.samples for s in Manifest.load(shards_copy).splits["train"][:3])
+    assert not any(first <= i < first + 16 for i in epoch0)  # the 16 windows of the bad block are left out
+    assert len(epoch0) == n - 16
+
+
+def test_truncated_shard_is_an_error_naming_it(shards_copy):
+    info = Manifest.load(shards_copy).splits["train"][5]
+    path = shards_copy / info.name
+    path.write_bytes(path.read_bytes()[: info.bytes // 2])
+    n = Manifest.load(shards_copy).samples("train")
+    with pytest.raises(DataError, match=info.name):
+        take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
+
+
+def test_a_pickle_member_is_refused_and_never_unpickled(shards_copy, tmp_path):
+    import io
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    info = Manifest.load(shards_copy).splits["train"][0]
+    path = shards_copy / info.name
+    with tarfile.open(path, "a") as tar:  # append a sample whose member is a pickle
+        blob = pickle.dumps(Payload())
+        member = tarfile.TarInfo("99999999.pickle")
+        member.size = len(blob)
+        tar.addfile(member, io.BytesIO(blob))
+    n = Manifest.load(shards_copy).samples("train")
+    with pytest.raises(CorruptShardError, match="unexpected member"):
+        take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
+    assert not marker.exists()
