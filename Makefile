@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # with your CUDA index, or create the venv with torch already in it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install system-deps demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,13 @@ demo: install
 		trainer.eval_every=100 sample.at_end=true sample.gen_length=48 sample.steps=48 sample.temperature=0.8 \
 		run_dir=outputs/demo
 
-test: install
+# The SLURM launch tests start a one-node cluster on loopback: Debian's slurm-wlm (root or sudo).
+system-deps:
+	@command -v slurmctld >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q slurm-wlm; }
+
+test: install system-deps
 	$(PY) -m pytest -q tests
 
 lint: install

@@ -18,6 +18,9 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "pyarrow>=14",
+        "zstandard>=0.22",
+        "psutil>=5.9",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],

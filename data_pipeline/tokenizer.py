@@ -72,7 +72,12 @@ def fingerprint(tok: Tokenizer) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from data_pipeline.config import compose, data_config
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from data_pipeline.config import compose
     from data_pipeline.shards import DataError, atomic_write
     from data_pipeline.sources import resolve_inputs
 
@@ -80,8 +85,14 @@ def main(argv: list[str]) -> None:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         sys.exit(2)
     out, overrides = Path(argv[0]), argv[1:]
+    keys = ("inputs", "format", "text_field", "prompt_field", "response_field", "on_decode_error", "vocab_size")
     try:
-        cfg = data_config(compose(overrides))
+        try:  # only the keys that say what to read: data.dir and the rest are not needed here
+            data = compose(overrides).data
+            cfg = SimpleNamespace(**{k: OmegaConf.to_object(data[k]) if OmegaConf.is_config(data[k]) else data[k]
+                                     for k in keys})
+        except OmegaConfBaseException as e:
+            raise DataError(f"config: {str(e).splitlines()[0]}") from None
         tok = train_on_inputs(resolve_inputs(cfg.inputs), cfg, cfg.vocab_size)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -219,7 +219,7 @@ def test_sft_build_records_prompt_lengths(tmp_path):
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     tok = tmp_path / "tok.json"
     subprocess.run([*PY, "data_pipeline.tokenizer", str(tok), "data=files", f"data.inputs=[{path}]", "data.format=sft",
-                    "data.vocab_size=300", "data.dir=unused"], cwd=REPO, env=child_env(), check=True)
+                    "data.vocab_size=300"], cwd=REPO, env=child_env(), check=True)
     cfg = data_config(tmp_path / "sft", [str(path)], format="sft", tokenizer=str(tok), heldout_fraction=0.1)
     manifest = build(cfg, build_config())
     assert manifest.format == "sft" and manifest.documents["too_long"] == 1
@@ -230,12 +230,18 @@ def test_sft_build_records_prompt_lengths(tmp_path):
     prompt_text = t.decode(row[:n_prompt].tolist())
     assert prompt_text.startswith("Question") and prompt_text.endswith("?")
     assert row[-1] == manifest.eos_id and 0 < manifest.max_prompt_len < SEQ_LEN
+    # The stream hands each window's prompt length to the trainer.
+    from data_pipeline.stream import TokenStream
+
+    batch = next(iter(TokenStream(tmp_path / "sft", "train", 8, 0, 1, 0, 64)))
+    for tokens, n in zip(batch["tokens"].long(), batch["prompt_len"], strict=True):
+        assert t.decode(tokens[:n].tolist()).endswith("?") and not t.decode(tokens[n:].tolist()).strip().endswith("?")
 
 
 def test_tokenizer_cli_and_special_tokens(corpus, tmp_path):
     out = tmp_path / "tok.json"
     proc = subprocess.run([*PY, "data_pipeline.tokenizer", str(out), "data=files", f"data.inputs=[{corpus}/b.jsonl]",
-                           "data.vocab_size=500", "data.dir=unused"], cwd=REPO, env=child_env(), capture_output=True,
+                           "data.vocab_size=500"], cwd=REPO, env=child_env(), capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
     tok = load_tokenizer(out)

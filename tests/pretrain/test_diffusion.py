@@ -190,3 +190,18 @@ def test_conditional_loss_is_an_unbiased_elbo_of_the_response_for_a_uniform_mode
     noisy = forward_process(x0, MASK, t, Linear(), g, prompt_len)
     loss = diffusion_loss(torch.zeros(B, L, V), x0, noisy, "tokens")
     assert abs(loss.item() - math.log(V)) < 0.03 * math.log(V)
+
+
+def test_trainer_takes_prompt_lengths_from_the_batch_or_the_config():
+    from types import SimpleNamespace
+
+    from pretrain.loop import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # prompt_len reads only run.mask
+    batch = {"tokens": torch.zeros(3, 8, dtype=torch.long), "prompt_len": torch.tensor([1, 2, 3])}
+    trainer.run = SimpleNamespace(mask=mask_cfg(conditional=True, prompt_len=None))
+    assert trainer.prompt_len(batch).tolist() == [1, 2, 3]
+    trainer.run = SimpleNamespace(mask=mask_cfg(conditional=True, prompt_len=5))
+    assert trainer.prompt_len({"tokens": batch["tokens"]}).tolist() == [5, 5, 5]
+    trainer.run = SimpleNamespace(mask=mask_cfg(conditional=False))
+    assert trainer.prompt_len(batch) is None

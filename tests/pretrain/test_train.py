@@ -125,3 +125,37 @@ def test_data_error_stops_every_rank(tmp_path, demo_shards):
                      timeout=240, check=False)
     assert proc.returncode != 0
     assert proc.stderr.count("was built with data.vocab_size=1024, this run has data.vocab_size=2048") == 2
+
+
+def test_resume_with_more_loader_workers_continues(tmp_path, demo_shards):
+    # The data stream re-plans for the new worker count instead of refusing the checkpoint.
+    run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=2")
+    proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=4", "data.num_workers=2")
+    assert "at step 2" in proc.stdout and sorted(train_losses(tmp_path / "r")) == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def sft_shards(tmp_path_factory, demo_shards):
+    from data_pipeline.build import build
+    from tests.conftest import build_config, data_config
+
+    root = tmp_path_factory.mktemp("sft")
+    pairs = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(400)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    build(data_config(root / "shards", [str(root / "pairs.jsonl")], format="sft",
+                      tokenizer=str(demo_shards / "tokenizer.json")), build_config())
+    return root
+
+
+def test_conditional_objective_trains_on_sft_shards(tmp_path, sft_shards, demo_shards):
+    data = ["data=files", f"data.inputs=[{sft_shards / 'pairs.jsonl'}]", "data.format=sft",
+            f"data.tokenizer={demo_shards / 'tokenizer.json'}", "data.num_workers=0"]
+    run_train(PYTHON, tmp_path / "sft", sft_shards / "shards", *data, "mask=conditional", "mask.random_length_prob=0",
+              "trainer.max_steps=3", "trainer.eval_every=3")
+    records = read_metrics(tmp_path / "sft")
+    assert sorted(train_losses(tmp_path / "sft")) == [1, 2, 3]
+    assert all(0 < r["loss"] < 20 for r in records if "loss" in r) and any("eval/loss" in r for r in records)
+    # Text shards carry no prompt lengths: the conditional objective refuses them before training.
+    proc = run_train(PYTHON, tmp_path / "text", demo_shards, "mask=conditional", "mask.random_length_prob=0",
+                     "trainer.max_steps=1", check=False)
+    assert proc.returncode == 2 and "carry no prompt lengths" in proc.stderr

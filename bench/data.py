@@ -1,0 +1,166 @@
+"""Data pipeline throughput: build and stream, each side by side with a baseline in one run.
+
+    .venv/bin/python bench/data.py [--copies 48] [--seq-len 4096] [--workers 2] [--seconds 8]
+
+Corpus: the English text of Python's pydoc_data.topics (the demo corpus), written `--copies` times
+over 16 .jsonl files, so that every worker has files to tokenize.
+- build: `python -m data_pipeline.build`'s code path with `--workers` processes (tokenize, pack,
+  write shards, manifest) vs raw `tokenizers` encode_batch on the same texts with as many threads.
+- stream: our TokenStream through a DataLoader with `--workers` workers vs a plain webdataset reader
+  of the same windows stored one `.npy` per sample, batched alike, through the same DataLoader setup.
+  Both run after a warm-up batch (worker start-up not counted), twice each, alternating; best kept.
+- peak RSS of our loader's worker processes.
+Prints a table; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data_pipeline.build import build  # noqa: E402
+from data_pipeline.config import BuildConfig, DataConfig  # noqa: E402
+from data_pipeline.shards import Manifest, read_blocks  # noqa: E402
+from data_pipeline.sources import demo_documents  # noqa: E402
+from data_pipeline.stream import TokenStream, make_loader  # noqa: E402
+from data_pipeline.tokenizer import train_bpe  # noqa: E402
+
+FILES = 16
+MICRO_BATCH = 4
+
+
+def write_corpus(root: Path, copies: int) -> list[str]:
+    docs = demo_documents()
+    root.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for f in range(FILES):
+        share = [d for c in range(copies) for i, d in enumerate(docs) if (c * len(docs) + i) % FILES == f]
+        (root / f"part{f:02d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in share))
+        texts += share
+    return texts
+
+
+def bench_build(work: Path, texts: list[str], seq_len: int, workers: int) -> dict:
+    tok = train_bpe(demo_documents(), 8192)
+    tok.save(str(work / "tokenizer.json"))
+    os.environ["RAYON_NUM_THREADS"] = str(workers)  # encode_batch on as many cores as the build gets
+    start = time.perf_counter()
+    encoded = tok.encode_batch(texts, add_special_tokens=False)
+    raw_s = time.perf_counter() - start
+    raw_tokens = sum(len(e.ids) for e in encoded)
+    cfg = DataConfig(inputs=[str(work / "corpus")], dir=str(work / "shards"), format="text", text_field="text",
+                     prompt_field="prompt", response_field="response", tokenizer=str(work / "tokenizer.json"),
+                     vocab_size=8192, seq_len=seq_len, shard_bytes=64 << 20, member_bytes=1 << 20,
+                     heldout_fraction=0.001, on_decode_error="replace", shuffle_buffer=1024, num_workers=workers,
+                     url=None, on_corrupt="error")
+    shutil.rmtree(cfg.dir, ignore_errors=True)
+    start = time.perf_counter()
+    build(cfg, BuildConfig(workers=workers, task=0, tasks=1, merge=True, progress=False))
+    build_s = time.perf_counter() - start
+    # tokens as the raw encoder counts them (the build adds one EOS per document on top)
+    return {"tokenizer_tokens_per_s": raw_tokens / raw_s, "build_tokens_per_s": raw_tokens / build_s,
+            "build_seconds": build_s, "tokens": raw_tokens}
+
+
+def write_npy_baseline(shards: Path, out: Path) -> list[str]:
+    """The same training windows, one .npy member per window, in tars of the same sizes."""
+    manifest = Manifest.load(shards)
+    out.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for j, info in enumerate(manifest.splits["train"]):
+        path = out / f"npy-{j:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            k = 0
+            for block in read_blocks(str(shards / info.name), np.dtype(manifest.dtype), manifest.seq_len):
+                for window in block.tokens:
+                    buf = io.BytesIO()
+                    np.save(buf, window)
+                    member = tarfile.TarInfo(f"{j:05d}{k:08d}.npy")
+                    member.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(member, buf)
+                    k += 1
+        urls.append(str(path))
+    return urls
+
+
+def baseline_loader(urls: list[str], workers: int):
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False, repeat=True)
+          .decode().to_tuple("npy").batched(MICRO_BATCH, partial=False))
+    return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4)
+
+
+def measure(loader, tokens_of, seconds: float, watch_rss: bool = False) -> tuple[float, float]:
+    """tokens/s over `seconds` after the first batch; and the peak RSS (MB) of the loader's workers."""
+    it = iter(loader)
+    next(it)
+    procs = [psutil.Process(w.pid) for w in getattr(it, "_workers", [])] if watch_rss else []
+    peak, tokens, n = 0.0, 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tokens += tokens_of(next(it))
+        n += 1
+        if procs and n % 64 == 0:
+            peak = max([peak] + [p.memory_info().rss / 2**20 for p in procs])
+    rate = tokens / (time.perf_counter() - start)
+    del it
+    return rate, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=48)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--work", default="outputs/bench/data")
+    args = parser.parse_args()
+    work = ROOT / args.work
+    shutil.rmtree(work, ignore_errors=True)
+    texts = write_corpus(work / "corpus", args.copies)
+    b = bench_build(work, texts, args.seq_len, args.workers)
+
+    urls = write_npy_baseline(work / "shards", work / "npy")
+    ours = TokenStream(work / "shards", "train", MICRO_BATCH, rank=0, world_size=1, seed=0, shuffle_buffer=1024,
+                       num_workers=args.workers)
+    stream_rates, base_rates, peak = [], [], 0.0
+    for _ in range(2):
+        rate, rss = measure(make_loader(ours), lambda x: x["tokens"].numel(), args.seconds, watch_rss=True)
+        stream_rates.append(rate)
+        peak = max(peak, rss)
+        base_rates.append(measure(baseline_loader(urls, args.workers), lambda x: x[0].numel(), args.seconds)[0])
+    stream, base = max(stream_rates), max(base_rates)
+    result = {"build_tokens_per_s": round(b["build_tokens_per_s"]),
+              "tokenizer_tokens_per_s": round(b["tokenizer_tokens_per_s"]),
+              "build_ratio": round(b["build_tokens_per_s"] / b["tokenizer_tokens_per_s"], 3),
+              "stream_tokens_per_s": round(stream), "baseline_tokens_per_s": round(base),
+              "stream_ratio": round(stream / base, 2), "peak_worker_rss_mb": round(peak, 1),
+              "corpus_tokens": b["tokens"], "seq_len": args.seq_len, "micro_batch": MICRO_BATCH,
+              "workers": args.workers, "cpus": os.cpu_count()}
+    print(f"{'what':<34} {'ours tok/s':>14} {'baseline tok/s':>15} {'ratio':>7}")
+    print(f"{'build (' + str(args.workers) + ' workers) vs encode_batch':<34} {result['build_tokens_per_s']:>14,} "
+          f"{result['tokenizer_tokens_per_s']:>15,} {result['build_ratio']:>7}")
+    print(f"{'stream vs webdataset .npy reader':<34} {result['stream_tokens_per_s']:>14,} "
+          f"{result['baseline_tokens_per_s']:>15,} {result['stream_ratio']:>7}")
+    print(f"peak RSS of a stream worker: {result['peak_worker_rss_mb']} MB; corpus {b['tokens']:,} tokens")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
