@@ -170,7 +170,8 @@ def test_output_is_byte_identical_for_any_worker_count(corpus, corpus_shards, tm
 def test_interrupted_build_finishes_without_redoing_finished_inputs(corpus, corpus_shards, tmp_path):
     out = tmp_path / "resumed"
     overrides = ["data=files", f"data.inputs=[{corpus}]", f"data.dir={out}", f"trainer.seq_len={SEQ_LEN}",
-                 f"data.tokenizer={corpus_shards / 'tokenizer.json'}", "data.member_bytes=1024", "data.shard_bytes=8192",
+                 f"data.tokenizer={corpus_shards / 'tokenizer.json'}", "data.member_bytes=1024",
+                 "data.shard_bytes=8192",
                  "data.heldout_fraction=0.05", "build.workers=1", "build.progress=false"]
     proc = subprocess.Popen([*PY, "data_pipeline.build", *overrides], cwd=REPO, env=child_env(),
                             stderr=subprocess.PIPE)
@@ -269,7 +270,8 @@ def test_validate_cli_finds_a_damaged_shard(corpus_shards, tmp_path):
     (copy / victim).write_bytes(bytes(data))
     bad = subprocess.run([*PY, "data_pipeline.validate", str(copy)], cwd=REPO, env=child_env(),
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and victim in bad.stdout and "sha256" in bad.stdout and "fails its checksum" in bad.stdout
+    assert bad.returncode == 1 and victim in bad.stdout
+    assert "sha256" in bad.stdout and "fails its checksum" in bad.stdout
 
 
 def test_shards_built_with_other_settings_are_refused(demo_shards):

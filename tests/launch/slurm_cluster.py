@@ -69,7 +69,8 @@ def slurm_cluster(root: Path, ctld_port: int = 16817, slurmd_port: int = 16818):
                 break
             time.sleep(0.5)
         else:
-            logs = "".join((root / f).read_text()[-2000:] for f in ("slurmctld.log", "slurmd.log") if (root / f).exists())
+            logs = "".join((root / f).read_text()[-2000:] for f in ("slurmctld.log", "slurmd.log")
+                           if (root / f).exists())
             raise RuntimeError(f"the test SLURM cluster did not come up (node state {state!r})\n{logs}")
         yield env
     finally:

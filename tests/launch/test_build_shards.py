@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from data_pipeline.build import build
 from data_pipeline.shards import Manifest
