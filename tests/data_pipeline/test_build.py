@@ -284,3 +284,14 @@ def test_shards_built_with_other_settings_are_refused(demo_shards):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=f"no manifest.json in {tmp_path}"):
         Manifest.load(tmp_path)
+
+
+def test_build_cli_shows_progress_and_reports_bad_input(corpus, corpus_shards, tmp_path):
+    args = [*PY, "data_pipeline.build", "data=files", f"data.inputs=[{corpus}/b.jsonl]", f"data.dir={tmp_path / 'p'}",
+            f"data.tokenizer={corpus_shards / 'tokenizer.json'}", f"trainer.seq_len={SEQ_LEN}", "build.progress=true"]
+    proc = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "tok/s" in proc.stderr and "build (1 inputs)" in proc.stderr
+    missing = [a if not a.startswith("data.inputs=") else "data.inputs=[no/such/dir]" for a in args]
+    proc = subprocess.run(missing, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error: data.inputs: 'no/such/dir' matches no" in proc.stderr
+    assert "Traceback" not in proc.stderr

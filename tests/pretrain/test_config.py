@@ -70,3 +70,22 @@ def test_train_rejects_bad_config_before_any_work():
     assert "error: model.d_model=130 is not divisible by model.n_heads=4" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - start < 60
+
+
+def test_shards_that_do_not_fit_the_run_are_refused(demo_shards, tmp_path):
+    from data_pipeline.shards import Manifest
+    from data_pipeline.tokenizer import train_bpe
+    from pretrain.config import validate_data
+
+    manifest = Manifest.load(demo_shards)
+    base = ["model.vocab_size=1024", "trainer.seq_len=64", f"data.dir={demo_shards}"]
+    validate_data(compose_config(base), manifest)  # fits
+    with pytest.raises(ConfigError, match="seq_len=64 but trainer.seq_len=128"):
+        validate_data(compose_config(["model.vocab_size=1024", "trainer.seq_len=128"]), manifest)
+    with pytest.raises(ConfigError, match="vocab_size=1024 exceeds model.vocab_size=512"):
+        validate_data(compose_config(["model.vocab_size=512", "trainer.seq_len=64"]), manifest)
+    other = tmp_path / "other.json"
+    train_bpe(["some other text entirely"] * 10, 300).save(str(other))
+    with pytest.raises(ConfigError, match="tokenized with another tokenizer than data.tokenizer="):
+        validate_data(compose_config([*base, f"data.tokenizer={other}"]), manifest)
+    validate_data(compose_config([*base, f"data.tokenizer={demo_shards / 'tokenizer.json'}"]), manifest)
