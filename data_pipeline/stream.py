@@ -94,18 +94,26 @@ class TokenStream(IterableDataset):
         yield from self._batches(ranges)
 
     def _batches(self, ranges) -> Iterator[dict]:
+        """Cuts the parts into micro-batches: slices of a part where possible (no copy), a join only
+        for a batch that spans two parts."""
         B = self.micro_batch_size
         pending: list[dict[str, np.ndarray]] = []
         have = 0
         for part in self._windows(ranges):
-            pending.append(part)
-            have += len(part["ids"])
-            while have >= B:
-                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                batch = {k: v[:B] for k, v in merged.items()}
-                rest = {k: v[B:] for k, v in merged.items()}
-                pending, have = ([rest] if len(rest["ids"]) else []), have - B
-                yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+            n, i = len(part["ids"]), 0
+            if have:
+                i = min(B - have, n)
+                pending.append({k: v[:i] for k, v in part.items()})
+                have += i
+                if have == B:
+                    yield _tensors({k: np.concatenate([p[k] for p in pending]) for k in part})
+                    pending, have = [], 0
+            while n - i >= B:
+                yield _tensors({k: v[i: i + B] for k, v in part.items()})
+                i += B
+            if i < n:
+                pending.append({k: v[i:] for k, v in part.items()})
+                have += n - i
 
     def _windows(self, ranges) -> Iterator[dict[str, np.ndarray]]:
         """For each range, its windows in read order, a chunk at a time."""
@@ -161,6 +169,10 @@ class TokenStream(IterableDataset):
             if skipped:
                 print(f"warning: {url}: skipped {len(skipped)} corrupt sample(s) {skipped[:5]} (data.on_corrupt=skip)",
                       file=sys.stderr, flush=True)
+
+
+def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
 def make_loader(stream: TokenStream) -> DataLoader:
