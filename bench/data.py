@@ -1,6 +1,6 @@
 """Data pipeline throughput: build and stream, each side by side with a baseline in one run.
 
-    .venv/bin/python bench/data.py [--copies 48] [--seq-len 4096] [--workers 2] [--seconds 8]
+    .venv/bin/python bench/data.py [--copies 128] [--seq-len 4096] [--workers 2] [--seconds 8]
 
 Corpus: the English text of Python's pydoc_data.topics (the demo corpus), written `--copies` times
 over 16 .jsonl files, so that every worker has files to tokenize.
@@ -63,9 +63,9 @@ def bench_build(work: Path, texts: list[str], seq_len: int, workers: int) -> dic
     raw_tokens = sum(len(e.ids) for e in encoded)
     cfg = DataConfig(inputs=[str(work / "corpus")], dir=str(work / "shards"), format="text", text_field="text",
                      prompt_field="prompt", response_field="response", tokenizer=str(work / "tokenizer.json"),
-                     vocab_size=8192, seq_len=seq_len, shard_bytes=64 << 20, member_bytes=1 << 20,
+                     vocab_size=8192, seq_len=seq_len, shard_bytes=2 << 20, member_bytes=512 << 10,
                      heldout_fraction=0.001, on_decode_error="replace", shuffle_buffer=1024, num_workers=workers,
-                     url=None, on_corrupt="error")
+                     url=None, on_corrupt="error", batches_per_item=16)
     shutil.rmtree(cfg.dir, ignore_errors=True)
     start = time.perf_counter()
     build(cfg, BuildConfig(workers=workers, task=0, tasks=1, merge=True, progress=False))
@@ -101,7 +101,7 @@ def baseline_loader(urls: list[str], workers: int):
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False, repeat=True)
+    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False).repeat(10**6)
           .decode().to_tuple("npy").batched(MICRO_BATCH, partial=False))
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4)
 
@@ -110,7 +110,7 @@ def measure(loader, tokens_of, seconds: float, watch_rss: bool = False) -> tuple
     """tokens/s over `seconds` after the first batch; and the peak RSS (MB) of the loader's workers."""
     it = iter(loader)
     next(it)
-    procs = [psutil.Process(w.pid) for w in getattr(it, "_workers", [])] if watch_rss else []
+    procs = psutil.Process().children(recursive=True) if watch_rss else []  # the loader workers
     peak, tokens, n = 0.0, 0, 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -125,10 +125,11 @@ def measure(loader, tokens_of, seconds: float, watch_rss: bool = False) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=48)
+    parser.add_argument("--copies", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--batches-per-item", type=int, default=16)
     parser.add_argument("--work", default="outputs/bench/data")
     args = parser.parse_args()
     work = ROOT / args.work
@@ -138,7 +139,7 @@ def main() -> None:
 
     urls = write_npy_baseline(work / "shards", work / "npy")
     ours = TokenStream(work / "shards", "train", MICRO_BATCH, rank=0, world_size=1, seed=0, shuffle_buffer=1024,
-                       num_workers=args.workers)
+                       num_workers=args.workers, batches_per_item=args.batches_per_item)
     stream_rates, base_rates, peak = [], [], 0.0
     for _ in range(2):
         rate, rss = measure(make_loader(ours), lambda x: x["tokens"].numel(), args.seconds, watch_rss=True)

@@ -43,6 +43,7 @@ class DataConfig:
     on_decode_error: str  # replace | skip: what to do with a document that is not valid UTF-8
     shuffle_buffer: int  # windows shuffled together when streaming
     num_workers: int  # DataLoader workers per rank
+    batches_per_item: int  # micro-batches a worker passes to the trainer process at once
     url: str | None  # where the stream reads shards: None = data.dir, or a template like "pipe:cat {dir}/{name}"
     on_corrupt: str  # error | skip: a member that fails its checksum while streaming
 

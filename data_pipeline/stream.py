@@ -1,13 +1,15 @@
 """Stream packed windows from shards as endless, seeded, resumable micro-batches for one rank.
 
 Readers are (rank, DataLoader worker) pairs; data_pipeline/plan.py decides which positions each
-reader reads, so each reader opens only its own shards and the stream never runs dry. A micro-batch
-is a dict: `tokens` [B, L] in the shards' integer type (uint16 or uint32; the trainer widens it on
-the device), `ids` [B] global window ids, `epoch` [B], and `prompt_len` [B] for SFT shards.
+reader reads, so each reader opens only its own shards and the stream never runs dry. A worker hands
+the DataLoader `batches_per_item` micro-batches at once (passing an item between processes costs far
+more than reading it), and `make_loader` cuts items back into micro-batches. A micro-batch is a
+dict: `tokens` [B, L] in the shards' integer type (uint16 or uint32; the trainer widens it on the
+device), `ids` [B] global window ids, `epoch` [B], and `prompt_len` [B] for SFT shards.
 
 Resume is exact: the stream is a pure function of (manifest, seed, plan, layout), so after `batches`
 micro-batches a new stream told to start there yields what the first would have yielded next. With
-another world size, worker count or micro-batch size, the plan is redrawn so that every position
+another world size, worker count, micro-batch size or item size, the plan is redrawn so that every position
 not yet read is read exactly once. The state records the manifest's fingerprint, so a resume on
 other data fails.
 """
@@ -33,7 +35,7 @@ class DataStateError(DataError):
 class TokenStream(IterableDataset):
     def __init__(self, directory: str | Path, split: str, micro_batch_size: int, rank: int, world_size: int,
                  seed: int, shuffle_buffer: int, num_workers: int = 0, url: str | None = None,
-                 on_corrupt: str = "error"):
+                 on_corrupt: str = "error", batches_per_item: int = 1):
         self.directory = Path(directory)
         self.manifest = Manifest.load(directory)
         if split not in self.manifest.splits or self.manifest.samples(split) == 0:
@@ -43,6 +45,7 @@ class TokenStream(IterableDataset):
         self.split, self.micro_batch_size, self.seed = split, micro_batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer, self.url, self.on_corrupt = max(1, shuffle_buffer), url, on_corrupt
+        self.batches_per_item = max(1, batches_per_item)
         shards = self.manifest.splits[split]
         self.visits = Visits([s.samples for s in shards], seed, split)
         self.urls = [url.format(dir=self.directory, name=s.name) if url else str(self.directory / s.name)
@@ -60,6 +63,7 @@ class TokenStream(IterableDataset):
         return {"fingerprint": self.manifest.fingerprint(), "split": self.split, "seed": self.seed,
                 "batches": self.start_batch + batches_consumed, "world_size": self.world_size,
                 "num_workers": self.num_workers, "micro_batch_size": self.micro_batch_size,
+                "batches_per_item": self.batches_per_item,
                 "shuffle_buffer": self.shuffle_buffer, "plan": self.plan.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -71,32 +75,35 @@ class TokenStream(IterableDataset):
                 raise DataStateError(f"the checkpoint's data state was saved with {key}={state[key]}, this run has "
                                      f"{key}={getattr(self, key)}; the order of the data would change")
         plan = Plan.from_dict(state["plan"])
-        layout = ("world_size", "num_workers", "micro_batch_size")
+        layout = ("world_size", "num_workers", "micro_batch_size", "batches_per_item")
         if all(state[k] == getattr(self, k) for k in layout):
             self.plan, self.start_batch = plan, int(state["batches"])
             return
         # Elastic: what each reader of the old layout consumed, then a plan for the new readers.
-        workers = max(state["num_workers"], 1)
-        consumed = [len(range(r % workers, state["batches"], workers)) * state["micro_batch_size"]
+        workers, per_item = max(state["num_workers"], 1), state["batches_per_item"]
+        consumed = [batches_of_role(r % workers, state["batches"], workers, per_item) * state["micro_batch_size"]
                     for r in range(plan.readers)]
         self.plan, self.start_batch = replan(plan, consumed, self.readers, self.visits), 0
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
+        """Items of batches_per_item micro-batches (make_loader cuts them apart)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # DataLoader takes its j-th batch from worker j % workers. Batch n of this plan belongs to
-        # reader role n % workers, so after a resume at start_batch, worker w plays role
-        # (w + start_batch) % workers, whose batches before start_batch were consumed.
-        role = (worker + self.start_batch) % workers
-        consumed = len(range(role, self.start_batch, workers)) * self.micro_batch_size
+        # DataLoader takes its j-th item from worker j % workers, and item j holds micro-batches
+        # j*K .. j*K+K-1 of this plan, read by reader role j % workers. After a resume at start_batch
+        # (within item j0), worker w plays role (w + j0) % workers and skips that role's items
+        # before j0; make_loader drops the consumed head of item j0.
+        K = self.batches_per_item
+        first_item = self.start_batch // K
+        role = (worker + first_item) % workers
+        consumed = len(range(role, first_item, workers)) * K * self.micro_batch_size
         ranges = self.plan.ranges_after(self.rank * workers + role, consumed, self.visits)
-        yield from self._batches(ranges)
+        yield from self._batches(ranges, K * self.micro_batch_size)
 
-    def _batches(self, ranges) -> Iterator[dict]:
-        """Cuts the parts into micro-batches: slices of a part where possible (no copy), a join only
-        for a batch that spans two parts."""
-        B = self.micro_batch_size
+    def _batches(self, ranges, B: int) -> Iterator[dict]:
+        """Cuts the parts into batches of B windows: slices of a part where possible (no copy), a join
+        only for a batch that spans two parts."""
         pending: list[dict[str, np.ndarray]] = []
         have = 0
         for part in self._windows(ranges):
@@ -175,6 +182,29 @@ def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
-def make_loader(stream: TokenStream) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
-                      persistent_workers=stream.num_workers > 0, prefetch_factor=4 if stream.num_workers else None)
+def batches_of_role(role: int, batches: int, workers: int, per_item: int) -> int:
+    """How many of the first `batches` micro-batches reader role `role` gave (see TokenStream.__iter__)."""
+    full_items, rest = divmod(batches, per_item)
+    return len(range(role, full_items, workers)) * per_item + (rest if full_items % workers == role else 0)
+
+
+class MicroBatches:
+    """Iterates a stream through a DataLoader and cuts each item into micro-batches."""
+
+    def __init__(self, stream: TokenStream):
+        self.stream = stream
+        self.loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
+                                 persistent_workers=stream.num_workers > 0,
+                                 prefetch_factor=4 if stream.num_workers else None)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        K, B = self.stream.batches_per_item, self.stream.micro_batch_size
+        skip = self.stream.start_batch % K
+        for item in self.loader:
+            for k in range(skip, K):
+                yield {name: v[k * B: (k + 1) * B] for name, v in item.items()}
+            skip = 0
+
+
+def make_loader(stream: TokenStream) -> MicroBatches:
+    return MicroBatches(stream)

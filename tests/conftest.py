@@ -22,7 +22,7 @@ def data_config(directory: Path, inputs=("demo",), seq_len: int = SEQ_LEN, **ove
     fields = dict(inputs=list(inputs), dir=str(directory), format="text", text_field="text", prompt_field="prompt",
                   response_field="response", tokenizer=None, vocab_size=1024, seq_len=seq_len, shard_bytes=16_384,
                   member_bytes=2048, heldout_fraction=0.05, on_decode_error="replace", shuffle_buffer=64,
-                  num_workers=0, url=None, on_corrupt="error")
+                  num_workers=0, url=None, on_corrupt="error", batches_per_item=1)
     return DataConfig(**{**fields, **overrides})
 
 

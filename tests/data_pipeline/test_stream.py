@@ -82,13 +82,23 @@ def test_seed_changes_the_order(demo_shards):
 
 
 @pytest.mark.parametrize("start", [7, 150])
-def test_resume_yields_exactly_the_uninterrupted_batches(demo_shards, start):
+@pytest.mark.parametrize("per_item", [1, 3])
+def test_resume_yields_exactly_the_uninterrupted_batches(demo_shards, start, per_item):
     for rank in (0, 1):  # 2 ranks x 2 workers
-        full = take(stream(demo_shards, rank=rank, workers=2), start + 10)
-        resumed = stream(demo_shards, rank=rank, workers=2)
-        resumed.load_state_dict(stream(demo_shards, rank=rank, workers=2).state_dict(start))
+        full = take(stream(demo_shards, rank=rank, workers=2, batches_per_item=per_item), start + 10)
+        resumed = stream(demo_shards, rank=rank, workers=2, batches_per_item=per_item)
+        resumed.load_state_dict(stream(demo_shards, rank=rank, workers=2, batches_per_item=per_item).state_dict(start))
         for expected, got in zip(full[start:], take(resumed, 10), strict=True):
             assert torch.equal(expected["tokens"], got["tokens"]) and torch.equal(expected["ids"], got["ids"])
+
+
+def test_items_of_several_batches_hold_the_same_windows(demo_shards):
+    # Grouping micro-batches into larger transfers changes which reader reads what, never coverage.
+    n = Manifest.load(demo_shards).samples("train")
+    batches = take(stream(demo_shards, world=1, workers=2, batches_per_item=5), 2 * n // 4)
+    assert all(b["tokens"].shape == (4, 64) for b in batches)
+    epoch0 = epoch_ids(ids_by_epoch(batches), 0)
+    assert sorted(epoch0) == list(range(n)) and set(epoch0.values()) == {1}
 
 
 @pytest.mark.parametrize("new_world,new_workers,new_batch", [(1, 3, 4), (3, 1, 2), (2, 0, 8)])
@@ -97,7 +107,7 @@ def test_elastic_resume_reads_the_rest_of_the_epoch_exactly_once(demo_shards, ne
     before_steps = 60  # batches per rank under 2 ranks x 2 workers, micro-batch 4: ~40% of the epoch
     seen, state = Counter(), None
     for rank in range(2):
-        s = stream(demo_shards, rank=rank, world=2, workers=2)
+        s = stream(demo_shards, rank=rank, world=2, workers=2, batches_per_item=3)
         seen += ids_by_epoch(take(s, before_steps))
         state = s.state_dict(before_steps)
     assert 0 < sum(epoch_ids(seen, 0).values()) < n
