@@ -311,8 +311,6 @@ def check_built_with(manifest: Manifest, cfg: DataConfig) -> None:
     """The demo corpus built with other settings than the run asks for is an error, not a silent
     reuse. (Other shards are checked against the run by what they hold: seq_len, vocabulary and
     tokenizer, in pretrain.config.validate_data.)"""
-    if cfg.inputs != ["demo"]:
-        return
     for key in DEMO_KEYS:
         built = manifest.build_config.get(key)
         if built != getattr(cfg, key):
@@ -324,17 +322,24 @@ DEMO_BUILD = BuildConfig(workers=1, task=0, tasks=1, merge=True, progress=False)
 
 
 def ensure_built(cfg: DataConfig) -> Manifest:
-    """The manifest of cfg.dir; the built-in demo corpus is built on first use, anything else must
-    have been built beforehand."""
-    if (Path(cfg.dir) / "manifest.json").is_file() or cfg.inputs != ["demo"]:
-        manifest = Manifest.load(cfg.dir)
-        check_built_with(manifest, cfg)
-        return manifest
+    """The manifest of cfg.dir; the built-in demo corpus is built on first use (and rebuilt when it
+    was built by an older shard format: it is a cache), anything else must have been built beforehand."""
+    directory = Path(cfg.dir)
+    if cfg.inputs != ["demo"]:
+        return Manifest.load(directory)
+    if (directory / "manifest.json").is_file():
+        raw = json.loads((directory / "manifest.json").read_text())
+        if raw.get("format_version") == FORMAT_VERSION:
+            manifest = Manifest.load(directory)
+            check_built_with(manifest, cfg)
+            return manifest
     staging = Path(cfg.dir + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     build(DataConfig(**{**asdict(cfg), "dir": str(staging)}), DEMO_BUILD)
-    staging.rename(cfg.dir)  # appears whole or not at all
-    return Manifest.load(cfg.dir)
+    if directory.exists():  # an older format: replaced whole
+        shutil.rmtree(directory)
+    staging.rename(directory)  # appears whole or not at all
+    return Manifest.load(directory)
 
 
 def main(argv: list[str]) -> None:

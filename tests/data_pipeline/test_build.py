@@ -295,3 +295,17 @@ def test_build_cli_shows_progress_and_reports_bad_input(corpus, corpus_shards, t
     proc = subprocess.run(missing, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: data.inputs: 'no/such/dir' matches no" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_demo_cache_of_an_older_format_is_rebuilt(tmp_path):
+    old = tmp_path / "demo"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    (old / "train-000000.tar").write_bytes(b"old")
+    manifest = ensure_built(demo_data_config(old))
+    assert manifest.format_version == 2 and not (old / "train-000000.tar").exists()
+    # Anything but the demo cache is never rebuilt behind the user's back.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(DataError, match="format_version=1 is not 2; rebuild the shards"):
+        ensure_built(data_config(tmp_path / "mine", ["corpus/"]))
