@@ -5,7 +5,8 @@
 Corpus: the English text of Python's pydoc_data.topics (the demo corpus), written `--copies` times
 over 16 .jsonl files, so that every worker has files to tokenize.
 - build: `python -m data_pipeline.build`'s code path with `--workers` processes (tokenize, pack,
-  write shards, manifest) vs raw `tokenizers` encode_batch on the same texts with as many threads.
+  write shards, manifest) vs raw `tokenizers` encode_batch on the same texts in one call (its own
+  threads use every core). Alternated twice; best of each kept.
 - stream: our TokenStream through a DataLoader with `--workers` workers vs a plain webdataset reader
   of the same windows stored one `.npy` per sample, batched alike, through the same DataLoader setup.
   Both run after a warm-up batch (worker start-up not counted), twice each, alternating; best kept.
@@ -20,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -54,25 +56,25 @@ def write_corpus(root: Path, copies: int) -> list[str]:
 
 
 def bench_build(work: Path, texts: list[str], seq_len: int, workers: int) -> dict:
+    """encode_batch on all texts vs the build of the same files; alternated twice, best of each kept."""
     tok = train_bpe(demo_documents(), 8192)
     tok.save(str(work / "tokenizer.json"))
-    os.environ["RAYON_NUM_THREADS"] = str(workers)  # encode_batch on as many cores as the build gets
-    start = time.perf_counter()
-    encoded = tok.encode_batch(texts, add_special_tokens=False)
-    raw_s = time.perf_counter() - start
-    raw_tokens = sum(len(e.ids) for e in encoded)
     cfg = DataConfig(inputs=[str(work / "corpus")], dir=str(work / "shards"), format="text", text_field="text",
                      prompt_field="prompt", response_field="response", tokenizer=str(work / "tokenizer.json"),
                      vocab_size=8192, seq_len=seq_len, shard_bytes=2 << 20, member_bytes=512 << 10,
                      heldout_fraction=0.001, on_decode_error="replace", shuffle_buffer=1024, num_workers=workers,
                      url=None, on_corrupt="error", batches_per_item=16)
-    shutil.rmtree(cfg.dir, ignore_errors=True)
-    start = time.perf_counter()
-    build(cfg, BuildConfig(workers=workers, task=0, tasks=1, merge=True, progress=False))
-    build_s = time.perf_counter() - start
-    # tokens as the raw encoder counts them (the build adds one EOS per document on top)
-    return {"tokenizer_tokens_per_s": raw_tokens / raw_s, "build_tokens_per_s": raw_tokens / build_s,
-            "build_seconds": build_s, "tokens": raw_tokens}
+    raw_rates, build_rates = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        raw_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+        raw_rates.append(raw_tokens / (time.perf_counter() - start))
+        shutil.rmtree(cfg.dir, ignore_errors=True)
+        start = time.perf_counter()
+        build(cfg, BuildConfig(workers=workers, task=0, tasks=1, merge=True, progress=False))
+        # tokens as the raw encoder counts them (the build adds one EOS per document on top)
+        build_rates.append(raw_tokens / (time.perf_counter() - start))
+    return {"tokenizer_tokens_per_s": max(raw_rates), "build_tokens_per_s": max(build_rates), "tokens": raw_tokens}
 
 
 def write_npy_baseline(shards: Path, out: Path) -> list[str]:
@@ -106,21 +108,38 @@ def baseline_loader(urls: list[str], workers: int):
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4)
 
 
-def measure(loader, tokens_of, seconds: float, watch_rss: bool = False) -> tuple[float, float]:
-    """tokens/s over `seconds` after the first batch; and the peak RSS (MB) of the loader's workers."""
+def measure(loader, tokens_of, seconds: float, watch_rss: bool = False) -> tuple[float, float, float]:
+    """tokens/s over `seconds` after the first batch; the peak RSS and USS (memory of its own, not
+    shared with the parent it was forked from) in MB of the loader's workers."""
     it = iter(loader)
     next(it)
     procs = psutil.Process().children(recursive=True) if watch_rss else []  # the loader workers
-    peak, tokens, n = 0.0, 0, 0
+    rss, uss, tokens, n = 0.0, 0.0, 0, 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         tokens += tokens_of(next(it))
         n += 1
-        if procs and n % 64 == 0:
-            peak = max([peak] + [p.memory_info().rss / 2**20 for p in procs])
+        if procs and n % 256 == 0:
+            for p in procs:
+                info = p.memory_full_info()
+                rss, uss = max(rss, info.rss / 2**20), max(uss, info.uss / 2**20)
     rate = tokens / (time.perf_counter() - start)
     del it
-    return rate, peak
+    return rate, rss, uss
+
+
+def bench_stream(work: Path, workers: int, batches_per_item: int, seconds: float) -> dict:
+    """Run in a fresh process (see main), so the workers' RSS is not inflated by the build's heap."""
+    urls = write_npy_baseline(work / "shards", work / "npy")
+    ours = TokenStream(work / "shards", "train", MICRO_BATCH, rank=0, world_size=1, seed=0, shuffle_buffer=1024,
+                       num_workers=workers, batches_per_item=batches_per_item)
+    stream_rates, base_rates, rss, uss = [], [], 0.0, 0.0
+    for _ in range(2):
+        rate, r, u = measure(make_loader(ours), lambda x: x["tokens"].numel(), seconds, watch_rss=True)
+        stream_rates.append(rate)
+        rss, uss = max(rss, r), max(uss, u)
+        base_rates.append(measure(baseline_loader(urls, workers), lambda x: x[0].numel(), seconds)[0])
+    return {"stream": max(stream_rates), "baseline": max(base_rates), "rss": rss, "uss": uss}
 
 
 def main() -> None:
@@ -131,35 +150,32 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--batches-per-item", type=int, default=16)
     parser.add_argument("--work", default="outputs/bench/data")
+    parser.add_argument("--stream-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = ROOT / args.work
+    if args.stream_only:
+        print(json.dumps(bench_stream(work, args.workers, args.batches_per_item, args.seconds)))
+        return
     shutil.rmtree(work, ignore_errors=True)
-    texts = write_corpus(work / "corpus", args.copies)
-    b = bench_build(work, texts, args.seq_len, args.workers)
-
-    urls = write_npy_baseline(work / "shards", work / "npy")
-    ours = TokenStream(work / "shards", "train", MICRO_BATCH, rank=0, world_size=1, seed=0, shuffle_buffer=1024,
-                       num_workers=args.workers, batches_per_item=args.batches_per_item)
-    stream_rates, base_rates, peak = [], [], 0.0
-    for _ in range(2):
-        rate, rss = measure(make_loader(ours), lambda x: x["tokens"].numel(), args.seconds, watch_rss=True)
-        stream_rates.append(rate)
-        peak = max(peak, rss)
-        base_rates.append(measure(baseline_loader(urls, args.workers), lambda x: x[0].numel(), args.seconds)[0])
-    stream, base = max(stream_rates), max(base_rates)
+    b = bench_build(work, write_corpus(work / "corpus", args.copies), args.seq_len, args.workers)
+    child = subprocess.run([sys.executable, __file__, "--stream-only", *sys.argv[1:]], check=True,
+                           capture_output=True, text=True)
+    st = json.loads(child.stdout.strip().splitlines()[-1])
     result = {"build_tokens_per_s": round(b["build_tokens_per_s"]),
               "tokenizer_tokens_per_s": round(b["tokenizer_tokens_per_s"]),
               "build_ratio": round(b["build_tokens_per_s"] / b["tokenizer_tokens_per_s"], 3),
-              "stream_tokens_per_s": round(stream), "baseline_tokens_per_s": round(base),
-              "stream_ratio": round(stream / base, 2), "peak_worker_rss_mb": round(peak, 1),
-              "corpus_tokens": b["tokens"], "seq_len": args.seq_len, "micro_batch": MICRO_BATCH,
-              "workers": args.workers, "cpus": os.cpu_count()}
+              "stream_tokens_per_s": round(st["stream"]), "baseline_tokens_per_s": round(st["baseline"]),
+              "stream_ratio": round(st["stream"] / st["baseline"], 2), "peak_worker_rss_mb": round(st["rss"], 1),
+              "peak_worker_uss_mb": round(st["uss"], 1), "corpus_tokens": b["tokens"], "seq_len": args.seq_len,
+              "micro_batch": MICRO_BATCH, "batches_per_item": args.batches_per_item, "workers": args.workers,
+              "cpus": os.cpu_count()}
     print(f"{'what':<34} {'ours tok/s':>14} {'baseline tok/s':>15} {'ratio':>7}")
     print(f"{'build (' + str(args.workers) + ' workers) vs encode_batch':<34} {result['build_tokens_per_s']:>14,} "
           f"{result['tokenizer_tokens_per_s']:>15,} {result['build_ratio']:>7}")
     print(f"{'stream vs webdataset .npy reader':<34} {result['stream_tokens_per_s']:>14,} "
           f"{result['baseline_tokens_per_s']:>15,} {result['stream_ratio']:>7}")
-    print(f"peak RSS of a stream worker: {result['peak_worker_rss_mb']} MB; corpus {b['tokens']:,} tokens")
+    print(f"stream worker peak RSS {result['peak_worker_rss_mb']} MB, of it its own (USS) "
+          f"{result['peak_worker_uss_mb']} MB; corpus {b['tokens']:,} tokens")
     print(json.dumps(result))
 
 

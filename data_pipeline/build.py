@@ -169,7 +169,7 @@ _worker: dict = {}
 
 
 def _init_worker(tokenizer_json: str, cfg: dict, settings_id: str, progress_queue) -> None:
-    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: the pool is the parallelism
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker (and no warning about the fork)
     _worker.update(tok=Tokenizer.from_str(tokenizer_json), cfg=DataConfig(**cfg), settings=settings_id,
                    queue=progress_queue)
 
@@ -205,7 +205,10 @@ def run_pieces(jobs: list[tuple[int, str]], cfg: DataConfig, tok: Tokenizer, set
             for index, path in jobs:
                 build_piece(index, path, cfg, tok, settings_id, progress)
             return progress.tokens
-        ctx = mp.get_context("spawn")  # no fork after the tokenizer's threads have started
+        # fork: workers start at once and need no `if __name__ == "__main__"` guard in the caller.
+        # `tokenizers` notices the fork and runs single-threaded in the children, which is what we
+        # want: the processes are the parallelism.
+        ctx = mp.get_context("fork")
         q = ctx.Queue()
         with ctx.Pool(min(bcfg.workers, len(jobs)), _init_worker, (tok.to_str(), asdict(cfg), settings_id, q)) as pool:
             result = pool.map_async(_run_piece, jobs, chunksize=1)
