@@ -37,7 +37,7 @@ test: install system-deps
 
 lint: install
 	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check pretrain data_pipeline tests
+	$(PY) -m ruff check pretrain data_pipeline tests bench
 
 clean:
 	rm -rf outputs .pytest_cache
