@@ -3,9 +3,10 @@
     python -m data_pipeline.build data=files data.inputs=[corpus/] data.dir=shards/c4 \
         data.tokenizer=tok.json trainer.seq_len=4096 build.workers=16
 
-Each input file is one unit of work (a *piece*): it is read, tokenized and packed on its own, into
-shards named after it, and finishes with a small JSON fragment under `pieces/`. So the output is the
-same bytes for any number of workers, a re-run skips the pieces already done, and a SLURM array
+Each input file is one unit of work (a *piece*, data_pipeline/piece.py): it is read, tokenized and
+packed on its own, into shards named after it, and finishes with a small JSON fragment under
+`pieces/`. So the output is the same bytes for any number of workers, a re-run skips the pieces
+already done and resumes an interrupted one after its last finished shard, and a SLURM array
 (launch/slurm/build_shards.sbatch) gives each task the pieces i with i % tasks == task; the last
 step merges the fragments into manifest.json. Documents are assigned to the held-out split by a hash
 of their text, so a document is never split between train and held-out.
@@ -24,32 +25,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from data_pipeline.config import BuildConfig, DataConfig, build_config, compose, data_config
-from data_pipeline.pack import Packer
-from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, ShardInfo, atomic_write, token_dtype, write_shard
-from data_pipeline.sources import DocumentReader, resolve_inputs
+from data_pipeline.piece import SPLITS, build_piece, pad_vocab, piece_done
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, ShardInfo, atomic_write, token_dtype
+from data_pipeline.sources import resolve_inputs
 from data_pipeline.tokenizer import fingerprint, load_tokenizer, special_ids, train_on_inputs
 
-VOCAB_MULTIPLE = 128  # embedding tables padded to a multiple of 128 run faster on tensor cores
-SPLITS = ("train", "heldout")
 # What decides the bytes of the shards: a run or a re-run with other values must not reuse them.
 BUILD_KEYS = ("inputs", "format", "text_field", "prompt_field", "response_field", "tokenizer", "vocab_size",
               "seq_len", "shard_bytes", "member_bytes", "heldout_fraction", "on_decode_error")
-RECORDS_PER_BATCH = 256  # records tokenized per encode_batch call
-
-
-def pad_vocab(n: int) -> int:
-    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def is_heldout(text: str, fraction: float) -> bool:
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-    return h < fraction * 2**64
 
 
 def check_settings(cfg: DataConfig) -> None:
@@ -63,105 +49,6 @@ def check_settings(cfg: DataConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DataError(message)
-
-
-# -- one piece: one input file ------------------------------------------------------------------
-class SplitWriter:
-    """Takes full blocks out of a Packer and writes them as shards `{stem}-{j:04d}.tar`."""
-
-    def __init__(self, out: Path, stem: str, packer: Packer, dtype: np.dtype, windows_per_member: int,
-                 members_per_shard: int):
-        self.out, self.stem, self.packer, self.dtype = out, stem, packer, dtype
-        self.windows_per_member, self.members_per_shard = windows_per_member, members_per_shard
-        self.blocks, self.shards, self.members = [], [], 0
-
-    def drain(self, final: bool = False) -> None:
-        while self.packer.full_windows() >= self.windows_per_member:
-            self._add(self.packer.take(self.windows_per_member, f"{self.members:08d}", self.dtype))
-        if final:
-            if self.packer.full_windows():
-                self._add(self.packer.take(self.packer.full_windows(), f"{self.members:08d}", self.dtype))
-            if self.blocks:
-                self._write()
-
-    def _add(self, block) -> None:
-        block.first = sum(len(b.tokens) for b in self.blocks)
-        self.blocks.append(block)
-        self.members += 1
-        if len(self.blocks) == self.members_per_shard:
-            self._write()
-
-    def _write(self) -> None:
-        self.shards.append(write_shard(self.out / f"{self.stem}-{len(self.shards):04d}.tar", self.blocks))
-        self.blocks = []
-
-
-def build_piece(index: int, path: str, cfg: DataConfig, tok: Tokenizer, settings_id: str, progress=None) -> dict:
-    out = Path(cfg.dir)
-    ids = special_ids(tok)
-    dtype = token_dtype(pad_vocab(tok.get_vocab_size()))
-    window_bytes = cfg.seq_len * dtype.itemsize
-    per_member = max(1, cfg.member_bytes // window_bytes)
-    per_shard = max(1, cfg.shard_bytes // (per_member * window_bytes))
-    packers = {s: Packer(cfg.seq_len, ids["eos_id"]) for s in SPLITS}
-    writers = {s: SplitWriter(out, f"{s}-{index:05d}", packers[s], dtype, per_member, per_shard) for s in SPLITS}
-    reader = DocumentReader(path, cfg.format, cfg.text_field, cfg.prompt_field, cfg.response_field,
-                            cfg.on_decode_error)
-    too_long, max_prompt = 0, 0
-
-    def flush(records: list) -> None:
-        nonlocal too_long, max_prompt
-        if cfg.format == "text":
-            encoded = tok.encode_batch(records, add_special_tokens=False)
-            for text, enc in zip(records, encoded, strict=True):
-                packers["heldout" if is_heldout(text, cfg.heldout_fraction) else "train"].add_document(enc.ids)
-            tokens = sum(len(e.ids) + 1 for e in encoded)
-        else:
-            prompts = tok.encode_batch([p for p, _ in records], add_special_tokens=False)
-            responses = tok.encode_batch([r for _, r in records], add_special_tokens=False)
-            tokens = 0
-            for (p, r), pe, re_ in zip(records, prompts, responses, strict=True):
-                split = "heldout" if is_heldout(p + "\0" + r, cfg.heldout_fraction) else "train"
-                if packers[split].add_pair(pe.ids, re_.ids):
-                    max_prompt, tokens = max(max_prompt, len(pe.ids)), tokens + cfg.seq_len
-                else:
-                    too_long += 1
-        for w in writers.values():
-            w.drain()
-        if progress is not None:
-            progress(tokens)
-
-    batch: list = []
-    for record in reader:
-        batch.append(record)
-        if len(batch) == RECORDS_PER_BATCH:
-            flush(batch)
-            batch = []
-    flush(batch)
-    for w in writers.values():
-        w.drain(final=True)
-    stat = os.stat(path) if os.path.isfile(path) else None
-    fragment = {"index": index, "input": path, "input_size": stat.st_size if stat else 0,
-                "input_mtime_ns": stat.st_mtime_ns if stat else 0, "settings": settings_id,
-                "splits": {s: [asdict(x) for x in w.shards] for s, w in writers.items()},
-                "documents": {**asdict(reader.counts), "too_long": too_long}, "max_prompt_len": max_prompt}
-    atomic_write(out / "pieces" / f"{index:05d}.json", json.dumps(fragment))
-    return fragment
-
-
-def piece_done(out: Path, index: int, path: str, settings_id: str) -> bool:
-    """A piece is done when its fragment exists, matches the input file as it is now and the
-    build's settings, and all its shards are on disk with their recorded sizes."""
-    frag_path = out / "pieces" / f"{index:05d}.json"
-    if not frag_path.is_file():
-        return False
-    frag = json.loads(frag_path.read_text())
-    stat = os.stat(path) if os.path.isfile(path) else None
-    if (frag["input"] != path or frag["settings"] != settings_id
-            or (stat and (frag["input_size"], frag["input_mtime_ns"]) != (stat.st_size, stat.st_mtime_ns))):
-        return False
-    return all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
-               for shards in frag["splits"].values() for s in shards)
 
 
 # -- workers ------------------------------------------------------------------------------------

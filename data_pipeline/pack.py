@@ -63,3 +63,17 @@ class Packer:
         if self.prompt:
             prompt, self.prompt = np.array(self.prompt[:n], dtype=np.uint32), self.prompt[n:]
         return Block(key, tokens, starts, prompt)
+
+    # -- resume ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """What is left in the packer (less than a block), as arrays for an .npz."""
+        flat = np.concatenate(self.parts) if self.parts else np.empty(0, np.uint32)
+        return {"tokens": flat.astype(np.uint32), "starts": np.array(self.starts, dtype=np.int64),
+                "prompt": np.array(self.prompt, dtype=np.int64)}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        tokens = state["tokens"]
+        self.parts = [tokens] if len(tokens) else []
+        self.length = len(tokens)
+        self.starts = [int(x) for x in state["starts"]]
+        self.prompt = [int(x) for x in state["prompt"]]

@@ -17,7 +17,6 @@ facts a trainer must agree with (seq_len, vocabulary, special ids, tokenizer fin
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -126,25 +125,49 @@ def _payloads(block: Block) -> list[tuple[str, bytes]]:
     return parts + [("json", json.dumps({"windows": len(block.tokens), "first": block.first, "crc32": crc}).encode())]
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def _tar_member(name: str, payload: bytes) -> bytes:
+    """One USTAR member: header, payload, padding to 512 bytes. Fixed header fields (mtime 0, mode
+    644, no owner), so the same blocks give the same bytes."""
     info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0  # fixed header fields: the same input gives byte-identical shards
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(payload))
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + payload + b"\0" * (-len(payload) % tarfile.BLOCKSIZE)
 
 
-def write_shard(path: Path, blocks: list[Block]) -> ShardInfo:
-    """Blocks -> one tar, written under a temporary name and renamed into place: a shard is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for block in blocks:
-            for suffix, payload in _payloads(block):
-                _tar_member(tar, f"{block.key}.{suffix}", payload)
-    data = tmp.read_bytes()
-    os.replace(tmp, path)
-    return ShardInfo(path.name, sum(len(b.tokens) for b in blocks), sum(b.tokens.size for b in blocks), len(data),
-                     hashlib.sha256(data).hexdigest())
+class ShardFile:
+    """A shard written block by block into `<name>.tmp` and renamed into place when finished, so a
+    shard is whole or absent. An unfinished one can be reopened at a byte offset where a block ended
+    (the build's resume point) and continued."""
+
+    def __init__(self, path: Path, seq_len: int, offset: int = 0, windows: int = 0):
+        self.path, self.tmp, self.seq_len, self.windows = path, path.with_name(path.name + ".tmp"), seq_len, windows
+        if offset:
+            if not self.tmp.is_file() or self.tmp.stat().st_size < offset:
+                raise DataError(f"{self.tmp}: shorter than its recorded {offset} bytes; remove {path.parent} "
+                                f"/pieces/*.partial.* to rebuild that input from its start")
+            self.fh = open(self.tmp, "r+b")
+            self.fh.truncate(offset)
+            self.fh.seek(offset)
+        else:
+            self.fh = open(self.tmp, "wb")
+
+    def add(self, block: Block) -> None:
+        block.first = self.windows
+        for suffix, payload in _payloads(block):
+            self.fh.write(_tar_member(f"{block.key}.{suffix}", payload))
+        self.windows += len(block.tokens)
+
+    def offset(self) -> int:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())  # the resume point must be on disk before it is recorded
+        return self.fh.tell()
+
+    def finish(self) -> ShardInfo:
+        self.fh.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
+        self.fh.close()
+        data = self.tmp.read_bytes()
+        os.replace(self.tmp, self.path)
+        return ShardInfo(self.path.name, self.windows, self.windows * self.seq_len, len(data),
+                         hashlib.sha256(data).hexdigest())
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -11,37 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.build import build, ensure_built, pad_vocab
-from data_pipeline.pack import Packer
+from data_pipeline.build import build, ensure_built
 from data_pipeline.shards import DataError, Manifest, read_blocks
 from data_pipeline.sources import DocumentReader, demo_documents, resolve_inputs
 from data_pipeline.tokenizer import EOS, MASK, load_tokenizer
 from tests.conftest import REPO, SEQ_LEN, build_config, child_env, data_config, demo_data_config
 
 PY = [sys.executable, "-m"]
-
-
-def test_packer_appends_eos_cuts_windows_and_keeps_document_starts():
-    p = Packer(seq_len=4, eos_id=0)
-    for doc in ([1, 2, 3], [4, 5], [6, 7, 8, 9]):
-        p.add_document(doc)
-    assert p.full_windows() == 3
-    block = p.take(3, "k", np.dtype("<u2"))
-    assert block.tokens.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
-    assert block.starts.tolist() == [0, 4, 7]  # where each document begins in the flattened windows
-    assert p.full_windows() == 0
-
-
-def test_sft_pairs_are_padded_with_eos_and_too_long_pairs_refused():
-    p = Packer(seq_len=6, eos_id=0)
-    assert p.add_pair([1, 2], [3])
-    assert not p.add_pair([1, 2, 3], [4, 5, 6])  # 3 + 3 + EOS > 6
-    block = p.take(1, "k", np.dtype("<u2"))
-    assert block.tokens.tolist() == [[1, 2, 3, 0, 0, 0]] and block.prompt.tolist() == [2]
-
-
-def test_vocab_is_padded_to_a_multiple_of_128():
-    assert [pad_vocab(n) for n in (1, 128, 129, 4096, 50257)] == [128, 128, 256, 4096, 50304]
 
 
 def test_demo_corpus_is_the_pydoc_topics_text():
