@@ -4,7 +4,8 @@ A piece is read, tokenized and packed on its own, into shards `{split}-{piece:05
 (n counts per split), and finishes with `pieces/{piece:05d}.json` listing them. The output depends
 only on the file and the build's settings, never on which worker or array task builds it.
 
-Whenever a shard is finished, the piece records where it stands in `pieces/{piece:05d}.partial.json`
+After each batch of records (256) in which a shard was finished, the piece records where it stands
+in `pieces/{piece:05d}.partial.json`
 (records read, each split's finished shards, the byte offset its unfinished shard has reached) and
 `.partial.npz` (the tokens left in each packer: less than a block). A re-run after a crash skips the
 records already packed, reopens the unfinished shards at their recorded offsets and goes on, so no
