@@ -116,6 +116,14 @@ def _load_partial(out: Path, index: int, identity: dict, settings_id: str) -> tu
         if npz["records"].item() != meta["records"]:
             return None  # the two files are from different moments
         arrays = {s: {k: npz[f"{s}_{k}"] for k in ("tokens", "starts", "prompt")} for s in SPLITS}
+    for split, state in meta["writers"].items():  # every file the state points at must still be there
+        finished = [out / x["name"] for x in state["shards"]]
+        if not all(f.is_file() for f in finished):
+            return None
+        if state["open"]:
+            tmp = out / f"{split}-{index:05d}-{len(finished):04d}.tar.tmp"
+            if not tmp.is_file() or tmp.stat().st_size < state["open"]["offset"]:
+                return None  # e.g. killed between finishing a shard and recording it: redo the input
     return meta, arrays
 
 

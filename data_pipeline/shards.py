@@ -141,9 +141,6 @@ class ShardFile:
     def __init__(self, path: Path, seq_len: int, offset: int = 0, windows: int = 0):
         self.path, self.tmp, self.seq_len, self.windows = path, path.with_name(path.name + ".tmp"), seq_len, windows
         if offset:
-            if not self.tmp.is_file() or self.tmp.stat().st_size < offset:
-                raise DataError(f"{self.tmp}: shorter than its recorded {offset} bytes; remove {path.parent} "
-                                f"/pieces/*.partial.* to rebuild that input from its start")
             self.fh = open(self.tmp, "r+b")
             self.fh.truncate(offset)
             self.fh.seek(offset)
