@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.shards import DataError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -72,10 +75,6 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def _section(cfg: DictConfig, key: str, schema):
-    from omegaconf.errors import OmegaConfBaseException
-
-    from data_pipeline.shards import DataError
-
     try:
         section = OmegaConf.to_container(cfg[key], resolve=True)  # interpolations point outside the section
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section))

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.config import DataConfig
 from data_pipeline.pack import Packer
-from data_pipeline.shards import ShardFile, ShardInfo, atomic_write, token_dtype
+from data_pipeline.shards import ShardFile, ShardInfo, atomic_write, tmp_path, token_dtype
 from data_pipeline.sources import DocumentReader
 from data_pipeline.tokenizer import special_ids
 
@@ -45,23 +45,28 @@ def is_heldout(text: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
+def shard_path(out: Path, split: str, index: int, n: int) -> Path:
+    """The n-th shard of a split of piece `index` (finished; `.tmp` beside it while being written)."""
+    return out / f"{split}-{index:05d}-{n:04d}.tar"
+
+
 class SplitWriter:
     """Takes full blocks out of a Packer and appends them to the split's current shard."""
 
-    def __init__(self, out: Path, stem: str, packer: Packer, dtype: np.dtype, seq_len: int, windows_per_member: int,
-                 members_per_shard: int, state: dict | None = None):
-        self.out, self.stem, self.packer, self.dtype, self.seq_len = out, stem, packer, dtype, seq_len
+    def __init__(self, out: Path, split: str, index: int, packer: Packer, dtype: np.dtype, seq_len: int,
+                 windows_per_member: int, members_per_shard: int, state: dict | None = None):
+        self.out, self.split, self.index, self.packer = out, split, index, packer
+        self.dtype, self.seq_len = dtype, seq_len
         self.windows_per_member, self.members_per_shard = windows_per_member, members_per_shard
         state = state or {"shards": [], "members": 0, "open": None}
         self.shards = [ShardInfo(**x) for x in state["shards"]]
         self.members = state["members"]
-        self.file, self.blocks_in_file = None, 0
+        self.file = None
         if state["open"]:
-            self.file = ShardFile(self._path(), seq_len, state["open"]["offset"], state["open"]["windows"])
-            self.blocks_in_file = state["open"]["blocks"]
+            self.file = ShardFile(self._path(), seq_len, **state["open"])
 
     def _path(self) -> Path:
-        return self.out / f"{self.stem}-{len(self.shards):04d}.tar"
+        return shard_path(self.out, self.split, self.index, len(self.shards))
 
     def drain(self, final: bool = False) -> bool:
         """Writes every full block; with `final`, also the last partial one and closes the shard.
@@ -78,11 +83,10 @@ class SplitWriter:
 
     def _add(self, block) -> None:
         if self.file is None:
-            self.file, self.blocks_in_file = ShardFile(self._path(), self.seq_len), 0
+            self.file = ShardFile(self._path(), self.seq_len)
         self.file.add(block)
         self.members += 1
-        self.blocks_in_file += 1
-        if self.blocks_in_file == self.members_per_shard:
+        if self.file.blocks == self.members_per_shard:
             self._finish()
 
     def _finish(self) -> None:
@@ -92,7 +96,7 @@ class SplitWriter:
     def state(self) -> dict:
         open_shard = None
         if self.file:
-            open_shard = {"offset": self.file.offset(), "windows": self.file.windows, "blocks": self.blocks_in_file}
+            open_shard = {"offset": self.file.offset(), "windows": self.file.windows, "blocks": self.file.blocks}
         return {"shards": [asdict(x) for x in self.shards], "members": self.members, "open": open_shard}
 
 
@@ -121,7 +125,7 @@ def _load_partial(out: Path, index: int, identity: dict, settings_id: str) -> tu
         if not all(f.is_file() for f in finished):
             return None
         if state["open"]:
-            tmp = out / f"{split}-{index:05d}-{len(finished):04d}.tar.tmp"
+            tmp = tmp_path(shard_path(out, split, index, len(finished)))
             if not tmp.is_file() or tmp.stat().st_size < state["open"]["offset"]:
                 return None  # e.g. killed between finishing a shard and recording it: redo the input
     return meta, arrays
@@ -149,7 +153,7 @@ def build_piece(index: int, path: str, cfg: DataConfig, tok: Tokenizer, settings
     packers = {s: Packer(cfg.seq_len, eos) for s in SPLITS}
     for split, state in arrays.items():
         packers[split].restore(state)
-    writers = {s: SplitWriter(out, f"{s}-{index:05d}", packers[s], dtype, cfg.seq_len, per_member, per_shard,
+    writers = {s: SplitWriter(out, s, index, packers[s], dtype, cfg.seq_len, per_member, per_shard,
                               meta["writers"].get(s)) for s in SPLITS}
     reader = DocumentReader(path, cfg.format, cfg.text_field, cfg.prompt_field, cfg.response_field,
                             cfg.on_decode_error)

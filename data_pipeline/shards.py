@@ -133,13 +133,19 @@ def _tar_member(name: str, payload: bytes) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT) + payload + b"\0" * (-len(payload) % tarfile.BLOCKSIZE)
 
 
+def tmp_path(path: Path) -> Path:
+    """Where a shard is written until it is finished."""
+    return path.with_name(path.name + ".tmp")
+
+
 class ShardFile:
     """A shard written block by block into `<name>.tmp` and renamed into place when finished, so a
     shard is whole or absent. An unfinished one can be reopened at a byte offset where a block ended
     (the build's resume point) and continued."""
 
-    def __init__(self, path: Path, seq_len: int, offset: int = 0, windows: int = 0):
-        self.path, self.tmp, self.seq_len, self.windows = path, path.with_name(path.name + ".tmp"), seq_len, windows
+    def __init__(self, path: Path, seq_len: int, offset: int = 0, windows: int = 0, blocks: int = 0):
+        self.path, self.tmp, self.seq_len = path, tmp_path(path), seq_len
+        self.windows, self.blocks = windows, blocks
         if offset:
             self.fh = open(self.tmp, "r+b")
             self.fh.truncate(offset)
@@ -152,6 +158,7 @@ class ShardFile:
         for suffix, payload in _payloads(block):
             self.fh.write(_tar_member(f"{block.key}.{suffix}", payload))
         self.windows += len(block.tokens)
+        self.blocks += 1
 
     def offset(self) -> int:
         self.fh.flush()

@@ -92,7 +92,7 @@ class DocumentReader:
             yield from self._counted(demo_documents())
         elif ".txt" in Path(self.path).name:
             with _open(self.path) as f:
-                text = self._decode(f.read(), "")
+                text = self._decode(f.read())
             if text is not None:
                 yield from self._counted([text])
         elif ".jsonl" in Path(self.path).name:
@@ -105,7 +105,7 @@ class DocumentReader:
             self.counts.documents += 1
             yield r
 
-    def _decode(self, raw: bytes, where: str) -> str | None:
+    def _decode(self, raw: bytes) -> str | None:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -126,7 +126,7 @@ class DocumentReader:
         with _open(self.path) as f:
             for number, raw in enumerate(f, start=1):
                 where = f"{self.path}:{number}"
-                line = self._decode(raw, where)
+                line = self._decode(raw)
                 if line is None or not line.strip():
                     continue
                 try:
@@ -155,7 +155,7 @@ class DocumentReader:
             for values in zip(*columns, strict=True):
                 row += 1
                 where = f"{self.path}: row {row}"
-                values = [self._decode(v, where) if isinstance(v, bytes) else v for v in values]
+                values = [self._decode(v) if isinstance(v, bytes) else v for v in values]
                 if any(v is None for v in values) and self.on_decode_error == "skip":
                     continue
                 yield self._record(values, where)
