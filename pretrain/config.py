@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import BuildConfig, DataConfig, compose
+from pretrain.device import PRECISION_CHOICES, resolve_precision
 from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
 from pretrain.model import ModelConfig
 
@@ -57,6 +58,7 @@ class TrainerConfig:
 class ClusterConfig:
     name: str
     device: str
+    shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
 
 
 @dataclass
@@ -103,6 +105,7 @@ def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
         raise ConfigError(f"config: {str(e).splitlines()[0]} (full key: {e.full_key})") from None
     run.deepspeed = OmegaConf.to_container(cfg.deepspeed, resolve=True)
     validate(run, world_size)
+    run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
     return run
 
 
@@ -150,7 +153,8 @@ def validate(run: RunConfig, world_size: int) -> None:
              f"{run.model.max_sequence_length} (model={run.model.name})")
     _require(t.max_steps is not None or t.max_tokens is not None,
              "trainer.max_steps and trainer.max_tokens are both null: the run would never end")
-    _require(t.precision in ("bf16", "fp32"), f"trainer.precision={t.precision!r} is not one of bf16, fp32")
+    _require(t.precision in PRECISION_CHOICES,
+             f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
     validate_mask(run.mask)
     _require(0 <= run.mask.random_length_prob <= 1,

@@ -140,6 +140,7 @@ class NoisyBatch:
     p_mask: torch.Tensor  # [B, 1] the masking probability of each sequence
     weight: torch.Tensor  # [B, 1] the ELBO weight of a masked token of each sequence
     response_len: torch.Tensor | None = None  # [B, 1] tokens after the prompt (conditional form only)
+    t: torch.Tensor | None = None  # [B] the masking time of each sequence (for metrics by noise level)
 
 
 def forward_process(x0: torch.Tensor, mask_id: int, t: torch.Tensor, schedule: Schedule,
@@ -157,22 +158,48 @@ def forward_process(x0: torch.Tensor, mask_id: int, t: torch.Tensor, schedule: S
         masked &= torch.arange(L, device=x0.device)[None, :] >= prompt_len
         response_len = (L - prompt_len).float()
     return NoisyBatch(torch.where(masked, mask_id, x0), masked, p_mask.float().to(x0.device),
-                      weight.float().to(x0.device), response_len)
+                      weight.float().to(x0.device), response_len, t.float().to(x0.device))
+
+
+@dataclass
+class SequenceStats:
+    """Per sequence of a micro-batch, detached: what the metrics need to show the loss by noise level."""
+    t: torch.Tensor  # [B] masking time
+    masked: torch.Tensor  # [B] number of masked tokens
+    ce_sum: torch.Tensor  # [B] plain cross-entropy summed over the masked tokens
+    weighted_sum: torch.Tensor  # [B] the sequence's share of the loss before normalization (weight x CE)
+    correct: torch.Tensor  # [B] masked tokens whose argmax prediction is the original token
 
 
 def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch, normalize: str = "tokens"):
     """sum over masked positions of weight * CE(logits, x0), divided by B * L (`tokens`, the paper) or
     by the number of masked tokens (`masked`). For the linear schedule, weight = 1 / p_mask. In the
     conditional form, `tokens` divides each sequence's sum by its response length, then by B."""
+    return diffusion_loss_and_stats(logits, x0, batch, normalize)[0]
+
+
+def diffusion_loss_and_stats(logits: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch,
+                             normalize: str = "tokens") -> tuple[torch.Tensor, SequenceStats]:
+    """diffusion_loss, and the per-sequence statistics behind it (detached)."""
     B, L = x0.shape
     rows = batch.masked
     # Only the masked rows are upcast: at 126k vocab the full logits in fp32 would not fit.
-    ce = F.cross_entropy(logits[rows].float(), x0[rows], reduction="none")
+    masked_logits = logits[rows].float()
+    ce = F.cross_entropy(masked_logits, x0[rows], reduction="none")
     per_token = batch.weight.expand(B, L)
     if batch.response_len is not None and normalize == "tokens":
         per_token = per_token * (L / batch.response_len.clamp_min(1))  # sum / (B * L) below -> per sequence / B
-    total = (ce * per_token[rows]).sum()
-    return total / (B * L) if normalize == "tokens" else total / rows.sum().clamp_min(1)
+    weighted = ce * per_token[rows]
+    total = weighted.sum()
+    loss = total / (B * L) if normalize == "tokens" else total / rows.sum().clamp_min(1)
+    with torch.no_grad():
+        seq = rows.nonzero()[:, 0]  # the sequence of each masked row, in the order logits[rows] takes them
+        per_seq = lambda v: torch.zeros(B, device=x0.device).index_add_(0, seq, v.float())  # noqa: E731
+        correct = (masked_logits.argmax(-1) == x0[rows]).float()
+        t = batch.t if batch.t is not None else batch.p_mask[:, 0]
+        stats = SequenceStats(t=t.detach().float(), masked=rows.sum(1).float(), ce_sum=per_seq(ce.detach()),
+                              weighted_sum=per_seq(weighted.detach()), correct=per_seq(correct))
+    return loss, stats
 
 
 def random_length(x0: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:

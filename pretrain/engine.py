@@ -35,12 +35,25 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed() -> tuple[int, int]:
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce with gcc when the process group
+    starts (about 150 s on a fresh machine). gloo alone is correct and, for the models a CPU trains,
+    fast enough, so the CPU path skips the build unless `cluster.shm_comm=true`. DeepSpeed reads the
+    op through this module-level function, so replacing it is the one switch it offers. (Looked up
+    in sys.modules: the attribute `deepspeed.comm.torch` is the torch package itself, re-exported.)"""
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_distributed(shm_comm: bool = True) -> tuple[int, int]:
     """Join the process group the launcher set up (deepspeed, torchrun, srun), or make a one-process
     group on loopback when started as plain `python -m pretrain.train`. Returns (rank, world_size)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    if not shm_comm:
+        _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -50,6 +63,9 @@ def check_device(run: RunConfig) -> None:
     if run.cluster.device != found:
         raise RuntimeError(f"cluster={run.cluster.name} expects device {run.cluster.device!r}, but DeepSpeed "
                            f"found {found!r}; pick a cluster= config for this machine")
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def deepspeed_config(run: RunConfig, world_size: int) -> dict:
@@ -101,9 +117,12 @@ def build_engine(run: RunConfig, world_size: int):
     ds_config = deepspeed_config(run, world_size)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     torch.manual_seed(run.seed)  # the same initial weights on every rank and every run
-    dtype = torch.bfloat16 if run.trainer.precision == "bf16" else torch.float32
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, enabled=stage == 3):
+    # No dtype argument: DeepSpeed 0.19 ignores it on the CPU accelerator (bf16 whatever was asked);
+    # without one, zero.Init takes the dtype from the config's bf16 section, which follows precision.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
         model = LLaDAModel(run.model)
+    if stage != 3:
+        model.to(PRECISIONS[run.trainer.precision])
     optimizer = make_optimizer(model, run)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lr_scheduler(optimizer, run))

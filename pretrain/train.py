@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> None:
     if run.resume == "never" and checkpoint.latest(run.run_dir):
         raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"
                           f" resume=auto continues that run, or choose another run_dir")
-    rank, world = init_distributed()
+    rank, world = init_distributed(shm_comm=run.cluster.device != "cpu" or run.cluster.shm_comm)
     check_device(run)
     manifest = prepare_data(run, rank)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)

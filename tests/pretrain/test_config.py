@@ -21,7 +21,7 @@ from tests.conftest import REPO, child_env
      "deepspeed.zero_optimization.stage3_prefetch_bucket_sizee=1: Extra inputs are not permitted"),
     (["+deepspeed.train_batch_size=64"], 1, "deepspeed.train_batch_size is set from trainer.global_batch_size"),
     (["+model.n_layer=3"], 1, "Key 'n_layer' not in 'ModelConfig'"),
-    (["trainer.precision=fp16"], 1, "trainer.precision='fp16' is not one of bf16, fp32"),
+    (["trainer.precision=fp16"], 1, "trainer.precision='fp16' is not one of auto, bf16, fp32"),
     (["mask.eps=0"], 1, "mask.eps=0.0 must be in (0, 1)"),
     (["optim.schedule.points=[[10,1],[0,0]]"], 1, "positions must not decrease"),
     (["mask.schedule=quadratic"], 1, "mask.schedule='quadratic' is not one of linear, cosine, polynomial, loglinear"),
