@@ -55,10 +55,32 @@ class TrainerConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """How `python -m launch.submit` lays a run out on a SLURM cluster (checked there, before sbatch)."""
+    nodes: int
+    gpus_per_node: int  # ranks per node (CPU processes on a CPU cluster)
+    cpus_per_node: int
+    partition: str | None
+    account: str | None
+    time_limit: str  # SLURM's format: MM, HH:MM:SS, D-HH:MM, ...
+    constraint: str | None
+    preempt_signal_s: int  # USR1 this many seconds before the time limit: the ranks save and the job requeues
+    requeue: bool
+    launcher: str  # deepspeed | torchrun: one per node, started by srun
+    job_name: str
+    log_dir: str  # one log file per job: <log_dir>/<job_name>-<job id>.out
+    python: str | None  # the interpreter on the compute nodes; null: the one that submits
+    setup: list[str]  # shell lines run before the launch (module load ..., source venv/bin/activate)
+    sbatch_extra: list[str]  # more sbatch options, e.g. ["--qos=high", "--exclusive"]
+    env: dict[str, str]  # exported in the job (NCCL_*, WANDB_*, HYDRA_FULL_ERROR, ...)
+
+
+@dataclass
 class ClusterConfig:
     name: str
     device: str
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
+    slurm: SlurmConfig | None  # the layout on a SLURM cluster (cluster=slurm, slurm_local); null elsewhere
 
 
 @dataclass

@@ -31,7 +31,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _adopt_slurm_ranks() -> None:
+    """srun started the ranks itself (`srun python -m pretrain.train`, deepspeed's --launcher slurm):
+    SLURM's task ids are the ranks; MASTER_ADDR/MASTER_PORT come exported from the batch script."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ["SLURM_LOCALID"])
+
+
 def world_size_from_env() -> int:
+    _adopt_slurm_ranks()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -49,6 +58,7 @@ def _skip_shm_comm_build() -> None:
 def init_distributed(shm_comm: bool = True) -> tuple[int, int]:
     """Join the process group the launcher set up (deepspeed, torchrun, srun), or make a one-process
     group on loopback when started as plain `python -m pretrain.train`. Returns (rank, world_size)."""
+    _adopt_slurm_ranks()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

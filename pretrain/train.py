@@ -9,6 +9,7 @@ train, save, and optionally print a sample.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def train(cfg: DictConfig) -> None:
                           f" resume=auto continues that run, or choose another run_dir")
     rank, world = init_distributed(shm_comm=run.cluster.device != "cpu" or run.cluster.shm_comm)
     check_device(run)
+    print(f"rank {rank}/{world} on host {socket.gethostname()}", flush=True)  # which node each rank ran on
     manifest = prepare_data(run, rank)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
 

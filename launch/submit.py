@@ -1,0 +1,179 @@
+"""Submit a training run to SLURM from a login node.
+
+    python -m launch.submit cluster=slurm cluster.slurm.partition=gpu model=llada_1b [overrides...]
+    python -m launch.submit --dry-run cluster=slurm ...     # print the batch script, submit nothing
+
+The Hydra overrides are composed and checked exactly as `python -m pretrain.train` will (with the
+world size the layout gives: nodes x gpus_per_node), the cluster.slurm section is checked, and every
+error is one line before anything is submitted. Then launch/slurm/pretrain.sbatch is filled (the
+#SBATCH lines and a settings block), kept in the log directory, and passed to sbatch. The overrides
+reach the training processes unchanged; the job runs in the directory this command ran in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.config import ConfigError, RunConfig, SlurmConfig, load_config
+
+TEMPLATE = Path(__file__).resolve().parent / "slurm" / "pretrain.sbatch"
+LAUNCHERS = ("deepspeed", "torchrun")
+# sbatch's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def time_limit_seconds(value: str) -> int:
+    m = _TIME.match(value.strip())
+    _require(m is not None and value.strip() != "",
+             f"cluster.slurm.time_limit={value!r} is not a SLURM time (MM, HH:MM:SS, D-HH, D-HH:MM:SS)")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-H[:M[:S]]
+        h, mi, s = int(a), int(b or 0), int(c or 0)
+        return int(days) * 86400 + h * 3600 + mi * 60 + s
+    if c is not None:  # H:M:S
+        return int(a) * 3600 + int(b) * 60 + int(c)
+    return int(a) * 60 + int(b or 0)  # M or M:S
+
+
+def check_slurm(run: RunConfig) -> SlurmConfig:
+    """The cluster.slurm section, or a one-line ConfigError naming the key at fault."""
+    s = run.cluster.slurm
+    _require(s is not None, f"cluster={run.cluster.name} has no slurm section; submit with cluster=slurm "
+                            f"(GPU nodes) or cluster=slurm_local (CPU)")
+    for key in ("nodes", "gpus_per_node", "cpus_per_node"):
+        _require(getattr(s, key) >= 1, f"cluster.slurm.{key}={getattr(s, key)} must be at least 1")
+    _require(bool(s.partition and s.partition.strip()),
+             "cluster.slurm.partition is not set: name your site's partition (`sinfo -s` lists them), "
+             "e.g. cluster.slurm.partition=gpu")
+    limit = time_limit_seconds(s.time_limit)
+    _require(0 < limit, f"cluster.slurm.time_limit={s.time_limit!r} must be longer than 0")
+    _require(0 <= s.preempt_signal_s < min(limit, 65536),
+             f"cluster.slurm.preempt_signal_s={s.preempt_signal_s} must be in [0, time limit {limit}s) "
+             f"and below 65536 (sbatch --signal)")
+    _require(s.launcher in LAUNCHERS, f"cluster.slurm.launcher={s.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    _require(re.fullmatch(r"[\w.+-]+", s.job_name) is not None,
+             f"cluster.slurm.job_name={s.job_name!r} must be one word of letters, digits, . + - _")
+    _require(s.log_dir.strip() != "" and not re.search(r"\s", s.log_dir),
+             f"cluster.slurm.log_dir={s.log_dir!r} must be a path without spaces (an #SBATCH --output value)")
+    for key in s.env:
+        _require(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) is not None,
+                 f"cluster.slurm.env.{key}: not a valid environment variable name")
+    for opt in s.sbatch_extra:
+        _require(opt.startswith("--") and "\n" not in opt,
+                 f"cluster.slurm.sbatch_extra: {opt!r} is not one sbatch long option (--name=value)")
+    for line in s.setup:
+        _require("\n" not in line, f"cluster.slurm.setup: {line!r} spans lines; give one list item per line")
+    return s
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    """The config every rank of the job will load, validated at the job's world size."""
+    from data_pipeline.config import compose
+
+    try:
+        cfg = compose(overrides)
+    except (HydraException, OmegaConfBaseException) as e:  # a bad override: a key that does not exist, ...
+        raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
+    layout = cfg.cluster.get("slurm")
+    world = 1
+    if layout is not None and isinstance(layout.nodes, int) and isinstance(layout.gpus_per_node, int):
+        world = max(1, layout.nodes) * max(1, layout.gpus_per_node)  # a value < 1 is named by check_slurm
+    run = load_config(cfg, world)
+    check_slurm(run)
+    return run
+
+
+def sbatch_lines(run: RunConfig, workdir: Path) -> list[str]:
+    s = run.cluster.slurm
+    log_dir = workdir / s.log_dir
+    opts = [f"--job-name={s.job_name}", f"--nodes={s.nodes}", "--ntasks-per-node=1",
+            f"--cpus-per-task={s.cpus_per_node}"]
+    if run.cluster.device == "cuda":
+        opts.append(f"--gpus-per-node={s.gpus_per_node}")
+    opts.append(f"--partition={s.partition}")
+    if s.account:
+        opts.append(f"--account={s.account}")
+    opts.append(f"--time={s.time_limit}")
+    if s.constraint:
+        opts.append(f"--constraint={s.constraint}")
+    opts += [f"--signal=B:USR1@{s.preempt_signal_s}", "--requeue" if s.requeue else "--no-requeue",
+             "--open-mode=append", f"--output={log_dir}/%x-%j.out", f"--chdir={workdir}", *s.sbatch_extra]
+    return [f"#SBATCH {o}" for o in opts]
+
+
+def settings_block(run: RunConfig, overrides: list[str], workdir: Path, python: str) -> list[str]:
+    s = run.cluster.slurm
+    q = shlex.quote
+    lines = ["# Filled in by python -m launch.submit from the cluster= config",
+             f"WORKDIR={q(str(workdir))}",
+             f"LOG_DIR={q(str(workdir / s.log_dir))}",
+             f"PYTHON={q(s.python or python)}",
+             f"LAUNCHER={s.launcher}",
+             f"GPUS_PER_NODE={s.gpus_per_node}",
+             f"REQUEUE={int(s.requeue)}"]
+    lines += [f"export {k}={q(str(v))}" for k, v in s.env.items()]
+    lines += list(s.setup)
+    lines.append("TRAIN_ARGS=(" + " ".join(q(o) for o in overrides) + ")")
+    return lines
+
+
+def render(run: RunConfig, overrides: list[str], workdir: Path, python: str = sys.executable) -> str:
+    text = TEMPLATE.read_text()
+    text = text.replace("#@SBATCH@\n", "".join(line + "\n" for line in sbatch_lines(run, workdir)))
+    return text.replace("#@SETTINGS@\n", "".join(line + "\n" for line in settings_block(run, overrides, workdir,
+                                                                                          python)))
+
+
+def submit(script: str, log_dir: Path, env: dict | None = None) -> str:
+    """Keeps the script in log_dir (what was submitted, when) and sbatches it; returns the job id."""
+    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create --output's directory
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    path = log_dir / f"submit-{stamp}.sbatch"
+    path.write_text(script)
+    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch {path} failed: {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m pretrain.train")
+    args = parser.parse_args(argv)
+    bad = [o for o in args.overrides if o.startswith("-")]
+    if bad:
+        sys.exit(f"error: {bad[0]}: only Hydra overrides (key=value) are passed on; sweeps (-m) are not submitted")
+    workdir = Path.cwd()
+    try:
+        run = compose_run(args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    script = render(run, args.overrides, workdir)
+    if args.dry_run:
+        print(script, end="")
+        return
+    log_dir = workdir / run.cluster.slurm.log_dir
+    job = submit(script, log_dir)
+    print(f"submitted job {job}: {run.cluster.slurm.nodes} nodes x {run.cluster.slurm.gpus_per_node} ranks; "
+          f"log {log_dir}/{run.cluster.slurm.job_name}-{job}.out; run_dir {workdir / run.run_dir}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()
