@@ -145,7 +145,7 @@ class LocalCluster:
         if self.pids and _alive(self.pids[0]):
             subprocess.run(["scancel", "--full", "-u", str(os.getuid())], env=self.env, capture_output=True)
             subprocess.run(["scancel", "-u", str(os.getuid())], env=self.env, capture_output=True)
-            _wait_gone(lambda: processes_of(self.conf, exclude=self.pids), 15)
+            _wait_gone(lambda: processes_of(self.conf, job_id="*"), 15)
         _terminate(self.pids)
         _terminate(processes_of(self.conf))
         self.pids = []
@@ -202,20 +202,21 @@ def _terminate(pids: list[int], grace: float = 20) -> None:
             pass
 
 
-def processes_of(conf: Path, exclude: list[int] = (), job_id: str | None = None) -> list[int]:
+def processes_of(conf: Path, job_id: str | None = None) -> list[int]:
     """PIDs of the processes whose environment carries this cluster's SLURM_CONF (and, if given,
-    SLURM_JOB_ID=job_id): the daemons, their job steps and every rank they started."""
+    SLURM_JOB_ID=job_id; "*": any job): the daemons, their job steps and every rank they started."""
     want = f"SLURM_CONF={conf}".encode()
-    job = f"SLURM_JOB_ID={job_id}".encode() if job_id else None
+    job = f"SLURM_JOB_ID={job_id}".encode() if job_id and job_id != "*" else None
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in exclude or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if want in environ and (job is None or job in environ):
+        in_job = any(v.startswith(b"SLURM_JOB_ID=") for v in environ) if job_id == "*" else True
+        if want in environ and (job is None or job in environ) and in_job:
             found.append(int(entry.name))
     return found
 

@@ -81,6 +81,19 @@ def check_slurm(run: RunConfig) -> SlurmConfig:
     return s
 
 
+def _culprit(overrides: list[str]) -> str:
+    """Hydra's grammar errors do not say which override they are about; find it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException:
+            return f"override {override!r} does not parse (quote values holding '=' or '--'): "
+    return ""
+
+
 def compose_run(overrides: list[str]) -> RunConfig:
     """The config every rank of the job will load, validated at the job's world size."""
     from data_pipeline.config import compose
@@ -88,7 +101,7 @@ def compose_run(overrides: list[str]) -> RunConfig:
     try:
         cfg = compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:  # a bad override: a key that does not exist, ...
-        raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config: {_culprit(overrides)}{str(e).splitlines()[0]}") from None
     layout = cfg.cluster.get("slurm")
     world = 1
     if layout is not None and isinstance(layout.nodes, int) and isinstance(layout.gpus_per_node, int):

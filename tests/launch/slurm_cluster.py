@@ -1,89 +1,47 @@
-"""A real one-node SLURM cluster on loopback for tests: slurmctld + slurmd started from a generated
-slurm.conf in a temporary directory (auth/none, no munge, no cgroups), stopped when the test ends."""
+"""A real SLURM cluster on loopback for tests (launch/local_cluster.py): slurmctld and one slurmd per
+node, each node in its own mount and hostname namespace, free ports, every process stopped by PID
+when the test ends, pass or fail."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-CONF = """\
-ClusterName=llada-test
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/none
-CredType=cred/none
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
-ProctrackType=proctrack/pgid
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-MpiDefault=none
-ReturnToService=2
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-JobAcctGatherType=jobacct_gather/none
-MaxArraySize=100
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-"""
-
-
-def slurm_available() -> bool:
-    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo"))
+from launch.local_cluster import LocalCluster, slurm_available  # noqa: F401  (re-exported for the tests)
 
 
 @contextmanager
-def slurm_cluster(root: Path, ctld_port: int = 16817, slurmd_port: int = 16818):
+def slurm_cluster(root: Path, nodes: int = 1, cpus_per_node: int | None = None):
     """Yields the environment (SLURM_CONF) under which sbatch/squeue talk to the test cluster."""
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in ("state", "spool"):
-        (root / sub).mkdir(exist_ok=True)
-    host = socket.gethostname().split(".")[0]
-    conf = root / "slurm.conf"
-    conf.write_text(CONF.format(host=host, root=root, ctld_port=ctld_port, slurmd_port=slurmd_port,
-                                cpus=os.cpu_count() or 1))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    daemons = [subprocess.Popen([d, "-D", "-f", str(conf), *extra], env=env, stdout=subprocess.DEVNULL,
-                                stderr=open(root / f"{d}.stderr", "w"), start_new_session=True)
-               for d, extra in (("slurmctld", ["-i"]), ("slurmd", ["-N", host]))]
+    cluster = LocalCluster(root, nodes=nodes, cpus_per_node=cpus_per_node or os.cpu_count() or 1)
+    env = cluster.start()
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip()
-            if state in ("idle", "mix", "alloc"):
-                break
-            time.sleep(0.5)
-        else:
-            logs = "".join((root / f).read_text()[-2000:] for f in ("slurmctld.log", "slurmd.log")
-                           if (root / f).exists())
-            raise RuntimeError(f"the test SLURM cluster did not come up (node state {state!r})\n{logs}")
         yield env
     finally:
-        subprocess.run(["scancel", "--full", "-u", os.environ.get("USER", "root")], env=env, capture_output=True)
-        for p in daemons:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in daemons:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        cluster.stop()
+
+
+def job_field(env: dict, job_id: str, field: str) -> str:
+    """One field of `scontrol show job` (JobState, ExitCode, Restarts, ...); '' once the job is forgotten."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True).stdout
+    for token in out.split():
+        key, _, value = token.partition("=")
+        if key == field:
+            return value
+    return ""
+
+
+def wait_for_state(env: dict, job_id: str, states: tuple[str, ...], timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_field(env, job_id, "JobState")
+        if state in states:
+            return state
+        time.sleep(0.5)
+    raise TimeoutError(f"SLURM job {job_id} not in {states} after {timeout}s (state {state!r})")
 
 
 def wait_for_jobs(env: dict, job_ids: list[str], timeout: float = 300) -> dict[str, str]:
@@ -97,5 +55,4 @@ def wait_for_jobs(env: dict, job_ids: list[str], timeout: float = 300) -> dict[s
         time.sleep(1)
     else:
         raise TimeoutError(f"SLURM jobs {job_ids} still queued after {timeout}s")
-    out = subprocess.run(["scontrol", "show", "job", "-o", *job_ids[:1]], env=env, capture_output=True, text=True)
-    return {"scontrol": out.stdout}
+    return {job: job_field(env, job, "JobState") for job in job_ids}
