@@ -26,7 +26,8 @@ demo: install
 		trainer.eval_every=100 sample.at_end=true sample.gen_length=48 sample.steps=48 sample.temperature=0.8 \
 		run_dir=outputs/demo
 
-# The SLURM launch tests start a one-node cluster on loopback: Debian's slurm-wlm (root or sudo).
+# The SLURM launch tests start a two-node cluster on loopback (launch/local_cluster.py): Debian's slurm-wlm,
+# and unshare/mount from util-linux for each node's namespace (root or sudo).
 system-deps:
 	@command -v slurmctld >/dev/null || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -37,7 +38,7 @@ test: install system-deps
 
 lint: install
 	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check pretrain data_pipeline tests bench
+	$(PY) -m ruff check pretrain data_pipeline launch tests bench
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -4,7 +4,7 @@ setup(
     name="llada-pretrain",
     version="0.1.0",
     description="Pretraining large language diffusion models (LLaDA) with DeepSpeed ZeRO-3",
-    packages=find_packages(include=["pretrain", "pretrain.*", "data_pipeline", "data_pipeline.*"]),
+    packages=find_packages(include=["pretrain", "pretrain.*", "data_pipeline", "data_pipeline.*", "launch", "launch.*"]),
     python_requires=">=3.10",
     # torch is a range that the CPU build 2.13.0 satisfies; `make install` puts that build in first
     # where no torch is present, so pip never pulls a multi-GB CUDA build onto a CPU machine.

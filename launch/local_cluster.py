@@ -93,7 +93,7 @@ class LocalCluster:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} State=UNKNOWN"
-                          for n, p in zip(self.names, self.ports[1:]))
+                          for n, p in zip(self.names, self.ports[1:], strict=True))
         self.conf.write_text(CONF.format(ctld_host=socket.gethostname().split(".")[0], ctld_port=self.ports[0],
                                          root=self.root, nodes=nodes, node_list=",".join(self.names)))
         # Each node's private /etc/hosts: the machine's own lines, plus every node name on loopback.
