@@ -121,16 +121,16 @@ def test_preempted_job_saves_requeues_resumes_and_matches_the_uninterrupted_loss
     wait_for_step(run_dir, 2, env, job)
     # What SLURM does before a time limit or a preemption (--signal=B:USR1@N): USR1 to the batch shell.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-    wait_for_state(env, job, ("PENDING",), timeout=120)  # requeued: held ~120 s by SLURM, unless told
+    wait_for_state(env, job, ("PENDING",), timeout=120)  # requeued; SLURM holds it ~120 s unless StartTime=now
     assert job_field(env, job, "Restarts") == "1"
     stopped_at = checkpoint_step(run_dir)
     assert 2 <= stopped_at < STEPS, stopped_at  # the ranks stopped early, after a saved step
     assert processes_of(local.conf, job_id=job) == []
-    subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"], env=env, check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     assert wait_for_jobs(env, [job], timeout=JOB_TIMEOUT) == {job: "COMPLETED"}, job_log(run_dir, job)[-3000:]
 
     log = job_log(run_dir, job)  # one log file for both runs of the job (--open-mode=append)
-    assert "got SIGUSR1" in log and "srun exited with 75" in log and f"requeueing job {job}" in log, log[-3000:]
+    assert "got SIGUSR1" in log and "stopped early (exit 75)" in log and f"requeueing job {job}" in log, log[-3000:]
     assert f"job {job} (restart 1)" in log and f"at step {stopped_at}" in log
     assert checkpoint_step(run_dir) == STEPS
     reference = train_losses(uninterrupted[0])
