@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from launch.local_cluster import LocalCluster, processes_of, slurm_available
 from tests.conftest import REPO, TRAIN_ARGS, child_env, read_metrics, train_losses
@@ -64,7 +65,8 @@ def uninterrupted(cluster, demo_shards, tmp_path_factory):
     """One complete 2-node job: its run_dir and job id (also the reference for the preemption test)."""
     _, env = cluster
     run_dir = tmp_path_factory.mktemp("slurm-run") / "run"
-    job = submit(env, run_dir.parent, *training_args(run_dir, demo_shards))
+    # An override with a space and quotes: Hydra overrides reach the ranks unchanged.
+    job = submit(env, run_dir.parent, *training_args(run_dir, demo_shards), "logging.name='slurm run'")
     assert wait_for_jobs(env, [job], timeout=JOB_TIMEOUT) == {job: "COMPLETED"}, job_log(run_dir, job)[-3000:]
     return run_dir, job
 
@@ -80,6 +82,7 @@ def test_two_node_job_trains_on_both_nodes_and_checkpoints(cluster, uninterrupte
     assert losses[STEPS] < losses[1] - 0.5, losses
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
     assert json.loads((run_dir / "setup.json").read_text())["world_size"] == 2
+    assert OmegaConf.load(run_dir / "config.yaml").logging.name == "slurm run"
     hostfile = (run_dir / "slurm" / f"hostfile-{job}").read_text()
     assert hostfile == "node1 slots=1\nnode2 slots=1\n"
     assert list((run_dir / "slurm").glob("llada-*.out")) == [run_dir / "slurm" / f"llada-{job}.out"]
