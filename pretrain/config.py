@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import BuildConfig, DataConfig, compose
 from pretrain.device import PRECISION_CHOICES, resolve_precision
-from pretrain.faults import FaultConfig
 from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
+from pretrain.faults import FaultConfig
 from pretrain.model import ModelConfig
 
 

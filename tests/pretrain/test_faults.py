@@ -198,7 +198,7 @@ def test_non_finite_steps_are_skipped_without_an_update(tmp_path, demo_shards):
     run_train(torchrun_launcher(), tmp_path / "two", demo_shards, "trainer.max_steps=2", timeout=600)
     after_skips, before = param_and_optimizer_state(tmp_path / "nan", 4), param_and_optimizer_state(tmp_path / "two", 2)
     assert len(after_skips) == len(before)
-    assert all(torch.equal(a, b) for a, b in zip(after_skips, before)), "a skipped step changed the state"
+    assert all(torch.equal(a, b) for a, b in zip(after_skips, before, strict=True)), "a skipped step changed the state"
     records = {r["step"]: r for r in read_metrics(tmp_path / "nan")}
     assert [records[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 2]
     # The lr schedule stays aligned with the step counter: step 5 gets the lr of step 5.
