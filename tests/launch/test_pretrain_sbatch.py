@@ -93,7 +93,8 @@ def test_a_rank_killed_on_one_node_fails_the_job_and_leaves_no_process(cluster, 
     deepspeed launcher's failure path was measured the same: FAILED within seconds, nothing left)."""
     local, env = cluster
     run_dir = tmp_path / "run"
-    job = submit(env, tmp_path, "cluster.slurm.launcher=torchrun", *training_args(run_dir, demo_shards, steps=10_000))
+    job = submit(env, tmp_path, "cluster.slurm.launcher=torchrun", "cluster.timeout_s=60",
+                 *training_args(run_dir, demo_shards, steps=10_000))
     wait_for_step(run_dir, 2, env, job)
     log = job_log(run_dir, job)
     assert "launcher torchrun" in log and "rank 0/2 on host node1" in log and "rank 1/2 on host node2" in log
@@ -102,7 +103,7 @@ def test_a_rank_killed_on_one_node_fails_the_job_and_leaves_no_process(cluster, 
     killed_at = time.time()
     os.kill(ranks[0], signal.SIGKILL)
     assert wait_for_jobs(env, [job], timeout=120) == {job: "FAILED"}, job_log(run_dir, job)[-3000:]
-    assert time.time() - killed_at < 60
+    assert time.time() - killed_at < 60  # cluster.timeout_s: a SIGKILLed peer is seen at once, a stopped one by then
     assert job_field(env, job, "ExitCode") != "0:0"
     assert processes_of(local.conf, job_id=job) == []  # nothing left on either node
 
