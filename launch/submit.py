@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         sys.exit(f"error: {bad[0]}: only Hydra overrides (key=value) are passed on; sweeps (-m) are not submitted")
     workdir = Path.cwd()
+    if re.search(r"\s", str(workdir)):
+        sys.exit(f"error: the working directory {str(workdir)!r} has a space; sbatch's --chdir/--output cannot hold it")
     try:
         run = compose_run(args.overrides)
     except ConfigError as e:
