@@ -77,6 +77,7 @@ def test_two_node_job_trains_on_both_nodes_and_checkpoints(cluster, uninterrupte
     log = job_log(run_dir, job)
     assert job_field(env, job, "ExitCode") == "0:0"
     assert "0: rank 0/2 on host node1" in log and "1: rank 1/2 on host node2" in log, log[-3000:]
+    assert f"master node1:{20000 + int(job) % 20000};" in log  # MASTER_ADDR: the first host; the port from the job id
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1] - 0.5, losses
