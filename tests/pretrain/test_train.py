@@ -38,11 +38,12 @@ def test_the_model_trains_in_the_precision_asked_for(single_run, tmp_path, demo_
 
     auto = resolve_precision("auto", "cpu")  # fp32 on this CPU unless it has native bf16
     setup = json.loads((single_run[0] / "setup.json").read_text())
-    assert (setup["precision"], setup["param_dtype"]) == (auto, {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[auto])
+    dtypes = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}
+    assert (setup["precision"], setup["param_dtype"]) == (auto, dtypes[auto])
     other = "bf16" if auto == "fp32" else "fp32"
     run_train(PYTHON, tmp_path / "other", demo_shards, "trainer.max_steps=1", f"trainer.precision={other}")
     setup = json.loads((tmp_path / "other" / "setup.json").read_text())
-    assert setup["param_dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[other]
+    assert setup["param_dtype"] == dtypes[other]
     # Not the same numbers in another precision (DeepSpeed 0.19 on the CPU once built bf16 either way).
     assert train_losses(tmp_path / "other")[1] != train_losses(single_run[0])[1]
 
