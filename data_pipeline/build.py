@@ -1,4 +1,4 @@
-"""Build shards: input files -> documents -> tokens -> packed windows -> webdataset tars + manifest.
+r"""Build shards: input files -> documents -> tokens -> packed windows -> webdataset tars + manifest.
 
     python -m data_pipeline.build data=files data.inputs=[corpus/] data.dir=shards/c4 \
         data.tokenizer=tok.json trainer.seq_len=4096 build.workers=16
@@ -233,8 +233,13 @@ def ensure_built(cfg: DataConfig) -> Manifest:
 
 
 def main(argv: list[str]) -> None:
+    from data_pipeline.cli import add_overrides, config_reference, parser
+
+    p = parser("data_pipeline.build", __doc__, config_reference(("data", "files"), ("build", "default")))
+    add_overrides(p)
+    args = p.parse_args(argv)
     try:
-        cfg = compose(argv)
+        cfg = compose(args.overrides)
         build(data_config(cfg), build_config(cfg))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -81,10 +81,17 @@ def main(argv: list[str]) -> None:
     from data_pipeline.shards import DataError, atomic_write
     from data_pipeline.sources import resolve_inputs
 
-    if not argv or "=" in argv[0]:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
-        sys.exit(2)
-    out, overrides = Path(argv[0]), argv[1:]
+    from data_pipeline.cli import add_overrides, parser
+
+    p = parser("data_pipeline.tokenizer", __doc__, "Reads data.inputs, data.format, data.text_field, "
+               "data.prompt_field, data.response_field, data.on_decode_error and data.vocab_size "
+               "(see python -m data_pipeline.build --help).")
+    p.add_argument("out", metavar="OUT.json", help="where the tokenizer.json is written")
+    add_overrides(p)
+    args = p.parse_args(argv)
+    if "=" in args.out:
+        p.error(f"the first argument is the output file, got the override {args.out!r}")
+    out, overrides = Path(args.out), args.overrides
     keys = ("inputs", "format", "text_field", "prompt_field", "response_field", "on_decode_error", "vocab_size")
     try:
         try:  # only the keys that say what to read: data.dir and the rest are not needed here
