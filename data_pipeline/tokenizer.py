@@ -77,11 +77,10 @@ def main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from data_pipeline.cli import add_overrides, parser
     from data_pipeline.config import compose
     from data_pipeline.shards import DataError, atomic_write
     from data_pipeline.sources import resolve_inputs
-
-    from data_pipeline.cli import add_overrides, parser
 
     p = parser("data_pipeline.tokenizer", __doc__, "Reads data.inputs, data.format, data.text_field, "
                "data.prompt_field, data.response_field, data.on_decode_error and data.vocab_size "
