@@ -63,34 +63,60 @@ def _init_worker(tokenizer_json: str, cfg: dict, settings_id: str, progress_queu
 
 def _run_piece(args: tuple[int, str]) -> dict:
     index, path = args
-    return build_piece(index, path, _worker["cfg"], _worker["tok"], _worker["settings"], _worker["queue"].put)
+    put = _worker["queue"].put
+    fragment = build_piece(index, path, _worker["cfg"], _worker["tok"], _worker["settings"], lambda n: put((n, 0)))
+    put((0, 1))
+    return fragment
 
 
 class Progress:
-    """A tqdm bar of tokens with their rate; silent when disabled or when stderr is not a terminal."""
+    """Tokens built, their rate and the inputs done, on stderr: a tqdm bar on a terminal, a plain line
+    every `every_s` seconds (and one at the end) otherwise, so a redirected log gets no carriage
+    returns."""
 
-    def __init__(self, enabled: bool, pieces: int):
-        from tqdm import tqdm
+    def __init__(self, enabled: bool, pieces: int, every_s: float, stream=sys.stderr):
+        self.pieces, self.every_s, self.stream = pieces, every_s, stream
+        self.tokens = self.done = 0
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        self.plain = enabled and not stream.isatty()
+        if enabled and not self.plain:
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=None, unit="tok", unit_scale=True, disable=not enabled, file=sys.stderr,
-                        desc=f"build ({pieces} inputs)", mininterval=1.0)
-        self.tokens = 0
+            self.bar = tqdm(total=None, unit="tok", unit_scale=True, file=stream, desc=f"build ({pieces} inputs)",
+                            mininterval=1.0)
 
-    def __call__(self, n: int) -> None:
-        self.tokens += n
-        self.bar.update(n)
+    def __call__(self, tokens: int, pieces: int = 0) -> None:
+        self.tokens += tokens
+        self.done += pieces
+        if self.bar is not None:
+            self.bar.update(tokens)
+            if pieces:
+                self.bar.set_postfix_str(f"{self.done}/{self.pieces} inputs", refresh=False)
+        elif self.plain and time.monotonic() - self.last >= self.every_s:
+            self._line()
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        rate = self.tokens / max(self.last - self.start, 1e-9)
+        print(f"build: {self.done}/{self.pieces} inputs, {self.tokens:,} tokens, {rate:,.0f} tok/s, "
+              f"{self.last - self.start:.0f} s", file=self.stream, flush=True)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.plain:
+            self._line()
 
 
 def run_pieces(jobs: list[tuple[int, str]], cfg: DataConfig, tok: Tokenizer, settings_id: str,
                bcfg: BuildConfig) -> int:
-    progress = Progress(bcfg.progress, len(jobs))
+    progress = Progress(bcfg.progress, len(jobs), bcfg.progress_every_s)
     try:
         if bcfg.workers <= 1 or len(jobs) <= 1:
             for index, path in jobs:
                 build_piece(index, path, cfg, tok, settings_id, progress)
+                progress(0, 1)
             return progress.tokens
         # fork: workers start at once and need no `if __name__ == "__main__"` guard in the caller.
         # `tokenizers` notices the fork and runs single-threaded in the children, which is what we
@@ -101,12 +127,12 @@ def run_pieces(jobs: list[tuple[int, str]], cfg: DataConfig, tok: Tokenizer, set
             result = pool.map_async(_run_piece, jobs, chunksize=1)
             while not result.ready():
                 try:
-                    progress(q.get(timeout=0.2))
+                    progress(*q.get(timeout=0.2))
                 except queue.Empty:
                     pass
             result.get()  # re-raises a worker's DataError here
             while not q.empty():
-                progress(q.get())
+                progress(*q.get())
         return progress.tokens
     finally:
         progress.close()
@@ -208,7 +234,7 @@ def check_built_with(manifest: Manifest, cfg: DataConfig) -> None:
                             f"{getattr(cfg, key)!r}; point data.dir elsewhere or remove that directory")
 
 
-DEMO_BUILD = BuildConfig(workers=1, task=0, tasks=1, merge=True, progress=False)
+DEMO_BUILD = BuildConfig(workers=1, task=0, tasks=1, merge=True, progress=False, progress_every_s=0)
 
 
 def ensure_built(cfg: DataConfig) -> Manifest:

@@ -262,15 +262,47 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         Manifest.load(tmp_path)
 
 
-def test_build_cli_shows_progress_and_reports_bad_input(corpus, corpus_shards, tmp_path):
-    args = [*PY, "data_pipeline.build", "data=files", f"data.inputs=[{corpus}/b.jsonl]", f"data.dir={tmp_path / 'p'}",
-            f"data.tokenizer={corpus_shards / 'tokenizer.json'}", f"trainer.seq_len={SEQ_LEN}", "build.progress=true"]
+def test_build_cli_reports_progress_in_plain_lines_when_redirected_and_bad_input(corpus, corpus_shards, tmp_path):
+    args = [*PY, "data_pipeline.build", "data=files", f"data.inputs=[{corpus}/b.jsonl,{corpus}/c.jsonl.gz]",
+            f"data.dir={tmp_path / 'p'}", f"data.tokenizer={corpus_shards / 'tokenizer.json'}",
+            f"trainer.seq_len={SEQ_LEN}", "build.progress=true", "build.progress_every_s=0", "build.workers=1"]
     proc = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "tok/s" in proc.stderr and "build (1 inputs)" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr  # a log file gets lines, not a redrawn bar
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("build: ")]
+    assert len(lines) > 2 and "tok/s" in lines[-1] and lines[-1].startswith("build: 2/2 inputs")
     missing = [a if not a.startswith("data.inputs=") else "data.inputs=[no/such/dir]" for a in args]
     proc = subprocess.run(missing, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: data.inputs: 'no/such/dir' matches no" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_build_cli_draws_a_progress_bar_on_a_terminal(corpus, corpus_shards, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    args = [*PY, "data_pipeline.build", "data=files", f"data.inputs=[{corpus}/b.jsonl]", f"data.dir={tmp_path / 'p'}",
+            f"data.tokenizer={corpus_shards / 'tokenizer.json'}", f"trainer.seq_len={SEQ_LEN}", "build.progress=true"]
+    proc = subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    text = seen.decode(errors="replace")
+    assert "\r" in text and "tok/s" in text and "build (1 inputs)" in text and "build: " not in text
 
 
 def test_demo_cache_of_an_older_format_is_rebuilt(tmp_path):
