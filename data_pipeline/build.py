@@ -28,10 +28,11 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from data_pipeline.config import BuildConfig, DataConfig, build_config, compose, data_config
-from data_pipeline.piece import SPLITS, build_piece, pad_vocab, piece_done
-from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, ShardInfo, atomic_write, token_dtype
+from data_pipeline.merge import merge, plan_path
+from data_pipeline.piece import build_piece, piece_done
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, atomic_write
 from data_pipeline.sources import resolve_inputs
-from data_pipeline.tokenizer import fingerprint, load_tokenizer, special_ids, train_on_inputs
+from data_pipeline.tokenizer import fingerprint, load_tokenizer, train_on_inputs
 
 # What decides the bytes of the shards: a run or a re-run with other values must not reuse them.
 BUILD_KEYS = ("inputs", "format", "text_field", "prompt_field", "response_field", "tokenizer", "vocab_size",
@@ -170,33 +171,6 @@ def record_settings(cfg: DataConfig, tok: Tokenizer, out: Path) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str) -> Manifest:
-    out = Path(cfg.dir)
-    missing = [f for i, f in enumerate(files) if not piece_done(out, i, f, settings_id)]
-    if missing:
-        raise DataError(f"{out}: {len(missing)} of {len(files)} inputs are not built yet (first: {missing[0]}); "
-                        f"run the build (or the array tasks) again")
-    ids = special_ids(tok)
-    vocab = pad_vocab(tok.get_vocab_size())
-    manifest = Manifest(FORMAT_VERSION, cfg.format, cfg.seq_len, vocab, tok.get_vocab_size(), token_dtype(vocab).str,
-                        ids["eos_id"], ids["mask_id"], fingerprint(tok), 0, {s: [] for s in SPLITS},
-                        build_config={k: getattr(cfg, k) for k in BUILD_KEYS})
-    counts: dict[str, int] = {}
-    for i in range(len(files)):
-        frag = json.loads((out / "pieces" / f"{i:05d}.json").read_text())
-        for split in SPLITS:
-            manifest.splits[split] += [ShardInfo(**s) for s in frag["splits"][split]]
-        for k, v in frag["documents"].items():
-            counts[k] = counts.get(k, 0) + v
-        manifest.max_prompt_len = max(manifest.max_prompt_len, frag["max_prompt_len"])
-    manifest.documents = counts
-    if manifest.samples("train") == 0:
-        raise DataError(f"data.inputs={cfg.inputs}: no full window of data.seq_len={cfg.seq_len} tokens "
-                        f"(documents: {counts})")
-    manifest.save(out)
-    return manifest
-
-
 def build(cfg: DataConfig, bcfg: BuildConfig) -> Manifest | None:
     """Builds this task's share of cfg.inputs into cfg.dir; returns the manifest once merged."""
     check_settings(cfg)
@@ -206,16 +180,21 @@ def build(cfg: DataConfig, bcfg: BuildConfig) -> Manifest | None:
     tok = prepare_tokenizer(cfg, files, out, bcfg)
     settings_id = record_settings(cfg, tok, out)
     mine = [(i, f) for i, f in enumerate(files) if i % bcfg.tasks == bcfg.task]
-    todo = [(i, f) for i, f in mine if not piece_done(out, i, f, settings_id)]
+    if plan_path(out).is_file():  # merged (or merging): every piece is done, its shards renamed
+        todo = []
+    else:
+        todo = [(i, f) for i, f in mine if not piece_done(out, i, f, settings_id)]
     start = time.perf_counter()
     tokens = run_pieces(todo, cfg, tok, settings_id, bcfg)
     seconds = time.perf_counter() - start
     summary = {"dir": str(out), "inputs": len(mine), "built": len(todo), "skipped_done": len(mine) - len(todo),
                "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9))}
-    manifest = merge(cfg, files, tok, settings_id) if bcfg.merge else None
-    if manifest is not None:
-        summary.update(windows={s: v["samples"] for s, v in manifest.totals.items()}, documents=manifest.documents,
-                       vocab_size=manifest.vocab_size)
+    manifest = None
+    if bcfg.merge:
+        manifest = merge(cfg, files, tok, settings_id, {k: getattr(cfg, k) for k in BUILD_KEYS})
+        summary.update(windows={s: v["samples"] for s, v in manifest.totals.items()},
+                       shards={s: v["shards"] for s, v in manifest.totals.items()}, documents=manifest.documents,
+                       dropped_tokens=manifest.dropped_tokens, vocab_size=manifest.vocab_size)
     print(json.dumps(summary), file=sys.stderr)
     return manifest
 

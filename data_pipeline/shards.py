@@ -68,6 +68,8 @@ class Manifest:
     totals: dict[str, dict] = field(default_factory=dict)
     documents: dict[str, int] = field(default_factory=dict)  # read, replaced, skipped, too_long
     build_config: dict = field(default_factory=dict)
+    input_tokens: int = 0  # tokens of every document read, EOS included (format=sft: of every window)
+    dropped_tokens: dict[str, int] = field(default_factory=dict)  # per split: the last partial window
 
     def fingerprint(self) -> str:
         """Identifies the data a stream reads: a resume on other data must not pass as this one."""
@@ -164,6 +166,12 @@ class ShardFile:
         self.fh.flush()
         os.fsync(self.fh.fileno())  # the resume point must be on disk before it is recorded
         return self.fh.tell()
+
+    def close_unfinished(self) -> Path:
+        """Ends the archive and closes the file without putting it in place; returns the `.tmp` path."""
+        self.fh.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self.fh.close()
+        return self.tmp
 
     def finish(self) -> ShardInfo:
         self.fh.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive

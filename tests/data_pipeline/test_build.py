@@ -152,23 +152,35 @@ def test_interrupted_build_finishes_without_redoing_finished_inputs(corpus, corp
     proc = subprocess.Popen([*PY, "data_pipeline.build", *overrides], cwd=REPO, env=child_env(),
                             stderr=subprocess.PIPE)
     pieces = out / "pieces"
+
+    def finished() -> list[dict]:
+        return [json.loads(f.read_text()) for f in pieces.glob("0*.json") if "partial" not in f.name]
+
+    def full_shards(fragments) -> list[str]:
+        return [s["name"] for f in fragments for v in f["splits"].values() for s in v]
+
     deadline = time.time() + 120
-    while len(list(pieces.glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(finished()) >= 3 and full_shards(finished()):
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # as a preempted job dies: no cleanup
     proc.wait()
     assert not (out / "manifest.json").exists()
-    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")
-            if any(json.loads(f.read_text())["input"] for f in pieces.glob("*.json"))}
-    finished = [json.loads(f.read_text()) for f in pieces.glob("*.json")]
-    kept = {s["name"]: (out / s["name"]).stat().st_mtime_ns for f in finished for v in f["splits"].values() for s in v}
-    assert len(finished) >= 3 and kept and set(kept) <= set(done)
+    done = finished()
+    kept = {name: (out / name).stat().st_mtime_ns for name in full_shards(done)}
+    assert len(done) >= 3 and kept
     rerun = subprocess.run([*PY, "data_pipeline.build", *overrides], cwd=REPO, env=child_env(), capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stderr.strip().splitlines()[-1])
-    assert summary["skipped_done"] == len(finished)
-    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # finished shards were not rewritten
+    assert summary["skipped_done"] == len(done)
+    renamed = {src: dst for pairs in json.loads((pieces / "merge.json").read_text())["renames"].values()
+               for src, dst in pairs}
+    assert {n: (out / renamed[n]).stat().st_mtime_ns for n in kept} == kept  # finished shards were not rewritten
     assert Manifest.load(out).fingerprint() == Manifest.load(corpus_shards).fingerprint()  # same bytes as one go
 
 
@@ -309,9 +321,9 @@ def test_demo_cache_of_an_older_format_is_rebuilt(tmp_path):
     old = tmp_path / "demo"
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"format_version": 1}))
-    (old / "train-000000.tar").write_bytes(b"old")
+    (old / "train-00000-0000.tar").write_bytes(b"old")
     manifest = ensure_built(demo_data_config(old))
-    assert manifest.format_version == 2 and not (old / "train-000000.tar").exists()
+    assert manifest.format_version == 2 and not (old / "train-00000-0000.tar").exists()
     # Anything but the demo cache is never rebuilt behind the user's back.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "manifest.json").write_text(json.dumps({"format_version": 1}))
