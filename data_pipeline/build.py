@@ -39,6 +39,10 @@ BUILD_KEYS = ("inputs", "format", "text_field", "prompt_field", "response_field"
               "seq_len", "shard_bytes", "member_bytes", "heldout_fraction", "on_decode_error")
 
 
+# The layout of pieces/ (fragments, rests, resume points): pieces of another layout are built again.
+LAYOUT = 2
+
+
 def check_settings(cfg: DataConfig) -> None:
     checks = [(cfg.seq_len > 0, f"data.seq_len={cfg.seq_len} must be positive"),
               (cfg.format in ("text", "sft"), f"data.format={cfg.format!r} is not one of text, sft"),
@@ -156,7 +160,8 @@ def prepare_tokenizer(cfg: DataConfig, files: list[str], out: Path, bcfg: BuildC
 
 def record_settings(cfg: DataConfig, tok: Tokenizer, out: Path) -> str:
     """build.json: the settings the shards in `out` are built with; a re-run with others is refused."""
-    settings = {"settings": {k: getattr(cfg, k) for k in BUILD_KEYS}, "tokenizer_fingerprint": fingerprint(tok)}
+    settings = {"settings": {k: getattr(cfg, k) for k in BUILD_KEYS}, "tokenizer_fingerprint": fingerprint(tok),
+                "layout": LAYOUT}
     path = out / "build.json"
     if path.is_file():
         before = json.loads(path.read_text())

@@ -30,7 +30,7 @@ def small_files(tmp_path_factory, demo_shards):
 
 def small_config(small_files, directory, **kw):
     root, tok = small_files
-    return data_config(directory, [str(root)], tokenizer=tok, member_bytes=1024, shard_bytes=8192, **kw)
+    return data_config(directory, [str(root)], tokenizer=tok, **{"member_bytes": 1024, "shard_bytes": 8192, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +105,20 @@ def test_held_out_window_when_every_train_window_is_in_a_full_shard(tmp_path, de
     assert validate(tmp_path / "sft")[1] == []
     assert sorted(p.name for p in (tmp_path / "sft").glob("*.tar")) == ["heldout-000000.tar", "train-000000.tar",
                                                                         "train-000001.tar"]
+
+
+def test_an_interrupted_merge_is_finished_by_running_the_build_again(small_files, tmp_path, monkeypatch):
+    import data_pipeline.merge
+
+    def killed(*args, **kwargs):
+        raise DataError("killed after the renames")
+
+    # shards of one member: many inputs fill a few, so the merge renames some and packs the rests
+    clean = build(small_config(small_files, tmp_path / "clean", shard_bytes=1024), build_config())
+    cfg = small_config(small_files, tmp_path / "m", shard_bytes=1024)
+    with monkeypatch.context() as m:
+        m.setattr(data_pipeline.merge, "_pack_rests", killed)
+        with pytest.raises(DataError, match="killed after the renames"):
+            build(cfg, build_config())
+    assert (tmp_path / "m" / "train-000000.tar").is_file() and not (tmp_path / "m" / "manifest.json").exists()
+    assert build(cfg, build_config()).fingerprint() == clean.fingerprint()
