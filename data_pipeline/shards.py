@@ -222,12 +222,13 @@ def read_blocks(url: str, dtype: np.dtype, seq_len: int, on_corrupt: str = "erro
                 skipped: list[str] | None = None) -> Iterator[Block]:
     """The blocks of one shard, in order. A corrupt block raises CorruptShardError naming the shard
     and sample, or with on_corrupt="skip" is left out and its key appended to `skipped`; a truncated
-    tar ends the shard the same way."""
+    tar ends the shard the same way. A damaged tar header is not the end of the archive (tarfile's
+    default): the reader moves on to the next valid header, so only that block is lost."""
     group: dict[str, bytes] = {}
     key = None
     stream = open_url(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) as tar:
             for member in tar:
                 stem, _, suffix = member.name.partition(".")
                 if stem != key and group:
