@@ -30,10 +30,10 @@ from data_pipeline.config import DataConfig
 from data_pipeline.pack import Packer
 from data_pipeline.shards import ShardFile, ShardInfo, atomic_write, read_blocks, tmp_path, token_dtype
 from data_pipeline.sources import DocumentReader
-from data_pipeline.tokenizer import special_ids
+from data_pipeline.tokenizer import SEGMENT_CHARS, encode_document, special_ids
 
 SPLITS = ("train", "heldout")
-RECORDS_PER_BATCH = 256  # records tokenized per encode_batch call
+RECORDS_PER_BATCH = 256  # records tokenized per encode_batch call (fewer when they hold SEGMENT_CHARS)
 VOCAB_MULTIPLE = 128  # embedding tables padded to a multiple of 128 run faster on tensor cores
 
 
@@ -188,10 +188,12 @@ def build_piece(index: int, path: str, cfg: DataConfig, tok: Tokenizer, settings
 
     def flush(records: list) -> None:
         if cfg.format == "text":
-            encoded = tok.encode_batch(records, add_special_tokens=False)
-            for text, enc in zip(records, encoded, strict=True):
-                packers["heldout" if is_heldout(text, cfg.heldout_fraction) else "train"].add_document(enc.ids)
-            tokens = sum(len(e.ids) + 1 for e in encoded)
+            short = iter(tok.encode_batch([t for t in records if len(t) <= SEGMENT_CHARS], add_special_tokens=False))
+            tokens = 0
+            for text in records:  # a long document alone, a segment at a time
+                ids = next(short).ids if len(text) <= SEGMENT_CHARS else encode_document(tok, text)
+                packers["heldout" if is_heldout(text, cfg.heldout_fraction) else "train"].add_document(ids)
+                tokens += len(ids) + 1
         else:
             prompts = tok.encode_batch([p for p, _ in records], add_special_tokens=False)
             responses = tok.encode_batch([r for _, r in records], add_special_tokens=False)
@@ -213,13 +215,15 @@ def build_piece(index: int, path: str, cfg: DataConfig, tok: Tokenizer, settings
             progress(tokens)
 
     batch: list = []
+    chars = 0
     for n, record in enumerate(reader):
         if n < done_records:
             continue  # packed before the interruption (still read: the decode counts include it)
         batch.append(record)
-        if len(batch) == RECORDS_PER_BATCH:
+        chars += len(record) if isinstance(record, str) else len(record[0]) + len(record[1])
+        if len(batch) == RECORDS_PER_BATCH or chars >= SEGMENT_CHARS:
             flush(batch)
-            batch = []
+            batch, chars = [], 0
     flush(batch)
     rests = {s: w.rest().state() for s, w in writers.items()}
     tmp = rest_path(out, index).with_suffix(".tmp.npz")
