@@ -152,15 +152,28 @@ def _pack_rests(cfg: DataConfig, out: Path, plan: dict, fragments: list[dict], m
                 if plan["demote"] and split == "train" and frag["index"] == plan["demote"][0]:
                     for block in read_blocks(str(out / plan["demote"][1]), dtype, L):
                         packer.add_block(block)  # the demoted shard came right before this piece's rest
+                        writer.drain(keep=keep)
                 with np.load(rest_path(out, frag["index"]), allow_pickle=False) as npz:
-                    packer.extend({k: npz[f"{split}_{k}"] for k in ("tokens", "starts", "prompt")})
-                writer.drain(keep=keep)
+                    feed(writer, {k: npz[f"{split}_{k}"] for k in ("tokens", "starts", "prompt")}, keep)
         writer.drain(final=True, keep=keep)
         if keep:
             borrowed_block = packer.take(1, "00000000", dtype)
         manifest.dropped_tokens[split] = packer.length + heldout_rest * (split == "heldout")
         manifest.splits[split] += writer.shards
     return heldout_rest if plan["borrow"] else None
+
+
+def feed(writer: SplitWriter, rest: dict[str, np.ndarray], keep: int) -> None:
+    """Packs a rest (up to a shard of tokens) a block at a time, so the packer stays small: each take
+    from it copies what it holds."""
+    packer, L = writer.packer, writer.seq_len
+    tokens, starts, prompt = rest["tokens"], rest["starts"], rest["prompt"]
+    step = writer.windows_per_member * L
+    for a in range(0, len(tokens), step):
+        b = min(a + step, len(tokens))
+        i0, i1 = np.searchsorted(starts, [a, b])
+        packer.extend({"tokens": tokens[a:b], "starts": starts[i0:i1] - a, "prompt": prompt[a // L: b // L]})
+        writer.drain(keep=keep)
 
 
 def _clean(out: Path, plan: dict) -> None:
