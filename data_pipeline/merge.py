@@ -120,8 +120,9 @@ def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str, s
     manifest.documents = counts
     manifest.input_tokens = sum(f["tokens"] for f in fragments)
     if manifest.samples("train") == 0:
-        raise DataError(f"data.inputs={cfg.inputs}: no full window of data.seq_len={cfg.seq_len} tokens "
-                        f"(documents: {counts})")
+        moved = " once one is moved to the held-out split" if borrowed is not None else ""
+        raise DataError(f"data.inputs={cfg.inputs}: no full window of data.seq_len={cfg.seq_len} tokens for "
+                        f"train{moved} (documents: {counts})")
     if borrowed is not None:
         print(f"warning: the held-out documents ({borrowed} tokens, data.heldout_fraction={cfg.heldout_fraction}) "
               f"do not fill one window of {cfg.seq_len} tokens: the last window of train is the held-out split",
