@@ -163,8 +163,8 @@ def main() -> None:
             print(f"  {fault} at step {at_step}: exit {code}, finished after {reruns} re-run(s)", flush=True)
         rows.append(row)
 
-    header = "| fault | trials | survived | re-runs | samples lost | samples repeated | final weights equal | max loss diff |"
-    print(header)
+    print("| fault | trials | survived | re-runs | samples lost | samples repeated | final weights equal "
+          "| max loss diff |")
     print("|" + "---|" * 8)
     for r in rows:
         print(f"| {r['fault']} | {r['trials']} | {r['survived']} | {r['reruns']} | {r['lost']} | {r['repeated']} | "
