@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import child_env
 
 ENTRY_POINTS = ["pretrain.train", "pretrain.model", "data_pipeline.build", "data_pipeline.tokenizer",
-                "data_pipeline.validate"]
+                "data_pipeline.validate", "launch.submit", "launch.local_cluster"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
