@@ -89,6 +89,15 @@ class LocalCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.pids: list[int] = []
 
+    @classmethod
+    def from_record(cls, root: Path) -> LocalCluster:
+        """The cluster that `start()` recorded in root/pids.json (for `down` from another process)."""
+        saved = json.loads((Path(root) / "pids.json").read_text())
+        text = Path(saved["conf"]).read_text()
+        cluster = cls(root, nodes=text.count("\nNodeName="), ports=saved["ports"])
+        cluster.pids = saved["pids"]
+        return cluster
+
     def write_config(self) -> None:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -127,7 +136,8 @@ class LocalCluster:
         return self.env
 
     def save_pids(self) -> None:
-        (self.root / "pids.json").write_text(json.dumps({"pids": self.pids, "conf": str(self.conf)}))
+        (self.root / "pids.json").write_text(json.dumps({"pids": self.pids, "conf": str(self.conf),
+                                                         "ports": self.ports}))
 
     def wait_idle(self, timeout: float) -> None:
         deadline, states = time.time() + timeout, []
@@ -243,11 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     record = root / "pids.json"
     if not record.is_file():
         sys.exit(f"error: {record} not found: no cluster is up in {root}")
-    saved = json.loads(record.read_text())
-    cluster = LocalCluster.__new__(LocalCluster)
-    cluster.root, cluster.conf, cluster.pids = root, Path(saved["conf"]), saved["pids"]
-    cluster.env = {**os.environ, "SLURM_CONF": saved["conf"]}
-    cluster.stop()
+    LocalCluster.from_record(root).stop()
     print(f"stopped the cluster in {root}")
 
 
