@@ -50,6 +50,7 @@ class TrainerConfig:
     log_every: int
     eval_every: int
     eval_batches: int
+    eval_mc_num: int  # mask draws per held-out sequence (pretrain/likelihood.py)
     ckpt_every: int
     precision: str
 
@@ -129,6 +130,19 @@ def validate_model(m: ModelConfig) -> None:
              f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
     for key in ("n_layers", "d_model", "mlp_hidden_size", "vocab_size", "max_sequence_length"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    if m.init_from:
+        check_init_from(m)
+
+
+def check_init_from(m: ModelConfig) -> None:
+    """model.init_from's config.json against model=: the first difference, before any work."""
+    from pretrain.hf_format import FormatError
+    from pretrain.pretrained import check_init_from as check
+
+    try:
+        check(m.init_from, m)
+    except FormatError as e:
+        raise ConfigError(f"model.init_from={m.init_from}: {e}") from None
 
 
 def validate_mask(m: MaskConfig) -> None:
@@ -144,6 +158,7 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_model(run.model)
     t = run.trainer
     _require(t.micro_batch_size > 0, f"trainer.micro_batch_size={t.micro_batch_size} must be positive")
+    _require(t.eval_mc_num > 0, f"trainer.eval_mc_num={t.eval_mc_num} must be positive")
     per_step = t.micro_batch_size * world_size
     _require(t.global_batch_size % per_step == 0,
              f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
@@ -198,6 +213,12 @@ def validate_data(run: RunConfig, manifest) -> None:
 
         _require(fingerprint(load_tokenizer(run.data.tokenizer)) == manifest.tokenizer_fingerprint,
                  f"{where}: the shards were tokenized with another tokenizer than data.tokenizer={run.data.tokenizer}")
+    if run.model.init_from:
+        from pretrain.hf_format import read_config
+
+        mask_id = read_config(run.model.init_from).get("mask_token_id")
+        _require(mask_id == manifest.mask_id, f"model.init_from={run.model.init_from}: mask_token_id={mask_id}, but "
+                                              f"{where} has mask_id={manifest.mask_id} (another tokenizer)")
     m = run.mask
     if m.conditional:
         _require(manifest.format == "sft" or m.prompt_len is not None,
