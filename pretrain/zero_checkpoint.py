@@ -20,8 +20,9 @@ DeepSpeed classes the optimizer file names allowed explicitly.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,11 @@ class CheckpointError(ValueError):
 
 @contextmanager
 def _deepspeed_globals():
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    # DeepSpeed logs its accelerator choice to stdout when first imported (its handler keeps the stream
+    # it found): send that to stderr, the export/evaluate/generate commands print JSON on stdout.
+    with redirect_stdout(sys.stderr):
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
 
     with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
         yield
