@@ -102,7 +102,9 @@ def test_cfg_masks_the_prompt_in_the_unconditional_pass_and_scale_zero_is_no_cfg
     prompt = torch.tensor([[3, 4]])
     rec = Recorder()
     generate(rec, prompt, gen_length=4, steps=2, mask_id=MASK, cfg_scale=1.5)
-    assert rec.inputs[0].shape[0] == 2 and (rec.inputs[0][1, :2] == MASK).all() and (rec.inputs[0][0, :2] == prompt).all()
+    conditional, unconditional = rec.inputs[0]
+    assert len(rec.inputs[0]) == 2 and (unconditional[:2] == MASK).all() and (conditional[:2] == prompt[0]).all()
+    assert torch.equal(conditional[2:], unconditional[2:])
     plain = generate(model, prompt, 4, 4, MASK)
     assert torch.equal(generate(model, prompt, 4, 4, MASK, cfg_scale=0.0), plain)
     guided = generate(model, prompt, 4, 4, MASK, cfg_scale=3.0)
