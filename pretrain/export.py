@@ -10,9 +10,10 @@ and tokenizer.json, tokenizer_config.json, special_tokens_map.json. Load it with
 published modeling code on the Hub (--code-repo); with --local-code it names configuration_llada.py /
 modeling_llada.py in OUT_DIR, to copy there yourself (offline use).
 
-Runs on the CPU without a GPU and without DeepSpeed's process group. Peak memory: one output file
-(at most --max-shard-size, or one parameter if that is larger) plus one parameter being assembled;
-the ZeRO-3 shards are memory-mapped, never loaded whole. The folder is written under a temporary name
+Runs on the CPU without a GPU and without DeepSpeed's process group. Peak memory: one parameter.
+The ZeRO-3 shards are memory-mapped (never loaded whole; the pages read stay in the page cache, which
+the kernel can drop), each parameter is assembled from its slices, cast, and written straight into
+its safetensors file, before the next is read (bench/export_memory.py, BENCHMARKS.md). The folder is written under a temporary name
 and renamed at the end, so OUT_DIR is either complete or absent; an existing non-empty OUT_DIR is
 refused.
 """

@@ -11,15 +11,15 @@ config.json that lacks one of the keys that decide the architecture, or that set
 from __future__ import annotations
 
 import json
-import os
 import re
+import struct
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from pretrain.model import HF_PREFIX, ModelConfig
 
@@ -153,37 +153,53 @@ def plan_shards(shapes: dict[str, torch.Size], dtype: torch.dtype, max_bytes: in
     return shards
 
 
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
 def write_weights(folder: Path, shapes: dict[str, torch.Size], tensors: Iterable[tuple[str, torch.Tensor]],
                   dtype: torch.dtype, max_bytes: int) -> list[str]:
-    """Writes tensors as they come, one file at a time: at most one file's tensors are held at once.
-    Names get the published "model." prefix. Returns the files written."""
+    """Writes tensors as they come, each straight to its file: one tensor in memory at a time, whatever
+    the file size. Names get the published "model." prefix. Returns the files written."""
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; this machine is not")
     shards = plan_shards(shapes, dtype, max_bytes)
     files = [WEIGHTS] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                 for i in range(len(shards))]
-    weight_map, total = {}, 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
     stream = iter(tensors)
     for names, file in zip(shards, files, strict=True):
-        batch = {}
-        for expected in names:
-            name, tensor = next(stream)
-            if name != expected:
-                raise RuntimeError(f"weights came in another order than planned: {name} instead of {expected}")
-            batch[HF_PREFIX + name] = tensor.to(dtype).contiguous()
-            total += batch[HF_PREFIX + name].numel() * batch[HF_PREFIX + name].element_size()
-            weight_map[HF_PREFIX + name] = file
-        save_file(batch, str(folder / file), metadata={"format": "pt"})
-        os.chmod(folder / file, 0o666 & ~_umask())  # safetensors creates files readable by the owner only
-        del batch
+        with open(folder / file, "wb") as f:
+            write_safetensors_header(f, {HF_PREFIX + n: shapes[n] for n in names}, dtype)
+            for expected in names:
+                name, tensor = next(stream)
+                if name != expected or tensor.shape != shapes[name]:
+                    raise RuntimeError(f"weights came in another order or shape than planned: {name} "
+                                       f"{list(tensor.shape)} instead of {expected} {list(shapes[expected])}")
+                # the raw little-endian bytes, without a copy beyond the cast
+                f.write(tensor.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
     if len(files) > 1:
+        weight_map = {HF_PREFIX + n: file for names, file in zip(shards, files, strict=True) for n in names}
+        total = sum(shapes[n].numel() for n in shapes) * itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX).write_text(json.dumps(index, indent=2))
     return files
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def write_safetensors_header(f, shapes: dict[str, torch.Size], dtype: torch.dtype) -> None:
+    """The safetensors format: an 8-byte little-endian header length, the JSON header (padded with spaces
+    to a multiple of 8), then each tensor's bytes in header order. Written by hand so that tensors can
+    follow one at a time (safetensors' save_file wants them all at once)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        nbytes = shape.numel() * itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
 
 
 @dataclass
