@@ -13,9 +13,9 @@ modeling_llada.py in OUT_DIR, to copy there yourself (offline use).
 Runs on the CPU without a GPU and without DeepSpeed's process group. Peak memory: one parameter.
 The ZeRO-3 shards are memory-mapped (never loaded whole; the pages read stay in the page cache, which
 the kernel can drop), each parameter is assembled from its slices, cast, and written straight into
-its safetensors file, before the next is read (bench/export_memory.py, BENCHMARKS.md). The folder is written under a temporary name
-and renamed at the end, so OUT_DIR is either complete or absent; an existing non-empty OUT_DIR is
-refused.
+its safetensors file, before the next is read (bench/export_memory.py, BENCHMARKS.md). The folder
+is written under a temporary name and renamed at the end, so OUT_DIR is either complete or absent;
+an existing non-empty OUT_DIR is refused.
 """
 
 from __future__ import annotations
