@@ -172,6 +172,14 @@ def validate(run: RunConfig, world_size: int) -> None:
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
     validate_mask(run.mask)
+    if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
+        from pretrain.generate import GenerateError, check_settings
+
+        s = run.sample
+        try:
+            check_settings(s.gen_length, s.steps, None, "low_confidence", 0.0, s.temperature)
+        except GenerateError as e:
+            raise ConfigError(f"sample: {e}") from None
     _require(0 <= run.mask.random_length_prob <= 1,
              f"mask.random_length_prob={run.mask.random_length_prob} must be in [0, 1]")
     m = run.mask

@@ -153,3 +153,11 @@ def test_cli_errors(trained_run, tmp_path, capsys):
     assert "no prompt" in fails(trained_run)
     assert "no such file" in fails(trained_run, "--prompts-file", tmp_path / "nope.txt")
     assert "neither a run directory" in fails(tmp_path, "--prompt", "a")
+
+
+def test_sample_at_end_settings_are_checked_before_training():
+    from pretrain.config import ConfigError, compose_config
+
+    with pytest.raises(ConfigError, match="sample: gen_length=32, steps=0"):
+        compose_config(["sample.at_end=true", "sample.steps=0"])
+    compose_config(["sample.at_end=false", "sample.steps=0"])  # not sampling: not checked
