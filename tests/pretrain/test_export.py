@@ -144,10 +144,12 @@ def test_import_names_the_first_difference_from_model(exported):
 
 
 def test_export_import_export_on_two_ranks_gives_the_same_tensors(exported, demo_shards, tmp_path):
-    # Two ZeRO-3 ranks start from the export; lr 0 leaves the weights as loaded, and the next export
+    # Two ZeRO-3 ranks start from the export; lr 1e-30 (optim.lr must be > 0) leaves the weights as loaded,
+    # its updates below fp32 resolution; and the next export
     # must give back the very tensors (loaded by rank 0, re-partitioned, consolidated from both shards).
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29651", "-m", "pretrain.train"]
-    run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=0", "logging.mode=disabled",
+    run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=1e-30",
+              "logging.mode=disabled",
               f"model.init_from={exported / 'fp32'}",
               "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
     assert len(list((tmp_path / "cont" / "checkpoints" / "step00000001").glob("*optim_states.pt"))) == 2
