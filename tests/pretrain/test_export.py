@@ -3,7 +3,6 @@ written by the real training entry point (DeepSpeed ZeRO-3 on the CPU), real fil
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
@@ -141,6 +140,9 @@ def test_import_names_the_first_difference_from_model(exported):
     with pytest.raises(ConfigError, match=r"n_layers=4, but model.n_layers=2 \(model=tiny\)"):
         compose_config(TRAIN_ARGS + [f"model.init_from={exported / 'fp32'}", "model.n_layers=2"])
     compose_config(TRAIN_ARGS + [f"model.init_from={exported / 'fp32'}"])  # the matching one passes
+    # model.vocab_size=null is resolved from the data later, and then checked against the folder's
+    run = compose_config(["model=tiny", "model.vocab_size=null", f"model.init_from={exported / 'fp32'}"])
+    assert run.model.vocab_size is None
 
 
 def test_export_import_export_on_two_ranks_gives_the_same_tensors(exported, demo_shards, tmp_path):
@@ -183,5 +185,13 @@ def test_cli_errors(trained_run, exported, tmp_path, capsys):
     assert config["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+def test_import_refuses_shards_of_another_tokenizer(exported, demo_shards):
+    import dataclasses
+
+    from pretrain.config import validate_data
+
+    args = TRAIN_ARGS + [f"model.init_from={exported / 'fp32'}", f"data.dir={demo_shards}", "trainer.max_steps=1"]
+    manifest = Manifest.load(demo_shards)
+    validate_data(compose_config(args), manifest)
+    with pytest.raises(ConfigError, match=f"mask_token_id={manifest.mask_id}, but .* has mask_id=7"):
+        validate_data(compose_config(args), dataclasses.replace(manifest, mask_id=7))
