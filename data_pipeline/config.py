@@ -90,7 +90,8 @@ class BuildConfig:
     task: int  # this task's slice of the inputs (a SLURM array index)
     tasks: int  # number of slices
     merge: bool  # write manifest.json once every input is done (the array's last step sets it)
-    progress: bool  # a progress bar with tokens/s on stderr
+    progress: bool  # tokens/s on stderr: a bar on a terminal, plain lines otherwise
+    progress_every_s: float  # seconds between the plain lines (not on a terminal)
 
 
 def compose(overrides: list[str]) -> DictConfig:

@@ -20,7 +20,7 @@ from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
 from pretrain.diffusion import diffusion_loss, forward_process, make_schedule, random_length, sample_times
-from pretrain.faults import NonFiniteSteps, StopRequest, Watchdog, finish_step, inject_loss_fault
+from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
 from pretrain.likelihood import NelboSums, nelbo_of_batch
 from pretrain.metrics import MetricsLogger
 
@@ -111,10 +111,14 @@ class Trainer:
         loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
         window_start = self.started = time.perf_counter()
         first_step = self.state.step
+        samples = SampleLog(self.run.run_dir, self.rank, first_step) if self.run.fault.record_samples else None
         self.watchdog.kick()
         while not self.done():
             for micro in range(self.accum):
-                loss, n = self.micro_step(next(batches), micro)
+                batch = next(batches)
+                if samples:
+                    samples.add(batch)
+                loss, n = self.micro_step(batch, micro)
                 loss_sum += loss
                 micro_batches, tokens = micro_batches + 1, tokens + n
             skipped = finish_step(self.engine)
@@ -122,6 +126,8 @@ class Trainer:
             self.state.batches += self.accum
             self.state.skipped_steps += skipped
             self.batches_this_process += self.accum
+            if samples:
+                samples.flush(self.state.step)
             last = self.done()
             if self.state.step % t.log_every == 0 or last or self.state.step == first_step + 1:
                 self.log_window(loss_sum, micro_batches, tokens, time.perf_counter() - window_start,

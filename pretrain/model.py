@@ -155,9 +155,13 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def main(argv: list[str]) -> None:
+    from data_pipeline.cli import add_overrides, parser
     from pretrain.config import compose_config, resolve_vocab
 
-    cfg = compose_config(argv)
+    p = parser("pretrain.model", "Builds the model on the meta device (no memory, no data) and prints its parameter "
+               "counts as one JSON line.")
+    add_overrides(p)
+    cfg = compose_config(p.parse_args(argv).overrides)
     resolve_vocab(cfg)
     with torch.device("meta"):
         model = LLaDAModel(cfg.model)

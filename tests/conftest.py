@@ -31,7 +31,7 @@ def demo_data_config(directory: Path, seq_len: int = SEQ_LEN, **overrides) -> Da
 
 
 def build_config(workers: int = 1, task: int = 0, tasks: int = 1, merge: bool = True) -> BuildConfig:
-    return BuildConfig(workers=workers, task=task, tasks=tasks, merge=merge, progress=False)
+    return BuildConfig(workers=workers, task=task, tasks=tasks, merge=merge, progress=False, progress_every_s=0)
 
 
 @pytest.fixture(scope="session")
