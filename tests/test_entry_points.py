@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import child_env
 
 ENTRY_POINTS = ["pretrain.train", "pretrain.model", "data_pipeline.build", "data_pipeline.tokenizer",
-                "data_pipeline.validate"]
+                "data_pipeline.validate", "pretrain.export", "pretrain.evaluate", "pretrain.generate"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
