@@ -19,8 +19,17 @@ import torch.distributed as dist
 from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
-from pretrain.diffusion import diffusion_loss, forward_process, make_schedule, random_length, sample_times
-from pretrain.metrics import MetricsLogger
+from pretrain.diffusion import (
+    diffusion_loss,
+    diffusion_loss_and_stats,
+    forward_process,
+    make_schedule,
+    random_length,
+    sample_times,
+)
+from pretrain.flops import flops_per_token, peak_tflops
+from pretrain.metrics import MetricsLogger, console_line
+from pretrain.train_stats import LogWindow, device_name
 
 
 def derived_seed(*parts: int | str) -> int:
@@ -48,6 +57,9 @@ class Trainer:
         self.batches_this_process = 0  # what the train stream's state counts from
         self.mask_rng = torch.Generator().manual_seed(derived_seed("mask", run.seed, self.rank))
         self.schedule = make_schedule(run.mask)
+        self.window = LogWindow(run.logging.t_buckets, self.device)  # what the next log line reports
+        self.flops_per_token = flops_per_token(run.model, t.seq_len)
+        self.peak_tflops = peak_tflops(device_name(self.device), run.cluster.peak_tflops)
 
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -74,7 +86,7 @@ class Trainer:
             return batch["prompt_len"]
         return torch.full((batch["tokens"].shape[0],), self.run.mask.prompt_len, dtype=torch.long)
 
-    def micro_step(self, batch: dict, micro: int) -> tuple[torch.Tensor, int]:
+    def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
         m, step = self.run.mask, self.state.step
         cut_rng = torch.Generator().manual_seed(derived_seed("cut", self.run.seed, step, micro))
@@ -84,30 +96,28 @@ class Trainer:
         t = sample_times(m.time_sampling, self.run.trainer.global_batch_size, (micro * self.world + self.rank) * B, B,
                          m.eps, time_rng)
         noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
-        loss = diffusion_loss(self.engine(noisy.input_ids), x0, noisy, m.normalize)
+        loss, stats = diffusion_loss_and_stats(self.engine(noisy.input_ids), x0, noisy, m.normalize)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
-        return loss.detach().float(), x0.numel()
+        self.window.add(loss.detach().float(), stats, x0.shape[1])
+        return loss.detach().float()
 
     def train(self) -> None:
         t = self.run.trainer
         batches = iter(make_loader(self.train_stream))
-        # Since the last log: the loss stays on the device (no sync per micro-batch); counts are ints.
-        loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
-        window_start = time.perf_counter()
+        self.window.reset()
         while not self.done():
+            step_start = time.perf_counter()  # steps are timed alone: eval and checkpoints don't count
             for micro in range(self.accum):
-                loss, n = self.micro_step(next(batches), micro)
-                loss_sum += loss
-                micro_batches, tokens = micro_batches + 1, tokens + n
+                self.micro_step(self.window.next_batch(batches), micro)
+            self.window.end_step(time.perf_counter() - step_start)
             self.state.step += 1
             self.state.batches += self.accum
             self.batches_this_process += self.accum
             last = self.done()
             if self.state.step % t.log_every == 0 or last:
-                self.log_window(loss_sum, micro_batches, tokens, time.perf_counter() - window_start)
-                loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
-                window_start = time.perf_counter()
+                self.log_window()
+                self.window.reset()
             if t.eval_every and (self.state.step % t.eval_every == 0 or last):
                 self.evaluate()
             if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not last:
@@ -119,18 +129,17 @@ class Trainer:
         dist.all_reduce(totals)
         return totals.tolist()
 
-    def log_window(self, loss_sum: torch.Tensor, micro_batches: int, tokens: int, seconds: float) -> None:
-        loss_sum, micro_batches, tokens = self._sum_over_ranks(loss_sum, micro_batches, tokens)
+    def log_window(self) -> None:
+        stats = self.window.summarize(self.run.mask.normalize, self.world, self.flops_per_token, self.peak_tflops)
         grad_norm = self.engine.get_global_grad_norm()
         loss_name = "loss/per_token" if self.run.mask.normalize == "tokens" else "loss/per_masked_token"
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
-                  "loss": loss_sum / micro_batches, loss_name: loss_sum / micro_batches, "lr": self.engine.get_lr()[0],
+                  loss_name: stats["loss"], **stats, "lr": self.engine.get_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "tokens_per_s": tokens / seconds}
+                  "skipped_steps": getattr(self.state, "skipped_steps", 0)}
         self.metrics.log(record)
         if self.rank == 0:
-            print(f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                  f"grad_norm {record['grad_norm'] or 0:.3f} | {record['tokens_per_s']:,.0f} tok/s", flush=True)
+            print(console_line(record), flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:
