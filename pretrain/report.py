@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 
 @dataclass
@@ -110,6 +111,11 @@ def draw(ax, panel: Panel, runs: list[Run], x: str) -> bool:
     ax.set_ylabel(f"{panel.key.rstrip('/')}{' (%)' if panel.percent else ''}")
     if panel.log_y:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 2, 10 rather than 5x10^-1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    if x == "step":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     if drawn and (len(runs) > 1 or panel.key.endswith("/")):
         ax.legend(fontsize=7, ncol=2 if panel.key.endswith("/") else 1)
@@ -160,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in written:
         print(path)
+    drawn = {p.name for p in written}
+    for panel in PANELS:
+        if f"{panel.file}.png" not in drawn:
+            hint = " (a CPU run logs it only with cluster.peak_tflops set)" if panel.key == "mfu" else ""
+            print(f"{panel.file}.png not drawn: no run has {panel.key.rstrip('/')} in metrics.jsonl{hint}",
+                  file=sys.stderr)
     return 0
 
 
