@@ -27,13 +27,14 @@ class Panel:
     key: str  # metrics.jsonl key, or a prefix ending in "/" for one curve per bucket
     log_y: bool = False
     percent: bool = False
+    focus: bool = False  # y range from the points after the first tenth of the run: the start's drop goes off the top
 
 
 PANELS = (
-    Panel("loss", "training loss", "loss"),
+    Panel("loss", "training loss", "loss", focus=True),
     Panel("eval_loss", "held-out loss (negative ELBO per token)", "eval/loss"),
-    Panel("loss_by_t", "training loss by masking time t", "loss_by_t/"),
-    Panel("ce_by_t", "cross-entropy per masked token by masking time t", "ce_by_t/"),
+    Panel("loss_by_t", "training loss by masking time t", "loss_by_t/", focus=True),
+    Panel("ce_by_t", "cross-entropy per masked token by masking time t", "ce_by_t/", focus=True),
     Panel("masked_acc", "masked-token accuracy", "masked_acc", percent=True),
     Panel("lr", "learning rate", "lr"),
     Panel("grad_norm", "gradient norm (before clipping)", "grad_norm", log_y=True),
@@ -116,10 +117,26 @@ def draw(ax, panel: Panel, runs: list[Run], x: str) -> bool:
         ax.yaxis.set_minor_formatter(plain)
     if x == "step":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if panel.focus:
+        focus_y(ax)
     ax.grid(True, alpha=0.3)
     if drawn and (len(runs) > 1 or panel.key.endswith("/")):
         ax.legend(fontsize=7, ncol=2 if panel.key.endswith("/") else 1)
     return drawn
+
+
+def focus_y(ax) -> None:
+    """Fits the y axis to the points past the first tenth of the x range, when there are enough of them:
+    a loss starts far above where it spends the run, and a scale set by the start flattens the rest."""
+    lines = [line for line in ax.lines if len(line.get_xdata())]
+    if not lines:
+        return
+    x_max = max(max(line.get_xdata()) for line in lines)
+    later = [y for line in lines for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True) if x >= x_max / 10]
+    if len(later) >= 5 * len(lines):
+        low, high = min(later), max(later)
+        margin = 0.08 * (high - low) or 0.1
+        ax.set_ylim(low - margin, high + margin)
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None, x: str = "step") -> list[Path]:
