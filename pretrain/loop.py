@@ -27,6 +27,7 @@ from pretrain.diffusion import (
     random_length,
     sample_times,
 )
+from pretrain.faults import NonFiniteSteps, StopRequest, Watchdog, finish_step, inject_loss_fault
 from pretrain.flops import flops_per_token, peak_tflops
 from pretrain.metrics import MetricsLogger, console_line
 from pretrain.train_stats import LogWindow, device_name
@@ -41,11 +42,16 @@ def derived_seed(*parts: int | str) -> int:
 class LoopState:
     step: int = 0
     batches: int = 0  # micro-batches this rank has consumed since the run began
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite gradient norm
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps (trainer.max_bad_steps)."""
 
 
 class Trainer:
     def __init__(self, run: RunConfig, engine, train_stream: TokenStream, eval_stream: TokenStream | None,
-                 mask_id: int, metrics: MetricsLogger):
+                 mask_id: int, metrics: MetricsLogger, stop: StopRequest):
         self.run, self.engine, self.metrics = run, engine, metrics
         self.train_stream, self.eval_stream, self.mask_id = train_stream, eval_stream, mask_id
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -57,20 +63,25 @@ class Trainer:
         self.batches_this_process = 0  # what the train stream's state counts from
         self.mask_rng = torch.Generator().manual_seed(derived_seed("mask", run.seed, self.rank))
         self.schedule = make_schedule(run.mask)
+        self.stop = stop
+        self.watchdog = Watchdog(t.watchdog_s)
+        self.bad_steps = NonFiniteSteps(t.max_bad_steps)
+        self.total_steps = total_steps(t)
         self.window = LogWindow(run.logging.t_buckets, self.device)  # what the next log line reports
         self.flops_per_token = flops_per_token(run.model, t.seq_len)
         self.peak_tflops = peak_tflops(device_name(self.device), run.cluster.peak_tflops)
 
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        return {"step": self.state.step, "batches": self.state.batches,
+        return {"step": self.state.step, "batches": self.state.batches, "skipped_steps": self.state.skipped_steps,
                 "data": self.train_stream.state_dict(self.batches_this_process),
                 "mask_rng": checkpoint.rng_state(self.mask_rng)}
 
     def load_trainer_state(self, saved: dict) -> None:
         self.train_stream.load_state_dict(saved["data"])
         checkpoint.set_rng_state(self.mask_rng, saved["mask_rng"])
-        self.state = LoopState(step=saved["step"], batches=saved["batches"])
+        self.state = LoopState(step=saved["step"], batches=saved["batches"],
+                               skipped_steps=saved.get("skipped_steps", 0))
 
     def done(self) -> bool:
         t = self.run.trainer
@@ -97,49 +108,69 @@ class Trainer:
                          m.eps, time_rng)
         noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
         loss, stats = diffusion_loss_and_stats(self.engine(noisy.input_ids), x0, noisy, m.normalize)
+        loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         self.window.add(loss.detach().float(), stats, x0.shape[1])
         return loss.detach().float()
 
-    def train(self) -> None:
+    def train(self) -> str:
+        """Trains until max_steps / max_tokens ("done") or until a rank is asked to stop
+        ("preempted"); either way the last step is saved."""
         t = self.run.trainer
         batches = iter(make_loader(self.train_stream))
         self.window.reset()
+        self.started = time.perf_counter()
+        first_step = self.state.step
+        self.watchdog.kick()
         while not self.done():
             step_start = time.perf_counter()  # steps are timed alone: eval and checkpoints don't count
             for micro in range(self.accum):
                 self.micro_step(self.window.next_batch(batches), micro)
+            skipped = finish_step(self.engine)
             self.window.end_step(time.perf_counter() - step_start)
             self.state.step += 1
             self.state.batches += self.accum
+            self.state.skipped_steps += skipped
             self.batches_this_process += self.accum
             last = self.done()
-            if self.state.step % t.log_every == 0 or last:
-                self.log_window()
+            if self.state.step % t.log_every == 0 or last or self.state.step == first_step + 1:
+                self.log_window(self.state.step - first_step)
                 self.window.reset()
+            problem = self.bad_steps.record(skipped, self.state.step)
+            if problem:
+                raise NonFiniteError(problem)
             if t.eval_every and (self.state.step % t.eval_every == 0 or last):
                 self.evaluate()
             if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not last:
                 self.save()
+            self.watchdog.kick()
+            if not last and self.stop.agreed(self.device):
+                if self.rank == 0:
+                    print(f"stopping at step {self.state.step}: {self.stop.reason}", flush=True)
+                self.save()
+                return "preempted"
         self.save()
+        return "done"
 
     def _sum_over_ranks(self, *values) -> list[float]:
         totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
         dist.all_reduce(totals)
         return totals.tolist()
 
-    def log_window(self) -> None:
+    def log_window(self, steps_this_process: int) -> None:
         stats = self.window.summarize(self.run.mask.normalize, self.world, self.flops_per_token, self.peak_tflops)
         grad_norm = self.engine.get_global_grad_norm()
         loss_name = "loss/per_token" if self.run.mask.normalize == "tokens" else "loss/per_masked_token"
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
                   loss_name: stats["loss"], **stats, "lr": self.engine.get_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "skipped_steps": getattr(self.state, "skipped_steps", 0)}
+                  "skipped_steps": self.state.skipped_steps}
         self.metrics.log(record)
         if self.rank == 0:
-            print(console_line(record), flush=True)
+            per_step = (time.perf_counter() - self.started) / steps_this_process
+            eta = format_duration(per_step * (self.total_steps - self.state.step))
+            print(console_line(record, self.total_steps, eta), flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -165,3 +196,16 @@ class Trainer:
 
     def save(self) -> None:
         checkpoint.save(self.engine, self.run.run_dir, self.state.step, self.trainer_state())
+        self.watchdog.kick()
+
+
+def total_steps(t) -> int:
+    """The step the run ends at: the first of max_steps and max_tokens."""
+    by_tokens = -(-t.max_tokens // (t.global_batch_size * t.seq_len)) if t.max_tokens is not None else None
+    return min(s for s in (t.max_steps, by_tokens) if s is not None)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"

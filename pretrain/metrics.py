@@ -87,9 +87,9 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def console_line(r: dict) -> str:
+def console_line(r: dict, total_steps: int | None = None, eta: str | None = None) -> str:
     """One line per log step: what to glance at. The full record is in metrics.jsonl and W&B."""
-    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}"]
+    parts = [f"step {r['step']}/{total_steps}" if total_steps else f"step {r['step']:>6}", f"loss {r['loss']:.4f}"]
     if "masked_acc" in r:
         parts.append(f"acc {r['masked_acc']:.3f}")
     parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm'] or 0:.3f}",
@@ -103,4 +103,6 @@ def console_line(r: dict) -> str:
         parts.append(f"rss {r['mem/rss_gb']:.1f} GiB")
     if r.get("skipped_steps"):
         parts.append(f"skipped {r['skipped_steps']}")
+    if eta is not None:
+        parts.append(f"ETA {eta}")
     return " | ".join(parts)

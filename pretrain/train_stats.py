@@ -46,6 +46,9 @@ class LossByTime:
         bucket = (stats.t * self.n).long().clamp_(0, self.n - 1)
         ones = torch.ones_like(stats.t)
         rows = torch.stack([ones, ones * seq_len, stats.masked, stats.ce_sum, stats.weighted_sum, stats.correct])
+        # A sequence with a non-finite loss (its step is skipped) is left out instead of turning the
+        # window's sums into NaN; checked on the device, without a sync.
+        rows = torch.where(torch.isfinite(rows).all(0), rows, torch.zeros_like(rows))
         self.sums.index_add_(1, bucket, rows.to(self.sums.dtype))
 
 
