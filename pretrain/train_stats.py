@@ -129,9 +129,8 @@ class LogWindow:
 
     def summarize(self, normalize: str, world: int, flops_token: int, peak: float | None) -> dict[str, float]:
         """The window's metrics, the same on every rank (a collective: every rank must call it)."""
-        summed = torch.cat([torch.stack([self.loss_sum, torch.tensor(float(self.micro_batches), device=self.device),
-                                         torch.tensor(float(self.tokens), device=self.device)]),
-                            self.by_time.sums.flatten()])
+        counts = torch.tensor([self.micro_batches, self.tokens], dtype=torch.float64, device=self.device)
+        summed = torch.cat([self.loss_sum[None], counts, self.by_time.sums.flatten()])
         dist.all_reduce(summed)
         memory = self.memory()
         slowest = torch.tensor([self.step_seconds, self.data_seconds / max(self.step_seconds, 1e-9),

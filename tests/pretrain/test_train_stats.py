@@ -86,6 +86,18 @@ def test_t_at_the_edges_falls_in_the_first_and_last_bucket():
     assert by_time.sums[0].tolist() == [1, 0, 0, 0, 0, 1, 0, 0, 0, 2]  # sequences per bucket
 
 
+def test_a_sequence_with_a_non_finite_loss_is_left_out():
+    logits, x0, noisy = fixed_batch()
+    logits[3] = float("nan")  # sequence 3 (bucket 9) blows up; its step would be skipped
+    _, stats = diffusion_loss_and_stats(logits, x0, noisy)
+    by_time = LossByTime(10, torch.device("cpu"))
+    by_time.add(stats, seq_len=5)
+    out = loss_metrics(by_time.sums, "tokens")
+    assert all(math.isfinite(v) for v in out.values())
+    assert "loss_by_t/0.9-1" not in out and "loss_by_t/0-0.1" in out
+    assert out["masked_acc"] == pytest.approx(stats.correct[:3].sum().item() / 4)  # 4 masked tokens in 0-2
+
+
 def _two_ranks(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
