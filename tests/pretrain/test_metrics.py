@@ -3,7 +3,6 @@ run files read back record by record."""
 
 import json
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,9 @@ import pytest
 from pretrain.config import compose_config
 from pretrain.flops import flops_per_token
 from pretrain.metrics import resolve_wandb_mode
-from tests.conftest import SEQ_LEN, read_metrics, run_train
+from tests.conftest import MONITOR_PEAK_TFLOPS, SEQ_LEN, read_metrics
 
-PYTHON = [sys.executable, "-m", "pretrain.train"]
-PEAK = 0.5  # cluster.peak_tflops: a CPU has no entry in the peak table, so MFU needs it set
-MONITOR_ARGS = ["logging.group=monitor-test", "logging.tags=[cpu,tiny]", "logging.name=watched", "logging.t_buckets=4",
-                f"cluster.peak_tflops={PEAK}", "trainer.eval_every=2"]
+PEAK = MONITOR_PEAK_TFLOPS
 
 
 def read_wandb_records(path: Path) -> list:
@@ -49,16 +45,6 @@ def read_wandb_records(path: Path) -> list:
 def history(records) -> list[dict]:
     return [{item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json)
              for item in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
-
-
-@pytest.fixture(scope="session")
-def resumed_run(tmp_path_factory, demo_shards):
-    """Steps 1-2, then the same command resumed to step 4."""
-    run_dir = tmp_path_factory.mktemp("monitor") / "watched"
-    first = run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=2", *MONITOR_ARGS)
-    second = run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=4", *MONITOR_ARGS)
-    assert "at step 2" in second.stdout
-    return run_dir, first.stdout + second.stdout
 
 
 def test_metrics_jsonl_has_the_run_metrics(resumed_run):

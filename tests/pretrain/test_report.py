@@ -9,8 +9,9 @@ import matplotlib.pyplot as plt
 import pytest
 
 from pretrain.report import PANELS, draw, load_run, main
-from tests.conftest import REPO, child_env, read_metrics, run_train
-from tests.pretrain.test_metrics import MONITOR_ARGS, PYTHON, resumed_run  # noqa: F401 (a fixture)
+from tests.conftest import MONITOR_ARGS, REPO, child_env, read_metrics, run_train
+
+PYTHON = [sys.executable, "-m", "pretrain.train"]
 
 ALL_PNGS = {f"{p.file}.png" for p in PANELS} | {"overview.png"}
 
@@ -35,7 +36,7 @@ def assert_pictures(folder, names) -> None:
         assert image[..., :3].std() > 0.05, f"{name} is blank"
 
 
-def test_report_of_one_run(resumed_run):  # noqa: F811
+def test_report_of_one_run(resumed_run):
     run_dir, _ = resumed_run
     proc = report(run_dir)
     assert proc.returncode == 0, proc.stderr
@@ -43,7 +44,7 @@ def test_report_of_one_run(resumed_run):  # noqa: F811
     assert {Path(p).name for p in proc.stdout.split()} == ALL_PNGS  # the paths written, one a line
 
 
-def test_report_of_two_runs_draws_both_on_the_same_axes(resumed_run, other_run, tmp_path):  # noqa: F811
+def test_report_of_two_runs_draws_both_on_the_same_axes(resumed_run, other_run, tmp_path):
     run_dir, _ = resumed_run
     # in this process, to save the start of two more (matplotlib's import is slow on a loaded machine)
     assert main([str(run_dir), str(other_run), "--out", str(tmp_path / "cmp")]) == 0
@@ -71,7 +72,7 @@ def test_report_of_two_runs_draws_both_on_the_same_axes(resumed_run, other_run, 
     plt.close(fig)
 
 
-def test_report_refuses_a_directory_without_metrics(tmp_path, resumed_run, capsys):  # noqa: F811
+def test_report_refuses_a_directory_without_metrics(tmp_path, resumed_run, capsys):
     run_dir, _ = resumed_run
     assert main([str(run_dir), str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nothing' / 'metrics.jsonl'}: not found " \
