@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -137,8 +138,9 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.head_dim % 2 == 0, f"model head dim d_model/n_heads={m.head_dim} must be even for RoPE")
     _require(m.attention in ("auto", "sdpa", "flash"),
              f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
-    for key in ("n_layers", "d_model", "mlp_hidden_size", "vocab_size", "max_sequence_length"):
+    for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive (or null)")
 
 
 def validate_optim(o: OptimConfig) -> None:
@@ -216,8 +218,31 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_deepspeed_section(run.deepspeed)
 
 
+def resolve_vocab(run: RunConfig, manifest=None) -> None:
+    """model.vocab_size=null takes the shards' vocabulary (padded to a multiple of 128 by the build):
+    the manifest's when the shards exist, else what a build of data= would produce."""
+    if run.model.vocab_size is not None:
+        return
+    if manifest is None and (Path(run.data.dir) / "manifest.json").is_file():
+        from data_pipeline.shards import Manifest
+
+        manifest = Manifest.load(run.data.dir)
+    if manifest is not None:
+        run.model.vocab_size = manifest.vocab_size
+        return
+    from data_pipeline.piece import pad_vocab
+
+    if run.data.tokenizer:
+        from data_pipeline.tokenizer import load_tokenizer
+
+        run.model.vocab_size = pad_vocab(load_tokenizer(run.data.tokenizer).get_vocab_size())
+    else:
+        run.model.vocab_size = pad_vocab(run.data.vocab_size)
+
+
 def validate_data(run: RunConfig, manifest) -> None:
     """The shards in data.dir must fit this run's model and sequence length."""
+    resolve_vocab(run, manifest)
     where = f"{run.data.dir}/manifest.json"
     _require(manifest.seq_len == run.trainer.seq_len,
              f"{where}: seq_len={manifest.seq_len} but trainer.seq_len={run.trainer.seq_len}; rebuild the "

@@ -27,7 +27,7 @@ from pretrain.diffusion import (
     random_length,
     sample_times,
 )
-from pretrain.faults import NonFiniteSteps, StopRequest, Watchdog, finish_step, inject_loss_fault
+from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
 from pretrain.flops import flops_per_token, peak_tflops
 from pretrain.metrics import MetricsLogger, console_line
 from pretrain.train_stats import LogWindow, device_name
@@ -122,17 +122,23 @@ class Trainer:
         self.window.reset()
         self.started = time.perf_counter()
         first_step = self.state.step
+        samples = SampleLog(self.run.run_dir, self.rank, first_step) if self.run.fault.record_samples else None
         self.watchdog.kick()
         while not self.done():
             step_start = time.perf_counter()  # steps are timed alone: eval and checkpoints don't count
             for micro in range(self.accum):
-                self.micro_step(self.window.next_batch(batches), micro)
+                batch = self.window.next_batch(batches)
+                if samples:
+                    samples.add(batch)
+                self.micro_step(batch, micro)
             skipped = finish_step(self.engine)
             self.window.end_step(time.perf_counter() - step_start)
             self.state.step += 1
             self.state.batches += self.accum
             self.state.skipped_steps += skipped
             self.batches_this_process += self.accum
+            if samples:
+                samples.flush(self.state.step)
             last = self.done()
             if self.state.step % t.log_every == 0 or last or self.state.step == first_step + 1:
                 self.log_window(self.state.step - first_step)
