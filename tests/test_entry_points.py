@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import child_env
 
-ENTRY_POINTS = ["pretrain.train", "pretrain.model", "data_pipeline.build", "data_pipeline.tokenizer",
+ENTRY_POINTS = ["pretrain.train", "pretrain.model", "pretrain.report", "data_pipeline.build", "data_pipeline.tokenizer",
                 "data_pipeline.validate"]
 
 
