@@ -53,6 +53,7 @@ class TrainerConfig:
     log_every: int
     eval_every: int
     eval_batches: int
+    eval_mc_num: int  # mask draws per held-out sequence (pretrain/likelihood.py)
     ckpt_every: int
     precision: str
     max_bad_steps: int
@@ -141,6 +142,19 @@ def validate_model(m: ModelConfig) -> None:
     for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
     _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive (or null)")
+    if m.init_from:
+        check_init_from(m)
+
+
+def check_init_from(m: ModelConfig) -> None:
+    """model.init_from's config.json against model=: the first difference, before any work."""
+    from pretrain.hf_format import FormatError
+    from pretrain.pretrained import check_init_from as check
+
+    try:
+        check(m.init_from, m)
+    except FormatError as e:
+        raise ConfigError(f"model.init_from={m.init_from}: {e}") from None
 
 
 def validate_optim(o: OptimConfig) -> None:
@@ -166,6 +180,7 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_model(run.model)
     t = run.trainer
     _require(t.micro_batch_size > 0, f"trainer.micro_batch_size={t.micro_batch_size} must be positive")
+    _require(t.eval_mc_num > 0, f"trainer.eval_mc_num={t.eval_mc_num} must be positive")
     per_step = t.micro_batch_size * world_size
     _require(t.global_batch_size % per_step == 0,
              f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
@@ -188,6 +203,14 @@ def validate(run: RunConfig, world_size: int) -> None:
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
     validate_mask(run.mask)
+    if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
+        from pretrain.generate import GenerateError, check_settings
+
+        s = run.sample
+        try:
+            check_settings(s.gen_length, s.steps, None, "low_confidence", 0.0, s.temperature)
+        except GenerateError as e:
+            raise ConfigError(f"sample: {e}") from None
     _require(0 <= run.mask.random_length_prob <= 1,
              f"mask.random_length_prob={run.mask.random_length_prob} must be in [0, 1]")
     m = run.mask
@@ -255,6 +278,16 @@ def validate_data(run: RunConfig, manifest) -> None:
 
         _require(fingerprint(load_tokenizer(run.data.tokenizer)) == manifest.tokenizer_fingerprint,
                  f"{where}: the shards were tokenized with another tokenizer than data.tokenizer={run.data.tokenizer}")
+    if run.model.init_from:
+        from pretrain.hf_format import read_config
+
+        hf = read_config(run.model.init_from)
+        _require(hf.get("mask_token_id") == manifest.mask_id,
+                 f"model.init_from={run.model.init_from}: mask_token_id={hf.get('mask_token_id')}, but {where} has "
+                 f"mask_id={manifest.mask_id} (another tokenizer)")
+        _require(hf.get("vocab_size") == run.model.vocab_size,
+                 f"model.init_from={run.model.init_from}: vocab_size={hf.get('vocab_size')}, but model.vocab_size="
+                 f"{run.model.vocab_size}")
     m = run.mask
     if m.conditional:
         _require(manifest.format == "sft" or m.prompt_len is not None,

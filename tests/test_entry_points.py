@@ -8,8 +8,9 @@ import pytest
 
 from tests.conftest import child_env
 
-ENTRY_POINTS = ["pretrain.train", "pretrain.model", "pretrain.report", "data_pipeline.build", "data_pipeline.tokenizer",
-                "data_pipeline.validate"]
+ENTRY_POINTS = ["pretrain.train", "pretrain.model", "data_pipeline.build", "data_pipeline.tokenizer",
+                "data_pipeline.validate", "pretrain.export", "pretrain.evaluate", "pretrain.generate",
+                "pretrain.report"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
