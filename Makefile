@@ -25,6 +25,7 @@ demo: install
 	$(PY) -m pretrain.train model=tiny optim=wsd_short trainer.max_steps=300 trainer.log_every=20 \
 		trainer.eval_every=100 sample.at_end=true sample.gen_length=48 sample.steps=48 sample.temperature=0.8 \
 		run_dir=outputs/demo
+	$(PY) -m pretrain.report outputs/demo
 
 # The SLURM launch tests start a two-node cluster on loopback (launch/local_cluster.py): Debian's slurm-wlm,
 # and unshare/mount from util-linux for each node's namespace (root or sudo).

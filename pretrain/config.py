@@ -87,15 +87,19 @@ class ClusterConfig:
     device: str
     timeout_s: float  # process-group timeout: how long a collective waits for a dead or stopped peer
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
+    peak_tflops: float | None  # the device's peak for MFU; null: looked up by device name (pretrain/flops.py)
     slurm: SlurmConfig | None  # the layout on a SLURM cluster (cluster=slurm, slurm_local); null elsewhere
 
 
 @dataclass
 class LoggingConfig:
-    mode: str
+    mode: str  # auto | offline | online | disabled
     project: str
     entity: str | None
+    group: str | None
+    tags: list[str]
     name: str | None
+    t_buckets: int  # the loss is also logged per bucket of the masking time t: this many equal buckets of [0, 1]
 
 
 @dataclass
@@ -251,8 +255,11 @@ def validate(run: RunConfig, world_size: int) -> None:
              f"optim.schedule.points={points} must be a non-empty list of [position, lr_fraction]")
     positions = [p[0] for p in points]
     _require(positions == sorted(positions), f"optim.schedule.points={points} positions must not decrease")
-    _require(run.logging.mode in ("offline", "online", "disabled"),
-             f"logging.mode={run.logging.mode!r} is not one of offline, online, disabled")
+    _require(run.logging.mode in ("auto", "offline", "online", "disabled"),
+             f"logging.mode={run.logging.mode!r} is not one of auto, offline, online, disabled")
+    _require(run.logging.t_buckets >= 1, f"logging.t_buckets={run.logging.t_buckets} must be >= 1")
+    _require(run.cluster.peak_tflops is None or run.cluster.peak_tflops > 0,
+             f"cluster.peak_tflops={run.cluster.peak_tflops} must be positive (or null: looked up by device name)")
     validate_deepspeed_section(run.deepspeed)
 
 
