@@ -140,6 +140,9 @@ def test_preempted_job_saves_requeues_resumes_and_matches_the_uninterrupted_loss
     assert checkpoint_step(run_dir) == STEPS
     reference = train_losses(uninterrupted[0])
     assert train_losses(run_dir) == reference  # every step once, the same losses as the uninterrupted run
+    run_id = (run_dir / "wandb" / "run_id").read_text().strip()  # the W&B run continues: one id, two runs
+    wandb_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(name.endswith(f"-{run_id}") for name in wandb_runs), wandb_runs
 
 
 def checkpoint_step(run_dir: Path) -> int:
