@@ -17,7 +17,11 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline.config import BuildConfig, DataConfig, compose
 from pretrain.device import PRECISION_CHOICES, resolve_precision
 from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
-from pretrain.model import ModelConfig
+from pretrain.model import ModelConfig, checkpoint_stride
+from pretrain.zero_sizes import resolve_zero_sizes
+
+
+OPTIMIZER_IMPLS = ("torch", "deepspeed_fused")  # built by pretrain/engine.py's OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -38,6 +42,7 @@ class OptimConfig:
     weight_decay: float
     grad_clip: float
     schedule: ScheduleConfig
+    impl: str  # torch (AdamW, fused on CUDA) | deepspeed_fused (DeepSpeed's FusedAdam: a JIT build on first use)
 
 
 @dataclass
@@ -52,6 +57,8 @@ class TrainerConfig:
     eval_batches: int
     ckpt_every: int
     precision: str
+    activation_checkpointing: str  # none | full | k (every k-th block)
+    compile: bool  # regional torch.compile of the blocks
 
 
 @dataclass
@@ -103,7 +110,7 @@ def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
     except OmegaConfBaseException as e:
         # OmegaConf's message names the key ("Key 'foo' not in 'ModelConfig'"); keep its first line.
         raise ConfigError(f"config: {str(e).splitlines()[0]} (full key: {e.full_key})") from None
-    run.deepspeed = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    run.deepspeed = resolve_zero_sizes(OmegaConf.to_container(cfg.deepspeed, resolve=True), run.model)
     validate(run, world_size)
     run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
     return run
@@ -156,6 +163,12 @@ def validate(run: RunConfig, world_size: int) -> None:
     _require(t.precision in PRECISION_CHOICES,
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
+    try:
+        checkpoint_stride(t.activation_checkpointing)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(run.optim.impl in OPTIMIZER_IMPLS,
+             f"optim.impl={run.optim.impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
     validate_mask(run.mask)
     _require(0 <= run.mask.random_length_prob <= 1,
              f"mask.random_length_prob={run.mask.random_length_prob} must be in [0, 1]")

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
-from pretrain.diffusion import diffusion_loss, forward_process, make_schedule, random_length, sample_times
+from pretrain.diffusion import forward_process, make_schedule, model_loss_and_stats, random_length, sample_times
 from pretrain.metrics import MetricsLogger
 
 
@@ -74,6 +74,10 @@ class Trainer:
             return batch["prompt_len"]
         return torch.full((batch["tokens"].shape[0],), self.run.mask.prompt_len, dtype=torch.long)
 
+    def doc_start(self, batch: dict, length: int) -> torch.Tensor | None:
+        """Where documents begin (model.document_mask=true), cut to the batch's length."""
+        return batch["doc_start"][:, :length].to(self.device) if "doc_start" in batch else None
+
     def micro_step(self, batch: dict, micro: int) -> tuple[torch.Tensor, int]:
         # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
         m, step = self.run.mask, self.state.step
@@ -84,7 +88,7 @@ class Trainer:
         t = sample_times(m.time_sampling, self.run.trainer.global_batch_size, (micro * self.world + self.rank) * B, B,
                          m.eps, time_rng)
         noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
-        loss = diffusion_loss(self.engine(noisy.input_ids), x0, noisy, m.normalize)
+        loss, _ = model_loss_and_stats(self.engine, x0, noisy, m.normalize, self.doc_start(batch, x0.shape[1]))
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         return loss.detach().float(), x0.numel()
@@ -144,7 +148,8 @@ class Trainer:
             x0 = batch["tokens"].to(self.device).long()
             t = sample_times("iid", x0.shape[0], 0, x0.shape[0], self.run.mask.eps, rng)
             noisy = forward_process(x0, self.mask_id, t, self.schedule, rng, self.prompt_len(batch))
-            loss_sum += diffusion_loss(self.engine(noisy.input_ids), x0, noisy, "tokens").float()
+            loss, _ = model_loss_and_stats(self.engine, x0, noisy, "tokens", self.doc_start(batch, x0.shape[1]))
+            loss_sum += loss.float()
             count += 1
         loss_sum, count = self._sum_over_ranks(loss_sum, count)
         self.engine.train()
