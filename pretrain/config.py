@@ -20,7 +20,6 @@ from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
 from pretrain.model import ModelConfig, checkpoint_stride
 from pretrain.zero_sizes import resolve_zero_sizes
 
-
 OPTIMIZER_IMPLS = ("torch", "deepspeed_fused")  # built by pretrain/engine.py's OPTIMIZERS
 
 
@@ -66,6 +65,10 @@ class ClusterConfig:
     name: str
     device: str
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
+    nodes: int  # the planner's layout (pretrain/plan.py); the launcher decides the real one
+    gpus_per_node: int
+    gpu_memory_gb: float | None  # per device; the planner warns above it
+    peak_tflops: float | None  # dense bf16 per device; null: looked up from the device name (pretrain/flops.py)
 
 
 @dataclass

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 import torch.utils.checkpoint
 
 from pretrain.attention import select_attention
@@ -214,12 +213,12 @@ class LLaDAModel(nn.Module):
         return t.ff_out(t.ln_f(x[masked]), targets[masked])
 
 
-def compile_blocks(model: LLaDAModel) -> None:
+def compile_blocks(model: LLaDAModel, backend: str = "inductor") -> None:
     """Regional torch.compile: each block's forward is compiled (the blocks share one graph, since
     they are alike), which fuses the elementwise work around the matmuls (RMSNorm and RoPE in fp32,
     SwiGLU, dtype casts). Module hooks (ZeRO-3's) stay outside the compiled region."""
     for block in model.transformer.blocks:
-        block.forward = torch.compile(block.forward)
+        block.forward = torch.compile(block.forward, backend=backend)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -7,7 +7,7 @@ import pytest
 
 from pretrain.config import compose_config
 from pretrain.engine import OPTIMIZERS, deepspeed_config
-from tests.conftest import BIN, train_losses, run_train
+from tests.conftest import BIN, run_train, train_losses
 
 TORCHRUN = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29631", "-m", "pretrain.train"]
 STEPS = 4
