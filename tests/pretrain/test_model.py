@@ -7,8 +7,16 @@ import torch
 
 from pretrain.attention import sdpa_attention, select_attention
 from pretrain.config import compose_config
-from pretrain.model import (HF_PREFIX, LLaDAModel, ModelConfig, RMSNorm, apply_rope, compile_blocks, count_params,
-                           rope_tables)
+from pretrain.model import (
+    HF_PREFIX,
+    LLaDAModel,
+    ModelConfig,
+    RMSNorm,
+    apply_rope,
+    compile_blocks,
+    count_params,
+    rope_tables,
+)
 from tests.conftest import REPO, child_env
 
 
