@@ -8,6 +8,7 @@ Every error is one line that names the key and the value at fault.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline.config import BuildConfig, DataConfig, compose
 from pretrain.device import PRECISION_CHOICES, resolve_precision
 from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
+from pretrain.faults import FaultConfig
 from pretrain.model import ModelConfig, checkpoint_stride
 from pretrain.zero_sizes import resolve_zero_sizes
 
@@ -56,6 +58,8 @@ class TrainerConfig:
     eval_batches: int
     ckpt_every: int
     precision: str
+    max_bad_steps: int
+    watchdog_s: float
     activation_checkpointing: str  # none | full | k (every k-th block)
     compile: bool  # regional torch.compile of the blocks
 
@@ -64,6 +68,7 @@ class TrainerConfig:
 class ClusterConfig:
     name: str
     device: str
+    timeout_s: float  # process-group timeout: how long a collective waits for a dead or stopped peer
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
     nodes: int  # the planner's layout (pretrain/plan.py); the launcher decides the real one
     gpus_per_node: int
@@ -103,6 +108,7 @@ class RunConfig:
     logging: LoggingConfig
     sample: SampleConfig
     trainer: TrainerConfig
+    fault: FaultConfig
 
 
 def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
@@ -141,6 +147,16 @@ def validate_model(m: ModelConfig) -> None:
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
 
 
+def validate_optim(o: OptimConfig) -> None:
+    finite = math.isfinite
+    _require(finite(o.lr) and o.lr > 0, f"optim.lr={o.lr} must be a positive number")
+    _require(len(o.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in o.betas),
+             f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    _require(finite(o.eps) and o.eps > 0, f"optim.eps={o.eps} must be a positive number")
+    _require(finite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _require(finite(o.grad_clip) and o.grad_clip > 0, f"optim.grad_clip={o.grad_clip} must be a positive number")
+
+
 def validate_mask(m: MaskConfig) -> None:
     _require(m.schedule in SCHEDULES, f"mask.schedule={m.schedule!r} is not one of {', '.join(SCHEDULES)}")
     _require(0 < m.eps < 1, f"mask.eps={m.eps} must be in (0, 1)")
@@ -163,6 +179,15 @@ def validate(run: RunConfig, world_size: int) -> None:
              f"{run.model.max_sequence_length} (model={run.model.name})")
     _require(t.max_steps is not None or t.max_tokens is not None,
              "trainer.max_steps and trainer.max_tokens are both null: the run would never end")
+    for key in ("max_steps", "max_tokens"):
+        value = getattr(t, key)
+        _require(value is None or value > 0, f"trainer.{key}={value} must be positive (or null)")
+    for key in ("log_every", "eval_batches"):
+        _require(getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be positive")
+    for key in ("eval_every", "ckpt_every", "max_bad_steps", "watchdog_s"):
+        _require(getattr(t, key) >= 0, f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    _require(run.cluster.timeout_s > 0, f"cluster.timeout_s={run.cluster.timeout_s} must be positive")
+    validate_optim(run.optim)
     _require(t.precision in PRECISION_CHOICES,
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")

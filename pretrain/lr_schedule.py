@@ -23,3 +23,17 @@ def lr_fraction(points: list[list[float]], position: float) -> float:
 
 def step_to_position(step: int, unit: str, tokens_per_step: int) -> float:
     return float(step) if unit == "steps" else float(step) * tokens_per_step
+
+
+def warmup_beyond_end(points: list[list[float]], unit: str, tokens_per_step: int, last_step: int) -> str | None:
+    """A warning when the schedule's first point with a nonzero lr lies beyond the run's last step: the
+    run would train at (nearly) zero lr throughout, e.g. the paper's token-based schedule on a short run."""
+    first_nonzero = next((float(p[0]) for p in points if float(p[1]) > 0), None)
+    end = step_to_position(last_step, unit, tokens_per_step)
+    if first_nonzero is None or first_nonzero > end:
+        reached = lr_fraction(points, end)
+        where = "never" if first_nonzero is None else f"at {first_nonzero:.4g} {unit}"
+        return (f"optim.schedule.points reach a nonzero lr {where}, beyond this run's end ({end:.4g} {unit}, "
+                f"step {last_step}): the lr ends at {reached:.3g} x optim.lr. For a short run use optim=wsd_short "
+                f"or set optim.schedule.unit=steps with points that fit")
+    return None

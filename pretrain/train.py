@@ -24,8 +24,10 @@ from data_pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint
 from pretrain.config import ConfigError, RunConfig, load_config, validate_data
 from pretrain.engine import build_engine, check_device, init_distributed, world_size_from_env
+from pretrain.faults import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, LauncherWatch, StopRequest
 from pretrain.generate import generate
-from pretrain.loop import Trainer
+from pretrain.loop import NonFiniteError, Trainer, total_steps
+from pretrain.lr_schedule import warmup_beyond_end
 from pretrain.metrics import MetricsLogger
 from pretrain.model import count_params
 
@@ -90,7 +92,15 @@ def train(cfg: DictConfig) -> None:
     if run.resume == "never" and checkpoint.latest(run.run_dir):
         raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"
                           f" resume=auto continues that run, or choose another run_dir")
-    rank, world = init_distributed(shm_comm=run.cluster.device != "cpu" or run.cluster.shm_comm)
+    warning = warmup_beyond_end(run.optim.schedule.points, run.optim.schedule.unit,
+                                run.trainer.global_batch_size * run.trainer.seq_len, total_steps(run.trainer))
+    stop = StopRequest()
+    stop.install()  # from here on a SIGTERM/SIGUSR1 ends in a checkpoint, not a lost run
+    rank, world = init_distributed(timeout_s=run.cluster.timeout_s,
+                                   shm_comm=run.cluster.device != "cpu" or run.cluster.shm_comm)
+    if warning and rank == 0:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    LauncherWatch(stop).start()
     check_device(run)
     manifest = prepare_data(run, rank)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
@@ -106,16 +116,27 @@ def train(cfg: DictConfig) -> None:
     eval_stream = TokenStream(run.data.dir, "heldout", **stream_args) if run.trainer.eval_every else None
     metrics = MetricsLogger(run.run_dir, run.logging, OmegaConf.to_container(cfg, resolve=True),
                             enabled=rank == 0, start_step=saved["step"] if saved else 0)
-    trainer = Trainer(run, engine, train_stream, eval_stream, manifest.mask_id, metrics)
+    trainer = Trainer(run, engine, train_stream, eval_stream, manifest.mask_id, metrics, stop)
     if saved is not None:
         trainer.load_trainer_state(saved)
         if rank == 0:
             print(f"resumed from {checkpoint.ckpt_dir(run.run_dir) / checkpoint.latest(run.run_dir)} "
                   f"at step {trainer.state.step}", flush=True)
-    trainer.train()
-    if run.sample.at_end:
+    outcome = trainer.train()
+    if outcome == "done" and run.sample.at_end:
         print_sample(run, engine, manifest)
     metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()  # a clean teardown: no rank aborts in gloo's destructor at exit
+    if outcome == "preempted":
+        sys.exit(EXIT_PREEMPTED)
+
+
+def remove_if_empty(run_dir: str) -> None:
+    """Hydra creates run_dir before the config is checked; a run that never started leaves nothing."""
+    path = Path(run_dir)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -124,7 +145,11 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        remove_if_empty(str(cfg.run_dir))
+        sys.exit(EXIT_CONFIG)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_NON_FINITE)
 
 
 if __name__ == "__main__":
