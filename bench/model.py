@@ -108,13 +108,13 @@ def bench_speed(rounds: int = 6) -> dict:
 
 ZERO_CHILD = """
 import json, sys, torch, torch.distributed as dist
-sys.path.insert(0, {repo!r})
+sys.path.insert(0, @REPO@)
 from pretrain.config import compose_config
 from pretrain.engine import build_engine, init_distributed, world_size_from_env
 world = world_size_from_env()
 run = compose_config(["model=small", "trainer.seq_len=64", "trainer.micro_batch_size=1",
-                      f"trainer.global_batch_size={{world}}", "trainer.precision=fp32"], world_size=world)
-init_distributed(shm_comm=False)
+                      f"trainer.global_batch_size={world}", "trainer.precision=fp32"], world_size=world)
+init_distributed(run.cluster.timeout_s, shm_comm=False)
 engine = build_engine(run, world)
 ids = torch.randint(0, 1000, (1, 64))
 ce, _ = engine(ids, targets=ids, masked=torch.ones_like(ids, dtype=torch.bool))
@@ -141,8 +141,16 @@ total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters(
 out = [None] * world
 dist.all_gather_object(out, state)
 if dist.get_rank() == 0:
-    print("RESULT " + json.dumps({{"world": world, "params": total, "bytes_per_rank": out}}))
+    print("RESULT " + json.dumps({"world": world, "params": total, "bytes_per_rank": out}))
 """
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def bench_zero(worlds=(1, 2, 4)) -> dict:
@@ -150,10 +158,10 @@ def bench_zero(worlds=(1, 2, 4)) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "zero_child.py"
-        script.write_text(ZERO_CHILD.format(repo=str(REPO)))
+        script.write_text(ZERO_CHILD.replace("@REPO@", repr(str(REPO))))
         for w in worlds:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(w), "--master_port",
-                   str(29650 + w), str(script)]
+                   str(free_port()), str(script)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
