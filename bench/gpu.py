@@ -46,11 +46,14 @@ CASES = {  # name: (kind, overrides on top of the engine's); run in this order w
     "llada_8b_fit": ("model", ["model=llada_8b", "trainer.activation_checkpointing=full"]),
     "llada_8b_l8": ("engine", L8),
     "llada_1b_eager": ("engine", ["model=llada_1b", "trainer.compile=false"]),
+    "llada_1b_mb8": ("engine", ["model=llada_1b", "trainer.micro_batch_size=8", "trainer.global_batch_size=16"]),
+    "numerics": ("numerics", ["model=llada_1b", "model.n_layers=2", "trainer.seq_len=1024"]),
 }
 DRY_CASES = {
     "tiny": ("engine", []),
     "tiny_ckpt": ("engine", ["trainer.activation_checkpointing=full"]),
     "tiny_fit": ("model", ["trainer.activation_checkpointing=full"]),
+    "numerics": ("numerics", ["model.mlp_hidden_size=330"]),
 }
 WARMUP_STEPS = 3  # compile and allocator warm-up: excluded from tokens/s
 
@@ -111,6 +114,34 @@ def run_model_case(overrides: list[str]) -> dict:
             "weights_grads_gb": weights_grads}
 
 
+def run_numerics_case(overrides: list[str], backend: str) -> dict:
+    """bf16 on the device: the training path (masked-only head, padded FFN, compiled blocks) against
+    the plain formula (full logits, then cross-entropy of the masked rows); relative differences."""
+    from pretrain.config import compose_config
+    from pretrain.model import LLaDAModel, compile_blocks
+
+    run = compose_config(overrides)
+    device, dtype = torch.device(run.cluster.device), torch.bfloat16
+    torch.manual_seed(0)
+    with device:
+        ref = LLaDAModel(run.model).to(dtype)
+        fast = LLaDAModel(run.model).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    compile_blocks(fast, backend=backend)
+    B, L, V = 2, run.trainer.seq_len, run.model.vocab_size
+    x0 = torch.randint(0, V - 1, (B, L), device=device)
+    masked = torch.rand(B, L, device=device) < 0.5
+    ids = x0.masked_fill(masked, V - 1)
+    loss_ref = torch.nn.functional.cross_entropy(ref(ids)[masked].float(), x0[masked], reduction="sum")
+    loss_ref.backward()
+    ce, _ = fast(ids, targets=x0, masked=masked)
+    ce.sum().backward()
+    rel = [((p.grad.float() - q.grad.float()).norm() / q.grad.float().norm()).item()
+           for p, q in zip(fast.parameters(), ref.parameters(), strict=True)]
+    return {"loss_ref": loss_ref.item(), "loss_rel_diff": abs(ce.sum().item() - loss_ref.item()) / loss_ref.item(),
+            "grad_rel_diff_max": max(rel), "grad_rel_diff_median": statistics.median(rel)}
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -120,7 +151,9 @@ def child(name: str, dry: bool, out: Path) -> None:
     kind, overrides = (DRY_CASES if dry else CASES)[name]
     overrides = (DRY_ENGINE if dry else GPU_ENGINE) + overrides
     with tempfile.TemporaryDirectory() as tmp:
-        result = (run_engine_case(overrides, Path(tmp) / "run") if kind == "engine" else run_model_case(overrides))
+        result = {"engine": lambda: run_engine_case(overrides, Path(tmp) / "run"),
+                  "model": lambda: run_model_case(overrides),
+                  "numerics": lambda: run_numerics_case(overrides, "aot_eager" if dry else "inductor")}[kind]()
     from pretrain.config import compose_config
     from pretrain.flops import flops_per_token, matmul_params
 
@@ -171,7 +204,7 @@ def parent(dry: bool, budget_s: float, case_timeout_s: float, only: list[str] | 
     print(f"\n{'case':<18} {'kind':<7} {'ckpt':<5} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8} {'wall s':>7}")
     for name, r in results.items():
         if "tokens_per_s" not in r:
-            print(f"{name:<18} {r['error']}")
+            print(f"{name:<18} {r.get('error') or json.dumps(r)}")
             continue
         m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         gb = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"

@@ -132,11 +132,11 @@ def nbytes(tensors):
 
 # What this rank holds of the model states, storage counted once: its parameter partitions, the
 # optimizer's flat fp32 partitions, their gradient partitions and the Adam moments.
-params = nbytes(p.ds_tensor for p in engine.module.parameters())
-master = nbytes(opt.fp32_partitioned_groups_flat)
-grads = nbytes(t.grad for t in opt.fp32_partitioned_groups_flat if t.grad is not None)
-moments = nbytes(v for st in opt.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
-state = params + (master if master != params else 0) + grads + moments
+partitions = [p.ds_tensor for p in engine.module.parameters()]
+flat = list(opt.fp32_partitioned_groups_flat)
+grads = [t.grad for t in flat if t.grad is not None]
+moments = [v for st in opt.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+state = nbytes(partitions + flat + grads + moments)  # a storage shared by two of these counts once
 total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
 out = [None] * world
 dist.all_gather_object(out, state)
