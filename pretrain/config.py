@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -56,6 +57,7 @@ class TrainerConfig:
     log_every: int
     eval_every: int
     eval_batches: int
+    eval_mc_num: int  # mask draws per held-out sequence (pretrain/likelihood.py)
     ckpt_every: int
     precision: str
     max_bad_steps: int
@@ -143,8 +145,22 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.head_dim % 2 == 0, f"model head dim d_model/n_heads={m.head_dim} must be even for RoPE")
     _require(m.attention in ("auto", "sdpa", "flash"),
              f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
-    for key in ("n_layers", "d_model", "mlp_hidden_size", "vocab_size", "max_sequence_length"):
+    for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive (or null)")
+    if m.init_from:
+        check_init_from(m)
+
+
+def check_init_from(m: ModelConfig) -> None:
+    """model.init_from's config.json against model=: the first difference, before any work."""
+    from pretrain.hf_format import FormatError
+    from pretrain.pretrained import check_init_from as check
+
+    try:
+        check(m.init_from, m)
+    except FormatError as e:
+        raise ConfigError(f"model.init_from={m.init_from}: {e}") from None
 
 
 def validate_optim(o: OptimConfig) -> None:
@@ -170,6 +186,7 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_model(run.model)
     t = run.trainer
     _require(t.micro_batch_size > 0, f"trainer.micro_batch_size={t.micro_batch_size} must be positive")
+    _require(t.eval_mc_num > 0, f"trainer.eval_mc_num={t.eval_mc_num} must be positive")
     per_step = t.micro_batch_size * world_size
     _require(t.global_batch_size % per_step == 0,
              f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
@@ -198,6 +215,14 @@ def validate(run: RunConfig, world_size: int) -> None:
     _require(run.optim.impl in OPTIMIZER_IMPLS,
              f"optim.impl={run.optim.impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
     validate_mask(run.mask)
+    if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
+        from pretrain.generate import GenerateError, check_settings
+
+        s = run.sample
+        try:
+            check_settings(s.gen_length, s.steps, None, "low_confidence", 0.0, s.temperature)
+        except GenerateError as e:
+            raise ConfigError(f"sample: {e}") from None
     _require(0 <= run.mask.random_length_prob <= 1,
              f"mask.random_length_prob={run.mask.random_length_prob} must be in [0, 1]")
     m = run.mask
@@ -225,8 +250,31 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_deepspeed_section(run.deepspeed)
 
 
+def resolve_vocab(run: RunConfig, manifest=None) -> None:
+    """model.vocab_size=null takes the shards' vocabulary (padded to a multiple of 128 by the build):
+    the manifest's when the shards exist, else what a build of data= would produce."""
+    if run.model.vocab_size is not None:
+        return
+    if manifest is None and (Path(run.data.dir) / "manifest.json").is_file():
+        from data_pipeline.shards import Manifest
+
+        manifest = Manifest.load(run.data.dir)
+    if manifest is not None:
+        run.model.vocab_size = manifest.vocab_size
+        return
+    from data_pipeline.piece import pad_vocab
+
+    if run.data.tokenizer:
+        from data_pipeline.tokenizer import load_tokenizer
+
+        run.model.vocab_size = pad_vocab(load_tokenizer(run.data.tokenizer).get_vocab_size())
+    else:
+        run.model.vocab_size = pad_vocab(run.data.vocab_size)
+
+
 def validate_data(run: RunConfig, manifest) -> None:
     """The shards in data.dir must fit this run's model and sequence length."""
+    resolve_vocab(run, manifest)
     where = f"{run.data.dir}/manifest.json"
     _require(manifest.seq_len == run.trainer.seq_len,
              f"{where}: seq_len={manifest.seq_len} but trainer.seq_len={run.trainer.seq_len}; rebuild the "
@@ -239,6 +287,16 @@ def validate_data(run: RunConfig, manifest) -> None:
 
         _require(fingerprint(load_tokenizer(run.data.tokenizer)) == manifest.tokenizer_fingerprint,
                  f"{where}: the shards were tokenized with another tokenizer than data.tokenizer={run.data.tokenizer}")
+    if run.model.init_from:
+        from pretrain.hf_format import read_config
+
+        hf = read_config(run.model.init_from)
+        _require(hf.get("mask_token_id") == manifest.mask_id,
+                 f"model.init_from={run.model.init_from}: mask_token_id={hf.get('mask_token_id')}, but {where} has "
+                 f"mask_id={manifest.mask_id} (another tokenizer)")
+        _require(hf.get("vocab_size") == run.model.vocab_size,
+                 f"model.init_from={run.model.init_from}: vocab_size={hf.get('vocab_size')}, but model.vocab_size="
+                 f"{run.model.vocab_size}")
     m = run.mask
     if m.conditional:
         _require(manifest.format == "sft" or m.prompt_len is not None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import json
 import os
 import signal
 import sys
@@ -51,6 +52,7 @@ class FaultConfig:
     sleep_at_step: int | None  # a rank sleeps (a hang in Python code) in this step...
     sleep_s: float  # ...for this long
     sleep_rank: int
+    record_samples: bool  # each rank writes the windows of every step to run_dir/samples/ (drills)
 
 
 class StopRequest:
@@ -201,3 +203,25 @@ def inject_loss_fault(loss: torch.Tensor, fault: FaultConfig, step: int, rank: i
 
         time.sleep(fault.sleep_s)
     return loss
+
+
+class SampleLog:
+    """For drills: each rank writes the (epoch, window id) pairs every step trained on, one JSON line per
+    step, so a trial can show that a fault and its resume lost or repeated no sample. Steps past the
+    one training resumes from, written by an interrupted attempt, are dropped first."""
+
+    def __init__(self, run_dir: str, rank: int, start_step: int):
+        self.path = Path(run_dir) / "samples" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.pending: list[list[int]] = []
+
+    def add(self, batch: dict) -> None:
+        self.pending += [[int(e), int(i)] for e, i in zip(batch["epoch"].tolist(), batch["ids"].tolist())]  # noqa: B905
+
+    def flush(self, step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "samples": self.pending}) + "\n")
+        self.pending = []

@@ -20,7 +20,8 @@ from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
 from pretrain.diffusion import forward_process, make_schedule, model_loss_and_stats, random_length, sample_times
-from pretrain.faults import NonFiniteSteps, StopRequest, Watchdog, finish_step, inject_loss_fault
+from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
+from pretrain.likelihood import NelboSums, nelbo_of_batch
 from pretrain.metrics import MetricsLogger
 
 
@@ -114,10 +115,14 @@ class Trainer:
         loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
         window_start = self.started = time.perf_counter()
         first_step = self.state.step
+        samples = SampleLog(self.run.run_dir, self.rank, first_step) if self.run.fault.record_samples else None
         self.watchdog.kick()
         while not self.done():
             for micro in range(self.accum):
-                loss, n = self.micro_step(next(batches), micro)
+                batch = next(batches)
+                if samples:
+                    samples.add(batch)
+                loss, n = self.micro_step(batch, micro)
                 loss_sum += loss
                 micro_batches, tokens = micro_batches + 1, tokens + n
             skipped = finish_step(self.engine)
@@ -125,6 +130,8 @@ class Trainer:
             self.state.batches += self.accum
             self.state.skipped_steps += skipped
             self.batches_this_process += self.accum
+            if samples:
+                samples.flush(self.state.step)
             last = self.done()
             if self.state.step % t.log_every == 0 or last or self.state.step == first_step + 1:
                 self.log_window(loss_sum, micro_batches, tokens, time.perf_counter() - window_start,
@@ -171,26 +178,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """The held-out negative ELBO per token, with the run's schedule and fixed times and masks: the
-        same estimate of the same quantity at every eval."""
+        """The held-out negative ELBO per token (pretrain/likelihood.py, the estimator of python -m
+        pretrain.evaluate): trainer.eval_mc_num stratified mask draws per sequence from a generator seeded
+        the same at every eval, so evals differ only by the model. Every rank runs the same number of
+        forward passes."""
         assert self.eval_stream is not None
         self.engine.eval()
         rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
-        loss_sum, count = torch.zeros((), device=self.device), 0
+        sums = NelboSums()
         for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
             x0 = batch["tokens"].to(self.device).long()
-            t = sample_times("iid", x0.shape[0], 0, x0.shape[0], self.run.mask.eps, rng)
-            noisy = forward_process(x0, self.mask_id, t, self.schedule, rng, self.prompt_len(batch))
-            loss, _ = model_loss_and_stats(self.engine, x0, noisy, "tokens", self.doc_start(batch, x0.shape[1]))
-            loss_sum += loss.float()
-            count += 1
-        loss_sum, count = self._sum_over_ranks(loss_sum, count)
+            sums.sums += nelbo_of_batch(self.engine, x0, self.mask_id, self.run.trainer.eval_mc_num, rng,
+                                        self.prompt_len(batch), batch_size=x0.shape[0]).sums
+        totals = sums.sums.to(self.device)
+        dist.all_reduce(totals)
+        estimate = NelboSums(totals.cpu()).estimate()
         self.engine.train()
-        loss = loss_sum / count
-        self.metrics.log({"step": self.state.step, "eval/loss": loss})
+        self.metrics.log({"step": self.state.step, "eval/loss": estimate.nelbo, "eval/loss_se": estimate.se})
         if self.rank == 0:
-            print(f"step {self.state.step:>6} | eval loss {loss:.4f}", flush=True)
-        return loss
+            print(f"step {self.state.step:>6} | eval loss {estimate.nelbo:.4f} +- {estimate.se:.4f}", flush=True)
+        return estimate.nelbo
 
     def save(self) -> None:
         checkpoint.save(self.engine, self.run.run_dir, self.state.step, self.trainer_state())

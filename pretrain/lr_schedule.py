@@ -25,15 +25,26 @@ def step_to_position(step: int, unit: str, tokens_per_step: int) -> float:
     return float(step) if unit == "steps" else float(step) * tokens_per_step
 
 
-def warmup_beyond_end(points: list[list[float]], unit: str, tokens_per_step: int, last_step: int) -> str | None:
-    """A warning when the schedule's first point with a nonzero lr lies beyond the run's last step: the
-    run would train at (nearly) zero lr throughout, e.g. the paper's token-based schedule on a short run."""
-    first_nonzero = next((float(p[0]) for p in points if float(p[1]) > 0), None)
+def warmup_beyond_end(points: list[list[float]], unit: str, tokens_per_step: int, last_step: int,
+                      share: float = 0.01) -> str | None:
+    """A warning when the run ends before its lr ever reaches `share` of the schedule's peak, e.g. the
+    paper's token-based warmup (1.05e10 tokens) on a short run: it would train at an lr near 0 throughout."""
     end = step_to_position(last_step, unit, tokens_per_step)
-    if first_nonzero is None or first_nonzero > end:
-        reached = lr_fraction(points, end)
-        where = "never" if first_nonzero is None else f"at {first_nonzero:.4g} {unit}"
-        return (f"optim.schedule.points reach a nonzero lr {where}, beyond this run's end ({end:.4g} {unit}, "
-                f"step {last_step}): the lr ends at {reached:.3g} x optim.lr. For a short run use optim=wsd_short "
-                f"or set optim.schedule.unit=steps with points that fit")
-    return None
+    peak = max(float(p[1]) for p in points)
+    reached = max([lr_fraction(points, end)] + [float(p[1]) for p in points if float(p[0]) <= end])
+    if peak <= 0 or reached >= share * peak:
+        return None
+    first = crossing(points, share * peak)
+    return (f"optim.schedule.points reach {share:.0%} of the peak lr at {first:.4g} {unit}, beyond this run's end "
+            f"({end:.4g} {unit}, step {last_step}): the lr stays below {reached:.3g} x optim.lr. For a short run use "
+            f"optim=wsd_short, or points in optim.schedule.unit=steps that fit the run")
+
+
+def crossing(points: list[list[float]], target: float) -> float:
+    """The first position where the schedule reaches `target` (it must reach it)."""
+    if float(points[0][1]) >= target:
+        return float(points[0][0])
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):  # noqa: B905
+        if float(y1) >= target > float(y0):
+            return float(x0) + (target - float(y0)) / (float(y1) - float(y0)) * (float(x1) - float(x0))
+    raise ValueError(f"the schedule never reaches {target}")

@@ -15,10 +15,12 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.build import ensure_built
-from data_pipeline.shards import DataError, Manifest
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint
@@ -73,7 +75,9 @@ def write_setup(run: RunConfig, engine, cfg: DictConfig, world: int) -> None:
     if dist.get_rank() == 0:
         Path(run.run_dir, "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         setup = {"world_size": world, **count_params(engine.module), "local_params_per_rank": per_rank,
-                 "device": str(engine.device), "deepspeed_config": engine.config}
+                 "device": str(engine.device), "precision": run.trainer.precision,
+                 "param_dtype": str(next(engine.module.parameters()).dtype),  # what it really trains in
+                 "deepspeed_config": engine.config}
         Path(run.run_dir, "setup.json").write_text(json.dumps(setup, indent=1, default=str))
 
 
@@ -87,8 +91,20 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
         print(f"sample: {tok.decode(out[0].tolist())!r}", flush=True)  # repr: whitespace stays visible
 
 
+def check_prebuilt_data(run: RunConfig) -> None:
+    """Shards that already exist are checked against the run before any process group or engine. The
+    demo corpus is a cache rebuilt when missing or of an older format: then it is checked once built."""
+    path = Path(run.data.dir) / "manifest.json"
+    if not path.is_file():
+        return
+    if run.data.inputs == ["demo"] and json.loads(path.read_text()).get("format_version") != FORMAT_VERSION:
+        return
+    validate_data(run, Manifest.load(run.data.dir))
+
+
 def train(cfg: DictConfig) -> None:
     run = load_config(cfg, world_size_from_env())  # every config error before any work
+    check_prebuilt_data(run)
     if run.resume == "never" and checkpoint.latest(run.run_dir):
         raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"
                           f" resume=auto continues that run, or choose another run_dir")
@@ -105,6 +121,7 @@ def train(cfg: DictConfig) -> None:
     manifest = prepare_data(run, rank)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
 
+    cfg.model.vocab_size = run.model.vocab_size  # config.yaml records the vocabulary taken from the data
     engine = build_engine(run, world)
     write_setup(run, engine, cfg, world)
     saved = checkpoint.load(engine, run.run_dir) if run.resume == "auto" else None
@@ -126,10 +143,17 @@ def train(cfg: DictConfig) -> None:
     if outcome == "done" and run.sample.at_end:
         print_sample(run, engine, manifest)
     metrics.close()
-    dist.barrier()
-    dist.destroy_process_group()  # a clean teardown: no rank aborts in gloo's destructor at exit
     if outcome == "preempted":
+        teardown()
         sys.exit(EXIT_PREEMPTED)
+
+
+def teardown() -> None:
+    """A clean end of the process group, so that no rank aborts in gloo's destructor at exit. Not
+    between the jobs of a sweep, which share this process and its process group."""
+    if dist.is_initialized() and HydraConfig.get().mode != RunMode.MULTIRUN:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def remove_if_empty(run_dir: str) -> None:
@@ -143,6 +167,7 @@ def remove_if_empty(run_dir: str) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
+        teardown()
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         remove_if_empty(str(cfg.run_dir))
