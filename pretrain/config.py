@@ -20,7 +20,10 @@ from data_pipeline.config import BuildConfig, DataConfig, compose
 from pretrain.device import PRECISION_CHOICES, resolve_precision
 from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
 from pretrain.faults import FaultConfig
-from pretrain.model import ModelConfig
+from pretrain.model import ModelConfig, checkpoint_stride
+from pretrain.zero_sizes import resolve_zero_sizes
+
+OPTIMIZER_IMPLS = ("torch", "deepspeed_fused")  # built by pretrain/engine.py's OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,7 @@ class OptimConfig:
     weight_decay: float
     grad_clip: float
     schedule: ScheduleConfig
+    impl: str  # torch (AdamW, fused on CUDA) | deepspeed_fused (DeepSpeed's FusedAdam: a JIT build on first use)
 
 
 @dataclass
@@ -58,6 +62,8 @@ class TrainerConfig:
     precision: str
     max_bad_steps: int
     watchdog_s: float
+    activation_checkpointing: str  # none | full | k (every k-th block)
+    compile: bool  # regional torch.compile of the blocks
 
 
 @dataclass
@@ -66,7 +72,10 @@ class ClusterConfig:
     device: str
     timeout_s: float  # process-group timeout: how long a collective waits for a dead or stopped peer
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
-    peak_tflops: float | None  # the device's peak for MFU; null: looked up by device name (pretrain/flops.py)
+    nodes: int  # the planner's layout (pretrain/plan.py); the launcher decides the real one
+    gpus_per_node: int
+    gpu_memory_gb: float | None  # per device; the planner warns above it
+    peak_tflops: float | None  # dense bf16 per device; null: looked up from the device name (pretrain/flops.py)
 
 
 @dataclass
@@ -115,7 +124,7 @@ def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
     except OmegaConfBaseException as e:
         # OmegaConf's message names the key ("Key 'foo' not in 'ModelConfig'"); keep its first line.
         raise ConfigError(f"config: {str(e).splitlines()[0]} (full key: {e.full_key})") from None
-    run.deepspeed = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    run.deepspeed = resolve_zero_sizes(OmegaConf.to_container(cfg.deepspeed, resolve=True), run.model)
     validate(run, world_size)
     run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
     return run
@@ -202,6 +211,12 @@ def validate(run: RunConfig, world_size: int) -> None:
     _require(t.precision in PRECISION_CHOICES,
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
+    try:
+        checkpoint_stride(t.activation_checkpointing)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(run.optim.impl in OPTIMIZER_IMPLS,
+             f"optim.impl={run.optim.impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
     validate_mask(run.mask)
     if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
         from pretrain.generate import GenerateError, check_settings

@@ -19,13 +19,7 @@ import torch.distributed as dist
 from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
-from pretrain.diffusion import (
-    diffusion_loss_and_stats,
-    forward_process,
-    make_schedule,
-    random_length,
-    sample_times,
-)
+from pretrain.diffusion import forward_process, make_schedule, model_loss_and_stats, random_length, sample_times
 from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
 from pretrain.flops import flops_per_token, peak_tflops
 from pretrain.likelihood import NelboSums, nelbo_of_batch
@@ -97,6 +91,10 @@ class Trainer:
             return batch["prompt_len"]
         return torch.full((batch["tokens"].shape[0],), self.run.mask.prompt_len, dtype=torch.long)
 
+    def doc_start(self, batch: dict, length: int) -> torch.Tensor | None:
+        """Where documents begin (model.document_mask=true), cut to the batch's length."""
+        return batch["doc_start"][:, :length].to(self.device) if "doc_start" in batch else None
+
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
         m, step = self.run.mask, self.state.step
@@ -107,7 +105,7 @@ class Trainer:
         t = sample_times(m.time_sampling, self.run.trainer.global_batch_size, (micro * self.world + self.rank) * B, B,
                          m.eps, time_rng)
         noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
-        loss, stats = diffusion_loss_and_stats(self.engine(noisy.input_ids), x0, noisy, m.normalize)
+        loss, stats = model_loss_and_stats(self.engine, x0, noisy, m.normalize, self.doc_start(batch, x0.shape[1]))
         loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary

@@ -127,7 +127,8 @@ def train(cfg: DictConfig) -> None:
     saved = checkpoint.load(engine, run.run_dir) if run.resume == "auto" else None
     stream_args = dict(micro_batch_size=run.trainer.micro_batch_size, rank=rank, world_size=world, seed=run.seed,
                        shuffle_buffer=run.data.shuffle_buffer, num_workers=run.data.num_workers, url=run.data.url,
-                       on_corrupt=run.data.on_corrupt, batches_per_item=run.data.batches_per_item)
+                       on_corrupt=run.data.on_corrupt, batches_per_item=run.data.batches_per_item,
+                       doc_starts=run.model.document_mask)
     train_stream = TokenStream(run.data.dir, "train", **stream_args)
     eval_stream = TokenStream(run.data.dir, "heldout", **stream_args) if run.trainer.eval_every else None
     metrics = MetricsLogger(run.run_dir, run.logging, OmegaConf.to_container(cfg, resolve=True),
