@@ -51,6 +51,10 @@ class TrainerConfig:
     eval_every: int
     eval_batches: int
     ckpt_every: int
+    ckpt_every_minutes: float  # also save when this much time passed since the last save (0: never)
+    keep_last: int  # retention: the newest N complete checkpoints (0: all) ...
+    keep_every: int  # ... plus, permanently, those at a multiple of N steps (0: none)
+    lock_stale_s: float  # a run_dir lock from another host with no heartbeat for this long is taken over
     precision: str
 
 
@@ -155,6 +159,9 @@ def validate(run: RunConfig, world_size: int) -> None:
              "trainer.max_steps and trainer.max_tokens are both null: the run would never end")
     _require(t.precision in PRECISION_CHOICES,
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
+    for key in ("ckpt_every_minutes", "keep_last", "keep_every"):
+        _require(getattr(t, key) >= 0, f"trainer.{key}={getattr(t, key)} must be >= 0")
+    _require(t.lock_stale_s > 0, f"trainer.lock_stale_s={t.lock_stale_s} must be positive")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
     validate_mask(run.mask)
     _require(0 <= run.mask.random_length_prob <= 1,
