@@ -136,14 +136,8 @@ def save(engine, run_dir: str, step: int, trainer_state: dict, meta: dict, keep_
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
     dist.barrier()
 
-    error, files = None, {}
-    try:
-        engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
-    except Exception as e:  # torch.save reports a full disk as RuntimeError, open() as OSError
-        error = f"rank {rank}: {_one_line(e)}"
-        # DeepSpeed's save ends in a barrier after this rank's writes; the ranks whose writes worked
-        # wait there, so meet them before the collectives below.
-        dist.barrier()
+    failed = _save_engine(engine, root, partial.name)
+    error, files = (f"rank {rank}: {failed}" if failed else None), {}
     if error is None:
         try:
             state_file = partial / f"trainer_state_rank{rank}.json"
@@ -167,7 +161,8 @@ def save(engine, run_dir: str, step: int, trainer_state: dict, meta: dict, keep_
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs
         previous = latest(run_dir)
-        raise CheckpointError(f"checkpoint {final} could not be written ({errors[0]}); "
+        free = shutil.disk_usage(root).free / 2**20
+        raise CheckpointError(f"checkpoint {final} could not be written ({errors[0]}; {free:,.0f} MiB free there); "
                               f"{'checkpoint ' + previous + ' is intact' if previous else 'no earlier checkpoint'}")
     if rank == 0:
         try:
@@ -176,6 +171,34 @@ def save(engine, run_dir: str, step: int, trainer_state: dict, meta: dict, keep_
             print(f"warning: deleting old checkpoints failed: {_one_line(e)}", file=sys.stderr, flush=True)
     dist.barrier()
     return final
+
+
+def _save_engine(engine, root: Path, name: str) -> str | None:
+    """DeepSpeed's save_checkpoint, with its file writes made to record a failure instead of raising:
+    ZeRO-3 runs collectives after the writes (an all-gather in its checkpoint epilogue, a final
+    barrier), so a rank whose write raised would leave the others waiting there forever. Every rank
+    goes through the whole save; the first failed write of this rank is returned."""
+    failures: list[str] = []
+    writer, copy_scripts = engine.checkpoint_engine, engine._copy_recovery_script
+
+    def save_file(state_dict, path):
+        try:
+            type(writer).save(writer, state_dict, path)
+        except Exception as e:  # torch.save reports a full disk as RuntimeError, open() as OSError
+            failures.append(f"{path}: {_one_line(e)}")
+
+    def copy_recovery_scripts(save_path):
+        try:
+            copy_scripts(save_path)
+        except OSError as e:
+            failures.append(f"{save_path}: {_one_line(e)}")
+
+    writer.save, engine._copy_recovery_script = save_file, copy_recovery_scripts
+    try:
+        engine.save_checkpoint(str(root), tag=name, save_latest=False)
+    finally:
+        del writer.save, engine._copy_recovery_script  # back to the class's methods
+    return failures[0] if failures else None
 
 
 def _finish(root: Path, final: Path, partial: Path, step: int, world: int, reports: list, meta: dict) -> None:

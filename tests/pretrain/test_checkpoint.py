@@ -27,6 +27,22 @@ def torchrun(n: int, port: int, script: list[str] | None = None) -> list[str]:
             *(script or ["-m", "pretrain.train"])]
 
 
+def run_ranks(n: int, port: int, run_dir: Path, data_dir: Path, *overrides: str, check: bool = True,
+              timeout: int = 400) -> subprocess.CompletedProcess:
+    """run_train under torchrun with n ranks; on a timeout every rank is killed too (torchrun starts
+    each rank in a session of its own, so killing torchrun alone would leave them running)."""
+    cmd = [*torchrun(n, port), *TRAIN_ARGS, f"data.dir={data_dir}", f"run_dir={run_dir}", *overrides]
+    job = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = job.communicate(timeout=timeout)
+    finally:
+        kill_job(job)
+    proc = subprocess.CompletedProcess(cmd, job.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}")
+    return proc
+
+
 def tags(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step"))
 
@@ -69,7 +85,7 @@ def file_hashes(directory: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, demo_shards):
     run_dir = tmp_path_factory.mktemp("ckpt") / "reference"
-    run_train(torchrun(2, 29621), run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
+    run_ranks(2, 29621, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
               "trainer.keep_last=0")
     return run_dir
 
@@ -115,7 +131,7 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, demo_
         kill_job(job)
     assert checkpoint.latest(str(run_dir)) == "step00000003" and "step00000006" not in tags(run_dir)
 
-    proc = run_train(torchrun(2, 29623), run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
+    proc = run_ranks(2, 29623, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
                      "trainer.keep_last=0")
     assert "taking over" in proc.stdout and "not running" in proc.stdout  # the killed job's lock
     assert "ignoring" in proc.stdout and "resumed from" in proc.stdout and "at step 3" in proc.stdout
@@ -138,7 +154,7 @@ def small_disk(tmp_path):
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_shards, reference):
     run_dir = small_disk / "run"
     # One checkpoint of this model on 2 ranks takes ~12 MB: the second does not fit in 20 MB.
-    proc = run_train(torchrun(2, 29624), run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
+    proc = run_ranks(2, 29624, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
                      "trainer.keep_last=0", check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -147,7 +163,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_
     intact = file_hashes(run_dir / "checkpoints" / "step00000003")
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    proc = run_train(torchrun(2, 29625), run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
+    proc = run_ranks(2, 29625, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
                      "trainer.keep_last=0")
     assert "at step 3" in proc.stdout
     assert file_hashes(run_dir / "checkpoints" / "step00000003") == intact
@@ -160,8 +176,10 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_
 def test_resume_at_another_world_size(tmp_path, demo_shards, reference, world, port):
     run_dir = tmp_path / f"world{world}"
     shutil.copytree(reference / "checkpoints" / "step00000003", run_dir / "checkpoints" / "step00000003")
-    launcher = PYTHON if world == 1 else torchrun(world, port)
-    proc = run_train(launcher, run_dir, demo_shards, *SHAPE, "trainer.max_steps=5")
+    if world == 1:
+        proc = run_train(PYTHON, run_dir, demo_shards, *SHAPE, "trainer.max_steps=5")
+    else:
+        proc = run_ranks(world, port, run_dir, demo_shards, *SHAPE, "trainer.max_steps=5")
     assert f"written by 2 ranks, this run has {world}" in proc.stdout and "at step 3" in proc.stdout
     ref, got = read_metrics(reference), read_metrics(run_dir)
     ref_at = {r["step"]: r for r in ref if "loss" in r}
