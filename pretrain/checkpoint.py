@@ -145,7 +145,7 @@ def save(engine, run_dir: str, step: int, trainer_state: dict, meta: dict, keep_
                 json.dump(trainer_state, f)
             files = {name: digest(partial / name, sync=True) for name in files_of_rank(partial, rank)}
         except OSError as e:
-            error = f"rank {rank}: {partial / e.filename if getattr(e, 'filename', None) else partial}: {_one_line(e)}"
+            error = f"rank {rank}: {_one_line(e)}"  # an OSError's text names its file
     reports: list = [None] * world
     dist.all_gather_object(reports, (error, files))
     errors = [e for e, _ in reports if e]

@@ -44,3 +44,16 @@ def config_dict(run) -> dict:
     from dataclasses import asdict
 
     return json.loads(json.dumps(asdict(run), default=str))
+
+
+def reapply_optimizer_settings(engine, optim) -> None:
+    """DeepSpeed's load restores the optimizer's hyperparameters and the lr scheduler's base lr from
+    the checkpoint, so a changed optim.lr (or betas, eps, weight decay) would be silently ignored on a
+    resume. The current config's values are put back; the schedule's position is the checkpoint's.
+    Groups are [decayed, not decayed], as pretrain/engine.py makes them."""
+    sched, groups = engine.lr_scheduler, engine.optimizer.param_groups
+    sched.base_lrs = [optim.lr for _ in groups]
+    lrs = [base * fraction(sched.last_epoch) for base, fraction in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+    for group, decay, lr in zip(groups, (optim.weight_decay, 0.0), lrs, strict=True):
+        group.update(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=decay)
+    sched._last_lr = lrs

@@ -30,7 +30,7 @@ from pretrain.generate import generate
 from pretrain.loop import Trainer
 from pretrain.metrics import MetricsLogger
 from pretrain.model import count_params
-from pretrain.resume_check import compare, config_dict
+from pretrain.resume_check import compare, config_dict, reapply_optimizer_settings
 from pretrain.universal_ckpt import load_dir_for
 
 
@@ -134,7 +134,10 @@ def train(cfg: DictConfig) -> None:
         engine_run = dataclasses.replace(run, deepspeed=ds_section)
     engine = build_engine(engine_run, world)
     write_setup(run, engine, cfg, world)
-    saved = checkpoint.load(engine, resume, load_dir) if resume is not None else None
+    saved = None
+    if resume is not None:
+        saved = checkpoint.load(engine, resume, load_dir)
+        reapply_optimizer_settings(engine, run.optim)
     stream_args = dict(micro_batch_size=run.trainer.micro_batch_size, rank=rank, world_size=world, seed=run.seed,
                        shuffle_buffer=run.data.shuffle_buffer, num_workers=run.data.num_workers, url=run.data.url,
                        on_corrupt=run.data.on_corrupt, batches_per_item=run.data.batches_per_item)

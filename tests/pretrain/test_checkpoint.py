@@ -156,9 +156,10 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_
     # One checkpoint of this model on 2 ranks takes ~12 MB: the second does not fit in 20 MB.
     proc = run_ranks(2, 29624, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
                      "trainer.keep_last=0", check=False)
-    assert proc.returncode == 2
+    assert proc.returncode != 0  # 2 from each rank; torchrun itself exits 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors and all("step00000006 could not be written" in e and "step00000003 is intact" in e for e in errors)
+    assert len(errors) == 2
+    assert all("step00000006 could not be written" in e and "step00000003 is intact" in e for e in errors)
     assert tags(run_dir) == ["step00000003"]  # the half-written one is gone, its space freed
     intact = file_hashes(run_dir / "checkpoints" / "step00000003")
 
@@ -172,26 +173,33 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_
 
 
 # -- another world size -------------------------------------------------------------------------------
+def full_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 model from the ZeRO shards of any world size (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
 @pytest.mark.parametrize("world,port", [(1, 29626), (3, 29627)])
 def test_resume_at_another_world_size(tmp_path, demo_shards, reference, world, port):
     run_dir = tmp_path / f"world{world}"
     shutil.copytree(reference / "checkpoints" / "step00000003", run_dir / "checkpoints" / "step00000003")
+    # lr 1e-30: a step changes no fp32 weight, so the weights after it are exactly the ones loaded.
+    args = (*SHAPE, "trainer.max_steps=4", "optim.lr=1e-30")
     if world == 1:
-        proc = run_train(PYTHON, run_dir, demo_shards, *SHAPE, "trainer.max_steps=5")
+        proc = run_train(PYTHON, run_dir, demo_shards, *args)
     else:
-        proc = run_ranks(world, port, run_dir, demo_shards, *SHAPE, "trainer.max_steps=5")
+        proc = run_ranks(world, port, run_dir, demo_shards, *args)
     assert f"written by 2 ranks, this run has {world}" in proc.stdout and "at step 3" in proc.stdout
-    ref, got = read_metrics(reference), read_metrics(run_dir)
-    ref_at = {r["step"]: r for r in ref if "loss" in r}
-    got_at = {r["step"]: r for r in got if "loss" in r}
-    assert sorted(got_at) == [4, 5]
-    # The lr schedule and the weights continue: the first loss is that of a model 3 steps in, far
-    # below a fresh model's (the masks differ with the world size, so the losses are not identical).
-    assert got_at[4]["lr"] == ref_at[4]["lr"] and got_at[5]["lr"] == ref_at[5]["lr"]
-    assert abs(got_at[4]["loss"] - ref_at[4]["loss"]) < 0.6 < ref_at[1]["loss"] - got_at[4]["loss"]
-    manifest = json.loads((run_dir / "checkpoints" / "step00000005" / MANIFEST).read_text())
-    assert manifest["world_size"] == world
-    assert (run_dir / "checkpoints" / "universal" / "step00000003" / "zero").is_dir()
+    step4 = run_dir / "checkpoints" / "step00000004"
+    assert json.loads((step4 / MANIFEST).read_text())["world_size"] == world
+    loaded, saved = full_weights(step4), full_weights(reference / "checkpoints" / "step00000003")
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    # The lr schedule continues at step 4, and so does the loss (other masks: close, not equal).
+    ref = {r["step"]: r for r in read_metrics(reference) if "loss" in r}
+    got = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    assert sorted(got) == [4] and got[4]["lr"] / 1e-30 == pytest.approx(ref[4]["lr"] / 3e-3, rel=1e-5)
+    assert abs(got[4]["loss"] - ref[4]["loss"]) < 0.3
 
 
 # -- one process: damaged checkpoints, retention, refusals -------------------------------------------------
@@ -289,6 +297,8 @@ def test_resume_refused_on_another_model_allowed_on_lr(run_copy, demo_shards):
     proc = rerun(run_copy, demo_shards, "optim.lr=1e-3", "trainer.ckpt_every_minutes=1e-6", "trainer.keep_last=2",
                  "trainer.keep_every=6", steps=7)
     assert "optim.lr: 0.003 -> 0.001" in proc.stdout and "at step 4" in proc.stdout
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run_copy) if "lr" in r}
+    assert lrs[4] == pytest.approx(3e-3 * (0.1 + 0.9 * 3 / 5)) and lrs[5] == pytest.approx(1e-3)  # the new lr applies
     assert tags(run_copy) == ["step00000006", "step00000007"]  # 5 by the clock, then deleted; 6 kept as a multiple
     rerun(run_copy, demo_shards, "trainer.keep_last=1", "trainer.keep_every=6", "trainer.ckpt_every=1", steps=9)
     assert tags(run_copy) == ["step00000006", "step00000009"]
