@@ -71,7 +71,7 @@ def bench_build(work: Path, texts: list[str], seq_len: int, workers: int) -> dic
         raw_rates.append(raw_tokens / (time.perf_counter() - start))
         shutil.rmtree(cfg.dir, ignore_errors=True)
         start = time.perf_counter()
-        build(cfg, BuildConfig(workers=workers, task=0, tasks=1, merge=True, progress=False))
+        build(cfg, BuildConfig(workers=workers, task=0, tasks=1, merge=True, progress=False, progress_every_s=0))
         # tokens as the raw encoder counts them (the build adds one EOS per document on top)
         build_rates.append(raw_tokens / (time.perf_counter() - start))
     return {"tokenizer_tokens_per_s": max(raw_rates), "build_tokens_per_s": max(build_rates), "tokens": raw_tokens}

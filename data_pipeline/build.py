@@ -1,4 +1,4 @@
-"""Build shards: input files -> documents -> tokens -> packed windows -> webdataset tars + manifest.
+r"""Build shards: input files -> documents -> tokens -> packed windows -> webdataset tars + manifest.
 
     python -m data_pipeline.build data=files data.inputs=[corpus/] data.dir=shards/c4 \
         data.tokenizer=tok.json trainer.seq_len=4096 build.workers=16
@@ -28,14 +28,19 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from data_pipeline.config import BuildConfig, DataConfig, build_config, compose, data_config
-from data_pipeline.piece import SPLITS, build_piece, pad_vocab, piece_done
-from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, ShardInfo, atomic_write, token_dtype
+from data_pipeline.merge import merge, plan_path
+from data_pipeline.piece import build_piece, piece_done
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, atomic_write
 from data_pipeline.sources import resolve_inputs
-from data_pipeline.tokenizer import fingerprint, load_tokenizer, special_ids, train_on_inputs
+from data_pipeline.tokenizer import fingerprint, load_tokenizer, train_on_inputs
 
 # What decides the bytes of the shards: a run or a re-run with other values must not reuse them.
 BUILD_KEYS = ("inputs", "format", "text_field", "prompt_field", "response_field", "tokenizer", "vocab_size",
               "seq_len", "shard_bytes", "member_bytes", "heldout_fraction", "on_decode_error")
+
+
+# The layout of pieces/ (fragments, rests, resume points): pieces of another layout are built again.
+LAYOUT = 2
 
 
 def check_settings(cfg: DataConfig) -> None:
@@ -63,34 +68,60 @@ def _init_worker(tokenizer_json: str, cfg: dict, settings_id: str, progress_queu
 
 def _run_piece(args: tuple[int, str]) -> dict:
     index, path = args
-    return build_piece(index, path, _worker["cfg"], _worker["tok"], _worker["settings"], _worker["queue"].put)
+    put = _worker["queue"].put
+    fragment = build_piece(index, path, _worker["cfg"], _worker["tok"], _worker["settings"], lambda n: put((n, 0)))
+    put((0, 1))
+    return fragment
 
 
 class Progress:
-    """A tqdm bar of tokens with their rate; silent when disabled or when stderr is not a terminal."""
+    """Tokens built, their rate and the inputs done, on stderr: a tqdm bar on a terminal, a plain line
+    every `every_s` seconds (and one at the end) otherwise, so a redirected log gets no carriage
+    returns."""
 
-    def __init__(self, enabled: bool, pieces: int):
-        from tqdm import tqdm
+    def __init__(self, enabled: bool, pieces: int, every_s: float, stream=sys.stderr):
+        self.pieces, self.every_s, self.stream = pieces, every_s, stream
+        self.tokens = self.done = 0
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        self.plain = enabled and not stream.isatty()
+        if enabled and not self.plain:
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=None, unit="tok", unit_scale=True, disable=not enabled, file=sys.stderr,
-                        desc=f"build ({pieces} inputs)", mininterval=1.0)
-        self.tokens = 0
+            self.bar = tqdm(total=None, unit="tok", unit_scale=True, file=stream, desc=f"build ({pieces} inputs)",
+                            mininterval=1.0)
 
-    def __call__(self, n: int) -> None:
-        self.tokens += n
-        self.bar.update(n)
+    def __call__(self, tokens: int, pieces: int = 0) -> None:
+        self.tokens += tokens
+        self.done += pieces
+        if self.bar is not None:
+            self.bar.update(tokens)
+            if pieces:
+                self.bar.set_postfix_str(f"{self.done}/{self.pieces} inputs", refresh=False)
+        elif self.plain and time.monotonic() - self.last >= self.every_s:
+            self._line()
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        rate = self.tokens / max(self.last - self.start, 1e-9)
+        print(f"build: {self.done}/{self.pieces} inputs, {self.tokens:,} tokens, {rate:,.0f} tok/s, "
+              f"{self.last - self.start:.0f} s", file=self.stream, flush=True)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.plain:
+            self._line()
 
 
 def run_pieces(jobs: list[tuple[int, str]], cfg: DataConfig, tok: Tokenizer, settings_id: str,
                bcfg: BuildConfig) -> int:
-    progress = Progress(bcfg.progress, len(jobs))
+    progress = Progress(bcfg.progress, len(jobs), bcfg.progress_every_s)
     try:
         if bcfg.workers <= 1 or len(jobs) <= 1:
             for index, path in jobs:
                 build_piece(index, path, cfg, tok, settings_id, progress)
+                progress(0, 1)
             return progress.tokens
         # fork: workers start at once and need no `if __name__ == "__main__"` guard in the caller.
         # `tokenizers` notices the fork and runs single-threaded in the children, which is what we
@@ -101,12 +132,12 @@ def run_pieces(jobs: list[tuple[int, str]], cfg: DataConfig, tok: Tokenizer, set
             result = pool.map_async(_run_piece, jobs, chunksize=1)
             while not result.ready():
                 try:
-                    progress(q.get(timeout=0.2))
+                    progress(*q.get(timeout=0.2))
                 except queue.Empty:
                     pass
             result.get()  # re-raises a worker's DataError here
             while not q.empty():
-                progress(q.get())
+                progress(*q.get())
         return progress.tokens
     finally:
         progress.close()
@@ -129,7 +160,8 @@ def prepare_tokenizer(cfg: DataConfig, files: list[str], out: Path, bcfg: BuildC
 
 def record_settings(cfg: DataConfig, tok: Tokenizer, out: Path) -> str:
     """build.json: the settings the shards in `out` are built with; a re-run with others is refused."""
-    settings = {"settings": {k: getattr(cfg, k) for k in BUILD_KEYS}, "tokenizer_fingerprint": fingerprint(tok)}
+    settings = {"settings": {k: getattr(cfg, k) for k in BUILD_KEYS}, "tokenizer_fingerprint": fingerprint(tok),
+                "layout": LAYOUT}
     path = out / "build.json"
     if path.is_file():
         before = json.loads(path.read_text())
@@ -144,33 +176,6 @@ def record_settings(cfg: DataConfig, tok: Tokenizer, out: Path) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str) -> Manifest:
-    out = Path(cfg.dir)
-    missing = [f for i, f in enumerate(files) if not piece_done(out, i, f, settings_id)]
-    if missing:
-        raise DataError(f"{out}: {len(missing)} of {len(files)} inputs are not built yet (first: {missing[0]}); "
-                        f"run the build (or the array tasks) again")
-    ids = special_ids(tok)
-    vocab = pad_vocab(tok.get_vocab_size())
-    manifest = Manifest(FORMAT_VERSION, cfg.format, cfg.seq_len, vocab, tok.get_vocab_size(), token_dtype(vocab).str,
-                        ids["eos_id"], ids["mask_id"], fingerprint(tok), 0, {s: [] for s in SPLITS},
-                        build_config={k: getattr(cfg, k) for k in BUILD_KEYS})
-    counts: dict[str, int] = {}
-    for i in range(len(files)):
-        frag = json.loads((out / "pieces" / f"{i:05d}.json").read_text())
-        for split in SPLITS:
-            manifest.splits[split] += [ShardInfo(**s) for s in frag["splits"][split]]
-        for k, v in frag["documents"].items():
-            counts[k] = counts.get(k, 0) + v
-        manifest.max_prompt_len = max(manifest.max_prompt_len, frag["max_prompt_len"])
-    manifest.documents = counts
-    if manifest.samples("train") == 0:
-        raise DataError(f"data.inputs={cfg.inputs}: no full window of data.seq_len={cfg.seq_len} tokens "
-                        f"(documents: {counts})")
-    manifest.save(out)
-    return manifest
-
-
 def build(cfg: DataConfig, bcfg: BuildConfig) -> Manifest | None:
     """Builds this task's share of cfg.inputs into cfg.dir; returns the manifest once merged."""
     check_settings(cfg)
@@ -180,16 +185,21 @@ def build(cfg: DataConfig, bcfg: BuildConfig) -> Manifest | None:
     tok = prepare_tokenizer(cfg, files, out, bcfg)
     settings_id = record_settings(cfg, tok, out)
     mine = [(i, f) for i, f in enumerate(files) if i % bcfg.tasks == bcfg.task]
-    todo = [(i, f) for i, f in mine if not piece_done(out, i, f, settings_id)]
+    if plan_path(out).is_file():  # merged (or merging): every piece is done, its shards renamed
+        todo = []
+    else:
+        todo = [(i, f) for i, f in mine if not piece_done(out, i, f, settings_id)]
     start = time.perf_counter()
     tokens = run_pieces(todo, cfg, tok, settings_id, bcfg)
     seconds = time.perf_counter() - start
     summary = {"dir": str(out), "inputs": len(mine), "built": len(todo), "skipped_done": len(mine) - len(todo),
                "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9))}
-    manifest = merge(cfg, files, tok, settings_id) if bcfg.merge else None
-    if manifest is not None:
-        summary.update(windows={s: v["samples"] for s, v in manifest.totals.items()}, documents=manifest.documents,
-                       vocab_size=manifest.vocab_size)
+    manifest = None
+    if bcfg.merge:
+        manifest = merge(cfg, files, tok, settings_id, {k: getattr(cfg, k) for k in BUILD_KEYS})
+        summary.update(windows={s: v["samples"] for s, v in manifest.totals.items()},
+                       shards={s: v["shards"] for s, v in manifest.totals.items()}, documents=manifest.documents,
+                       dropped_tokens=manifest.dropped_tokens, vocab_size=manifest.vocab_size)
     print(json.dumps(summary), file=sys.stderr)
     return manifest
 
@@ -208,7 +218,7 @@ def check_built_with(manifest: Manifest, cfg: DataConfig) -> None:
                             f"{getattr(cfg, key)!r}; point data.dir elsewhere or remove that directory")
 
 
-DEMO_BUILD = BuildConfig(workers=1, task=0, tasks=1, merge=True, progress=False)
+DEMO_BUILD = BuildConfig(workers=1, task=0, tasks=1, merge=True, progress=False, progress_every_s=0)
 
 
 def ensure_built(cfg: DataConfig) -> Manifest:
@@ -233,8 +243,13 @@ def ensure_built(cfg: DataConfig) -> Manifest:
 
 
 def main(argv: list[str]) -> None:
+    from data_pipeline.cli import add_overrides, config_reference, parser
+
+    p = parser("data_pipeline.build", __doc__, config_reference(("data", "files"), ("build", "default")))
+    add_overrides(p)
+    args = p.parse_args(argv)
     try:
-        cfg = compose(argv)
+        cfg = compose(args.overrides)
         build(data_config(cfg), build_config(cfg))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,9 +24,42 @@ def path_slug(text: str, limit: int = 96) -> str:
     return slug
 
 
-# conf/config.yaml names the default run directory after the command-line overrides with ${slug:...}.
+RUN_NAME_EXCLUDED = ("run_dir", "resume")  # where a run lives and whether it resumes do not name it
+
+
+def swept_keys(argv: list[str]) -> set[str]:
+    """The keys a Hydra sweep varies (`mask=linear,cosine`, `seed=range(3)`), read off the command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # not overrides we can read: name the run from everything
+        return set()
+    return {o.get_key_element() for o in overrides if o.is_sweep_override()}
+
+
+def run_slug(task_overrides, argv: list[str] | None = None) -> str:
+    """The default run directory's name. A single run: all its overrides (`model=tiny,seed=2`). A job of
+    a sweep: `<the overrides the jobs share>/<the ones that differ>`, e.g. `model=tiny/mask=cosine,seed=2`,
+    so each job's directory (and W&B run name) says what it varies."""
+    import sys
+
+    pairs = sorted(o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in RUN_NAME_EXCLUDED
+                   and not o.startswith("hydra."))
+    swept = swept_keys(sys.argv[1:] if argv is None else argv)
+    if not swept:
+        return path_slug(",".join(pairs))
+    varied = [o for o in pairs if o.split("=", 1)[0].lstrip("+~") in swept]
+    shared = [o for o in pairs if o not in varied]
+    return f"{path_slug(','.join(shared)) if shared else 'sweep'}/{path_slug(','.join(varied))}"
+
+
+# conf/config.yaml names the default run directory after the command-line overrides.
 if not OmegaConf.has_resolver("slug"):
     OmegaConf.register_new_resolver("slug", path_slug)
+if not OmegaConf.has_resolver("run_slug"):
+    OmegaConf.register_new_resolver("run_slug", run_slug)
 
 
 @dataclass
@@ -57,7 +90,8 @@ class BuildConfig:
     task: int  # this task's slice of the inputs (a SLURM array index)
     tasks: int  # number of slices
     merge: bool  # write manifest.json once every input is done (the array's last step sets it)
-    progress: bool  # a progress bar with tokens/s on stderr
+    progress: bool  # tokens/s on stderr: a bar on a terminal, plain lines otherwise
+    progress_every_s: float  # seconds between the plain lines (not on a terminal)
 
 
 def compose(overrides: list[str]) -> DictConfig:

@@ -2,8 +2,10 @@
 
 Packing (format=text): each document's tokens then EOS, concatenated into one stream and cut into
 seq_len windows with no padding; a window may hold the end of one document and the start of the
-next. The position where each document begins is kept, for document-masked attention. The last
-incomplete window of an input is dropped.
+next. The position where each document begins is kept, for document-masked attention. What does
+not fill a shard of an input (its *rest*, up to its last partial window) is packed with the other
+inputs' rests when the build merges (data_pipeline/merge.py), so only the last partial window of the
+whole build is dropped (one per split).
 
 SFT (format=sft): one window per pair, prompt + response + EOS, padded with EOS to seq_len (the
 paper's SFT data: padding EOS is part of the response). A pair longer than seq_len is left out and
@@ -45,6 +47,20 @@ class Packer:
         self.length += self.seq_len
         self.prompt.append(len(prompt_ids))
         return True
+
+    def extend(self, state: dict[str, np.ndarray]) -> None:
+        """Appends a stream saved by `state()` (another packer's rest) after what this one holds."""
+        tokens = np.asarray(state["tokens"])
+        self.starts += [self.length + int(x) for x in state["starts"]]
+        if len(tokens):
+            self.parts.append(tokens.astype(np.uint32))
+            self.length += len(tokens)
+        self.prompt += [int(x) for x in state["prompt"]]
+
+    def add_block(self, block: Block) -> None:
+        """Appends the windows of a block read back from a shard."""
+        self.extend({"tokens": block.tokens.ravel(), "starts": block.starts,
+                     "prompt": block.prompt if block.prompt is not None else []})
 
     def full_windows(self) -> int:
         return self.length // self.seq_len

@@ -1,8 +1,11 @@
 """One input file (a *piece*) -> packed shards, resumable shard by shard.
 
-A piece is read, tokenized and packed on its own, into shards `{split}-{piece:05d}-{n:04d}.tar`
-(n counts per split), and finishes with `pieces/{piece:05d}.json` listing them. The output depends
-only on the file and the build's settings, never on which worker or array task builds it.
+A piece is read, tokenized and packed on its own, into full shards `{split}-{piece:05d}-{n:04d}.tar`
+(n counts per split), and finishes with `pieces/{piece:05d}.json` listing them and
+`pieces/{piece:05d}.rest.npz`: its *rest*, what did not fill a shard (the windows of its unfinished
+shard and its last partial window), which the merge packs with the other pieces' rests
+(data_pipeline/merge.py). The output depends only on the file and the build's settings, never on
+which worker or array task builds it.
 
 After each batch of records (256) in which a shard was finished, the piece records where it stands
 in `pieces/{piece:05d}.partial.json`
@@ -25,12 +28,12 @@ from tokenizers import Tokenizer
 
 from data_pipeline.config import DataConfig
 from data_pipeline.pack import Packer
-from data_pipeline.shards import ShardFile, ShardInfo, atomic_write, tmp_path, token_dtype
+from data_pipeline.shards import ShardFile, ShardInfo, atomic_write, read_blocks, tmp_path, token_dtype
 from data_pipeline.sources import DocumentReader
-from data_pipeline.tokenizer import special_ids
+from data_pipeline.tokenizer import SEGMENT_CHARS, encode_document, special_ids
 
 SPLITS = ("train", "heldout")
-RECORDS_PER_BATCH = 256  # records tokenized per encode_batch call
+RECORDS_PER_BATCH = 256  # records tokenized per encode_batch call (fewer when they hold SEGMENT_CHARS)
 VOCAB_MULTIPLE = 128  # embedding tables padded to a multiple of 128 run faster on tensor cores
 
 
@@ -50,12 +53,24 @@ def shard_path(out: Path, split: str, index: int, n: int) -> Path:
     return out / f"{split}-{index:05d}-{n:04d}.tar"
 
 
-class SplitWriter:
-    """Takes full blocks out of a Packer and appends them to the split's current shard."""
+def rest_path(out: Path, index: int) -> Path:
+    return out / "pieces" / f"{index:05d}.rest.npz"
 
-    def __init__(self, out: Path, split: str, index: int, packer: Packer, dtype: np.dtype, seq_len: int,
+
+def windows_per_block(cfg: DataConfig, dtype: np.dtype) -> tuple[int, int]:
+    """(windows per tar member, members per shard) for data.member_bytes and data.shard_bytes."""
+    window_bytes = cfg.seq_len * dtype.itemsize
+    per_member = max(1, cfg.member_bytes // window_bytes)
+    return per_member, max(1, cfg.shard_bytes // (per_member * window_bytes))
+
+
+class SplitWriter:
+    """Takes full blocks out of a Packer and appends them to the split's current shard; `name(n)` is
+    the path of the n-th shard this writer writes."""
+
+    def __init__(self, name, packer: Packer, dtype: np.dtype, seq_len: int,
                  windows_per_member: int, members_per_shard: int, state: dict | None = None):
-        self.out, self.split, self.index, self.packer = out, split, index, packer
+        self.name, self.packer = name, packer
         self.dtype, self.seq_len = dtype, seq_len
         self.windows_per_member, self.members_per_shard = windows_per_member, members_per_shard
         state = state or {"shards": [], "members": 0, "open": None}
@@ -66,20 +81,33 @@ class SplitWriter:
             self.file = ShardFile(self._path(), seq_len, **state["open"])
 
     def _path(self) -> Path:
-        return shard_path(self.out, self.split, self.index, len(self.shards))
+        return self.name(len(self.shards))
 
-    def drain(self, final: bool = False) -> bool:
-        """Writes every full block; with `final`, also the last partial one and closes the shard.
-        True when a shard was finished."""
+    def drain(self, final: bool = False, keep: int = 0) -> bool:
+        """Writes every full block, leaving `keep` full windows in the packer; with `final`, also the
+        last partial block, and closes the shard. True when a shard was finished."""
         before = len(self.shards)
-        while self.packer.full_windows() >= self.windows_per_member:
+        while self.packer.full_windows() - keep >= self.windows_per_member:
             self._add(self.packer.take(self.windows_per_member, f"{self.members:08d}", self.dtype))
         if final:
-            if self.packer.full_windows():
-                self._add(self.packer.take(self.packer.full_windows(), f"{self.members:08d}", self.dtype))
+            if self.packer.full_windows() > keep:
+                self._add(self.packer.take(self.packer.full_windows() - keep, f"{self.members:08d}", self.dtype))
             if self.file:
                 self._finish()
         return len(self.shards) > before
+
+    def rest(self) -> Packer:
+        """The windows of the unfinished shard (read back from it; the file is removed) followed by
+        what is left in the packer."""
+        rest = Packer(self.packer.seq_len, self.packer.eos_id)
+        if self.file is not None:
+            path = self.file.close_unfinished()
+            for block in read_blocks(str(path), self.dtype, self.seq_len):
+                rest.add_block(block)
+            path.unlink()
+            self.file = None
+        rest.extend(self.packer.state())
+        return rest
 
     def _add(self, block) -> None:
         if self.file is None:
@@ -144,27 +172,28 @@ def build_piece(index: int, path: str, cfg: DataConfig, tok: Tokenizer, settings
     out = Path(cfg.dir)
     eos = special_ids(tok)["eos_id"]
     dtype = token_dtype(pad_vocab(tok.get_vocab_size()))
-    window_bytes = cfg.seq_len * dtype.itemsize
-    per_member = max(1, cfg.member_bytes // window_bytes)
-    per_shard = max(1, cfg.shard_bytes // (per_member * window_bytes))
+    per_member, per_shard = windows_per_block(cfg, dtype)
     identity = input_identity(path)
     resumed = _load_partial(out, index, identity, settings_id)
-    meta, arrays = resumed if resumed else ({"records": 0, "too_long": 0, "max_prompt_len": 0, "writers": {}}, {})
+    meta, arrays = resumed if resumed else ({"records": 0, "tokens": 0, "too_long": 0, "max_prompt_len": 0,
+                                              "writers": {}}, {})
     packers = {s: Packer(cfg.seq_len, eos) for s in SPLITS}
     for split, state in arrays.items():
         packers[split].restore(state)
-    writers = {s: SplitWriter(out, s, index, packers[s], dtype, cfg.seq_len, per_member, per_shard,
-                              meta["writers"].get(s)) for s in SPLITS}
+    writers = {s: SplitWriter(lambda n, s=s: shard_path(out, s, index, n), packers[s], dtype, cfg.seq_len,
+                              per_member, per_shard, meta["writers"].get(s)) for s in SPLITS}
     reader = DocumentReader(path, cfg.format, cfg.text_field, cfg.prompt_field, cfg.response_field,
                             cfg.on_decode_error)
     done_records = meta["records"]
 
     def flush(records: list) -> None:
         if cfg.format == "text":
-            encoded = tok.encode_batch(records, add_special_tokens=False)
-            for text, enc in zip(records, encoded, strict=True):
-                packers["heldout" if is_heldout(text, cfg.heldout_fraction) else "train"].add_document(enc.ids)
-            tokens = sum(len(e.ids) + 1 for e in encoded)
+            short = iter(tok.encode_batch([t for t in records if len(t) <= SEGMENT_CHARS], add_special_tokens=False))
+            tokens = 0
+            for text in records:  # a long document alone, a segment at a time
+                ids = next(short).ids if len(text) <= SEGMENT_CHARS else encode_document(tok, text)
+                packers["heldout" if is_heldout(text, cfg.heldout_fraction) else "train"].add_document(ids)
+                tokens += len(ids) + 1
         else:
             prompts = tok.encode_batch([p for p, _ in records], add_special_tokens=False)
             responses = tok.encode_batch([r for _, r in records], add_special_tokens=False)
@@ -178,6 +207,7 @@ def build_piece(index: int, path: str, cfg: DataConfig, tok: Tokenizer, settings
                     meta["too_long"] += 1
         finished = [w.drain() for w in writers.values()]
         meta["records"] += len(records)
+        meta["tokens"] += tokens
         if any(finished):  # a resume point: everything up to here is on disk or in the packers' rest
             meta.update(identity, settings=settings_id, writers={s: w.state() for s, w in writers.items()})
             _save_partial(out, index, meta, packers)
@@ -185,18 +215,23 @@ def build_piece(index: int, path: str, cfg: DataConfig, tok: Tokenizer, settings
             progress(tokens)
 
     batch: list = []
+    chars = 0
     for n, record in enumerate(reader):
         if n < done_records:
             continue  # packed before the interruption (still read: the decode counts include it)
         batch.append(record)
-        if len(batch) == RECORDS_PER_BATCH:
+        chars += len(record) if isinstance(record, str) else len(record[0]) + len(record[1])
+        if len(batch) == RECORDS_PER_BATCH or chars >= SEGMENT_CHARS:
             flush(batch)
-            batch = []
+            batch, chars = [], 0
     flush(batch)
-    for w in writers.values():
-        w.drain(final=True)
+    rests = {s: w.rest().state() for s, w in writers.items()}
+    tmp = rest_path(out, index).with_suffix(".tmp.npz")
+    np.savez(tmp, **{f"{s}_{k}": v for s, rest in rests.items() for k, v in rest.items()})
+    os.replace(tmp, rest_path(out, index))
     fragment = {"index": index, **identity, "settings": settings_id,
                 "splits": {s: [asdict(x) for x in w.shards] for s, w in writers.items()},
+                "rest": {s: len(rest["tokens"]) for s, rest in rests.items()}, "tokens": meta["tokens"],
                 "documents": {**asdict(reader.counts), "too_long": meta["too_long"]},
                 "max_prompt_len": meta["max_prompt_len"]}
     atomic_write(out / "pieces" / f"{index:05d}.json", json.dumps(fragment))
@@ -212,6 +247,8 @@ def piece_done(out: Path, index: int, path: str, settings_id: str) -> bool:
     if not frag_path.is_file():
         return False
     frag = json.loads(frag_path.read_text())
+    if "rest" not in frag or not rest_path(out, index).is_file():
+        return False  # an older build layout, or the rest is gone
     if {k: frag[k] for k in ("input", "input_size", "input_mtime_ns")} != input_identity(path):
         return False
     return frag["settings"] == settings_id and all(

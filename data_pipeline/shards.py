@@ -68,6 +68,8 @@ class Manifest:
     totals: dict[str, dict] = field(default_factory=dict)
     documents: dict[str, int] = field(default_factory=dict)  # read, replaced, skipped, too_long
     build_config: dict = field(default_factory=dict)
+    input_tokens: int = 0  # tokens of every document read, EOS included (format=sft: of every window)
+    dropped_tokens: dict[str, int] = field(default_factory=dict)  # per split: the last partial window
 
     def fingerprint(self) -> str:
         """Identifies the data a stream reads: a resume on other data must not pass as this one."""
@@ -165,6 +167,12 @@ class ShardFile:
         os.fsync(self.fh.fileno())  # the resume point must be on disk before it is recorded
         return self.fh.tell()
 
+    def close_unfinished(self) -> Path:
+        """Ends the archive and closes the file without putting it in place; returns the `.tmp` path."""
+        self.fh.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self.fh.close()
+        return self.tmp
+
     def finish(self) -> ShardInfo:
         self.fh.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
         self.fh.close()
@@ -214,12 +222,13 @@ def read_blocks(url: str, dtype: np.dtype, seq_len: int, on_corrupt: str = "erro
                 skipped: list[str] | None = None) -> Iterator[Block]:
     """The blocks of one shard, in order. A corrupt block raises CorruptShardError naming the shard
     and sample, or with on_corrupt="skip" is left out and its key appended to `skipped`; a truncated
-    tar ends the shard the same way."""
+    tar ends the shard the same way. A damaged tar header is not the end of the archive (tarfile's
+    default): the reader moves on to the next valid header, so only that block is lost."""
     group: dict[str, bytes] = {}
     key = None
     stream = open_url(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) as tar:
             for member in tar:
                 stem, _, suffix = member.name.partition(".")
                 if stem != key and group:

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +66,61 @@ class DecodeCounts:
     skipped: int = 0  # documents with invalid UTF-8 left out
 
 
+class ZstdFile(io.RawIOBase):
+    """A .zst file read as a stream of frames. Unlike zstandard's stream_reader, which ends quietly
+    where a truncated file ends, a file that stops inside a frame raises EOFError."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self.new_frame = zstandard.ZstdDecompressor().decompressobj
+        self.fh, self.frame, self.in_frame = open(path, "rb"), self.new_frame(), False
+        self.pending, self.pos = b"", 0  # decompressed bytes not yet handed out: pending[pos:]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.pos == len(self.pending):
+            data = self.fh.read(1 << 20)
+            if not data:
+                if self.in_frame:
+                    raise EOFError("zstd data ended inside a frame (the file is truncated)")
+                return 0
+            out = []
+            while data:
+                out.append(self.frame.decompress(data))
+                self.in_frame = not self.frame.eof
+                data = b""
+                if not self.in_frame:  # the next frame, if any, starts in what this one left over
+                    data, self.frame = self.frame.unused_data, self.new_frame()
+            self.pending, self.pos = b"".join(out), 0
+        n = min(len(buffer), len(self.pending) - self.pos)
+        buffer[:n] = self.pending[self.pos: self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
+
+
 def _open(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
+        return io.BufferedReader(ZstdFile(path), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+def _read_errors(path: str) -> tuple[type[BaseException], ...]:
+    """What reading a damaged (truncated, corrupt) file of this kind raises."""
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+    if path.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        errors += (zstandard.ZstdError,)
+    return errors
 
 
 class DocumentReader:
@@ -86,6 +134,12 @@ class DocumentReader:
         self.counts = DecodeCounts()
 
     def __iter__(self) -> Iterator[str | tuple[str, str]]:
+        try:
+            yield from self._records()
+        except _read_errors(self.path) as e:  # a truncated .gz/.zst, a file that vanished or cannot be read
+            raise DataError(f"{self.path}: unreadable, truncated or corrupt ({type(e).__name__}: {e})") from None
+
+    def _records(self) -> Iterator[str | tuple[str, str]]:
         if self.path == DEMO:
             if self.fmt != "text":
                 raise DataError("data.inputs=[demo] is a text corpus; data.format=sft needs prompt/response records")

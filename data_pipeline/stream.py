@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.plan import Plan, Visits, replan
 from data_pipeline.shards import CorruptShardError, DataError, Manifest, read_blocks
 
+ERROR_KEY = "data_error"  # an item that carries a DataError out of a DataLoader worker
+
 
 class DataStateError(DataError):
     """A saved stream state that does not fit the data it is loaded into."""
@@ -99,7 +101,16 @@ class TokenStream(IterableDataset):
         role = (worker + first_item) % workers
         consumed = len(range(role, first_item, workers)) * K * self.micro_batch_size
         ranges = self.plan.ranges_after(self.rank * workers + role, consumed, self.visits)
-        yield from self._batches(ranges, K * self.micro_batch_size)
+        if info is None:
+            yield from self._batches(ranges, K * self.micro_batch_size)
+            return
+        try:
+            yield from self._batches(ranges, K * self.micro_batch_size)
+        except DataError as e:
+            # The DataLoader would re-raise this in the trainer as "Caught CorruptShardError in
+            # DataLoader worker process 1", the shard's name far below; as an item, make_loader
+            # raises it with its own message (the shard and sample) on the line the user sees.
+            yield {ERROR_KEY: str(e), "kind": type(e).__name__}
 
     def _batches(self, ranges, B: int) -> Iterator[dict]:
         """Cuts the parts into batches of B windows: slices of a part where possible (no copy), a join
@@ -147,6 +158,7 @@ class TokenStream(IterableDataset):
         skipped: list[str] = []
         blocks = read_blocks(url, dtype, L, self.on_corrupt, skipped)
         carry = None  # a block that reaches into the next chunk
+        lost = 0  # windows of the range read that were in corrupt blocks (on_corrupt=skip)
         try:
             for c in range(first, last + 1):
                 lo, hi = c * C, min((c + 1) * C, n)
@@ -170,12 +182,13 @@ class TokenStream(IterableDataset):
                 if not valid.all() and self.on_corrupt != "skip":
                     raise CorruptShardError(f"{url}: windows {lo + int(np.argmin(valid))}.. are missing; the "
                                             f"manifest says the shard holds {n}")
+                lost += int((~valid).sum())
                 yield c, rows, valid, prompt
         finally:
             blocks.close()
-            if skipped:
-                print(f"warning: {url}: skipped {len(skipped)} corrupt sample(s) {skipped[:5]} (data.on_corrupt=skip)",
-                      file=sys.stderr, flush=True)
+            if skipped or lost:
+                print(f"warning: {url}: skipped {len(skipped)} corrupt sample(s) {skipped[:5]}: {lost} of the {n} "
+                      f"windows the manifest lists are lost (data.on_corrupt=skip)", file=sys.stderr, flush=True)
 
 
 def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -201,6 +214,8 @@ class MicroBatches:
         K, B = self.stream.batches_per_item, self.stream.micro_batch_size
         skip = self.stream.start_batch % K
         for item in self.loader:
+            if ERROR_KEY in item:
+                raise (CorruptShardError if item["kind"] == CorruptShardError.__name__ else DataError)(item[ERROR_KEY])
             for k in range(skip, K):
                 yield {name: v[k * B: (k + 1) * B] for name, v in item.items()}
             skip = 0

@@ -12,10 +12,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 MASK = "<|mdm_mask|>"
+# A document longer than this is tokenized a segment at a time: `tokenizers` needs some 100-200 bytes
+# of memory per character of one encode() call (a 50 MB document took 10 GB).
+SEGMENT_CHARS = 1 << 18
 
 
 def train_bpe(documents, vocab_size: int) -> Tokenizer:
@@ -28,14 +32,43 @@ def train_bpe(documents, vocab_size: int) -> Tokenizer:
     return tok
 
 
+def segments(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of at most about `size` characters, cut only at a single space between two
+    non-space characters. A pre-tokenizer that splits words at spaces (byte-level BPE's, GPT-2 or
+    Llama style) has a boundary there whatever the context, so the tokens of the pieces, joined, are
+    the tokens of the whole. A run of `size` characters without such a space is cut where it ends (a
+    few tokens there may differ)."""
+    start = 0
+    while len(text) - start > size:
+        limit = start + size
+        cut = text.rfind(" ", start + 1, limit)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else limit
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_document(tok: Tokenizer, text: str) -> list[int] | np.ndarray:
+    """The token ids of one document, in memory bounded by SEGMENT_CHARS whatever its length."""
+    if len(text) <= SEGMENT_CHARS:
+        return tok.encode(text, add_special_tokens=False).ids
+    parts = [np.asarray(tok.encode(piece, add_special_tokens=False).ids, dtype=np.uint32)
+             for piece in segments(text, SEGMENT_CHARS)]
+    return np.concatenate(parts)
+
+
 def corpus_texts(files: list[str], cfg) -> Iterator[str]:
-    """Every text of the inputs (prompt and response separately for format=sft)."""
+    """Every text of the inputs (prompt and response separately for format=sft); a long one in
+    segments (the trainer counts the same words)."""
     from data_pipeline.sources import DocumentReader
 
     for path in files:
         for record in DocumentReader(path, cfg.format, cfg.text_field, cfg.prompt_field, cfg.response_field,
                                      cfg.on_decode_error):
-            yield from ([record] if isinstance(record, str) else record)
+            for text in [record] if isinstance(record, str) else record:
+                yield from segments(text, SEGMENT_CHARS)
 
 
 def train_on_inputs(files: list[str], cfg, vocab_size: int) -> Tokenizer:
@@ -77,14 +110,20 @@ def main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from data_pipeline.cli import add_overrides, parser
     from data_pipeline.config import compose
     from data_pipeline.shards import DataError, atomic_write
     from data_pipeline.sources import resolve_inputs
 
-    if not argv or "=" in argv[0]:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
-        sys.exit(2)
-    out, overrides = Path(argv[0]), argv[1:]
+    p = parser("data_pipeline.tokenizer", __doc__, "Reads data.inputs, data.format, data.text_field, "
+               "data.prompt_field, data.response_field, data.on_decode_error and data.vocab_size "
+               "(see python -m data_pipeline.build --help).")
+    p.add_argument("out", metavar="OUT.json", help="where the tokenizer.json is written")
+    add_overrides(p)
+    args = p.parse_args(argv)
+    if "=" in args.out:
+        p.error(f"the first argument is the output file, got the override {args.out!r}")
+    out, overrides = Path(args.out), args.overrides
     keys = ("inputs", "format", "text_field", "prompt_field", "response_field", "on_decode_error", "vocab_size")
     try:
         try:  # only the keys that say what to read: data.dir and the rest are not needed here

@@ -63,17 +63,19 @@ def validate(directory: str | Path) -> tuple[dict, list[str]]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        sys.exit(2)
+    from data_pipeline.cli import parser
+
+    p = parser("data_pipeline.validate", __doc__)
+    p.add_argument("dir", help="a directory of shards with its manifest.json")
+    directory = p.parse_args(argv).dir
     try:
-        checked, problems = validate(argv[0])
+        checked, problems = validate(directory)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for p in problems:
         print(p)
-    print(json.dumps({"dir": argv[0], "ok": not problems, "problems": len(problems), **checked}))
+    print(json.dumps({"dir": directory, "ok": not problems, "problems": len(problems), **checked}))
     sys.exit(1 if problems else 0)
 
 

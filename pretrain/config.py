@@ -8,7 +8,9 @@ Every error is one line that names the key and the value at fault.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline.config import BuildConfig, DataConfig, compose
 from pretrain.device import PRECISION_CHOICES, resolve_precision
 from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
+from pretrain.faults import FaultConfig
 from pretrain.model import ModelConfig
 
 
@@ -56,12 +59,15 @@ class TrainerConfig:
     keep_every: int  # ... plus, permanently, those at a multiple of N steps (0: none)
     lock_stale_s: float  # a run_dir lock from another host with no heartbeat for this long is taken over
     precision: str
+    max_bad_steps: int
+    watchdog_s: float
 
 
 @dataclass
 class ClusterConfig:
     name: str
     device: str
+    timeout_s: float  # process-group timeout: how long a collective waits for a dead or stopped peer
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
 
 
@@ -97,6 +103,7 @@ class RunConfig:
     logging: LoggingConfig
     sample: SampleConfig
     trainer: TrainerConfig
+    fault: FaultConfig
 
 
 def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
@@ -131,8 +138,19 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.head_dim % 2 == 0, f"model head dim d_model/n_heads={m.head_dim} must be even for RoPE")
     _require(m.attention in ("auto", "sdpa", "flash"),
              f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
-    for key in ("n_layers", "d_model", "mlp_hidden_size", "vocab_size", "max_sequence_length"):
+    for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive (or null)")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    finite = math.isfinite
+    _require(finite(o.lr) and o.lr > 0, f"optim.lr={o.lr} must be a positive number")
+    _require(len(o.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in o.betas),
+             f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    _require(finite(o.eps) and o.eps > 0, f"optim.eps={o.eps} must be a positive number")
+    _require(finite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _require(finite(o.grad_clip) and o.grad_clip > 0, f"optim.grad_clip={o.grad_clip} must be a positive number")
 
 
 def validate_mask(m: MaskConfig) -> None:
@@ -157,6 +175,15 @@ def validate(run: RunConfig, world_size: int) -> None:
              f"{run.model.max_sequence_length} (model={run.model.name})")
     _require(t.max_steps is not None or t.max_tokens is not None,
              "trainer.max_steps and trainer.max_tokens are both null: the run would never end")
+    for key in ("max_steps", "max_tokens"):
+        value = getattr(t, key)
+        _require(value is None or value > 0, f"trainer.{key}={value} must be positive (or null)")
+    for key in ("log_every", "eval_batches"):
+        _require(getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be positive")
+    for key in ("eval_every", "ckpt_every", "max_bad_steps", "watchdog_s"):
+        _require(getattr(t, key) >= 0, f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    _require(run.cluster.timeout_s > 0, f"cluster.timeout_s={run.cluster.timeout_s} must be positive")
+    validate_optim(run.optim)
     _require(t.precision in PRECISION_CHOICES,
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     for key in ("ckpt_every_minutes", "keep_last", "keep_every"):
@@ -191,8 +218,31 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_deepspeed_section(run.deepspeed)
 
 
+def resolve_vocab(run: RunConfig, manifest=None) -> None:
+    """model.vocab_size=null takes the shards' vocabulary (padded to a multiple of 128 by the build):
+    the manifest's when the shards exist, else what a build of data= would produce."""
+    if run.model.vocab_size is not None:
+        return
+    if manifest is None and (Path(run.data.dir) / "manifest.json").is_file():
+        from data_pipeline.shards import Manifest
+
+        manifest = Manifest.load(run.data.dir)
+    if manifest is not None:
+        run.model.vocab_size = manifest.vocab_size
+        return
+    from data_pipeline.piece import pad_vocab
+
+    if run.data.tokenizer:
+        from data_pipeline.tokenizer import load_tokenizer
+
+        run.model.vocab_size = pad_vocab(load_tokenizer(run.data.tokenizer).get_vocab_size())
+    else:
+        run.model.vocab_size = pad_vocab(run.data.vocab_size)
+
+
 def validate_data(run: RunConfig, manifest) -> None:
     """The shards in data.dir must fit this run's model and sequence length."""
+    resolve_vocab(run, manifest)
     where = f"{run.data.dir}/manifest.json"
     _require(manifest.seq_len == run.trainer.seq_len,
              f"{where}: seq_len={manifest.seq_len} but trainer.seq_len={run.trainer.seq_len}; rebuild the "

@@ -7,6 +7,7 @@ build) and, through the model config, the attention kernel.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
@@ -46,7 +47,7 @@ def _skip_shm_comm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def init_distributed(shm_comm: bool = True) -> tuple[int, int]:
+def init_distributed(timeout_s: float, shm_comm: bool = True) -> tuple[int, int]:
     """Join the process group the launcher set up (deepspeed, torchrun, srun), or make a one-process
     group on loopback when started as plain `python -m pretrain.train`. Returns (rank, world_size)."""
     if "RANK" not in os.environ:
@@ -54,7 +55,10 @@ def init_distributed(shm_comm: bool = True) -> tuple[int, int]:
                           MASTER_PORT=str(_free_port()))
     if not shm_comm:
         _skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    # The timeout bounds every collective: a peer that died or stopped fails this rank after timeout_s
+    # instead of DeepSpeed's default 10 minutes.
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=datetime.timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

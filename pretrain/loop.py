@@ -20,6 +20,7 @@ from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
 from pretrain.diffusion import diffusion_loss, forward_process, make_schedule, random_length, sample_times
+from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
 from pretrain.metrics import MetricsLogger
 from pretrain.resume_check import config_dict
 
@@ -33,11 +34,16 @@ def derived_seed(*parts: int | str) -> int:
 class LoopState:
     step: int = 0
     batches: int = 0  # micro-batches this rank has consumed since the run began
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite gradient norm
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps (trainer.max_bad_steps)."""
 
 
 class Trainer:
     def __init__(self, run: RunConfig, engine, train_stream: TokenStream, eval_stream: TokenStream | None,
-                 mask_id: int, metrics: MetricsLogger):
+                 mask_id: int, metrics: MetricsLogger, stop: StopRequest):
         self.run, self.engine, self.metrics = run, engine, metrics
         self.train_stream, self.eval_stream, self.mask_id = train_stream, eval_stream, mask_id
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -51,10 +57,14 @@ class Trainer:
         self.schedule = make_schedule(run.mask)
         self.save_clock = checkpoint.SaveClock(t.ckpt_every_minutes, self.device)
         self.saved_step: int | None = None  # the step of this process's last complete checkpoint
+        self.stop = stop
+        self.watchdog = Watchdog(t.watchdog_s)
+        self.bad_steps = NonFiniteSteps(t.max_bad_steps)
+        self.total_steps = total_steps(t)
 
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        return {"step": self.state.step, "batches": self.state.batches,
+        return {"step": self.state.step, "batches": self.state.batches, "skipped_steps": self.state.skipped_steps,
                 "tokens": self.state.step * self.tokens_per_step, "world_size": self.world,
                 "data": self.train_stream.state_dict(self.batches_this_process),
                 "mask_rng": checkpoint.rng_state(self.mask_rng),
@@ -70,7 +80,8 @@ class Trainer:
             self.mask_rng.manual_seed(derived_seed("mask", self.run.seed, self.rank, saved["step"]))
         if "torch_rng" in saved:
             torch.set_rng_state(checkpoint.decode_bytes(saved["torch_rng"]))
-        self.state = LoopState(step=saved["step"], batches=saved["batches"])
+        self.state = LoopState(step=saved["step"], batches=saved["batches"],
+                               skipped_steps=saved.get("skipped_steps", 0))
         self.saved_step = saved["step"]
 
     def done(self) -> bool:
@@ -98,53 +109,81 @@ class Trainer:
                          m.eps, time_rng)
         noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
         loss = diffusion_loss(self.engine(noisy.input_ids), x0, noisy, m.normalize)
+        loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         return loss.detach().float(), x0.numel()
 
-    def train(self) -> None:
+    def train(self) -> str:
+        """Trains until max_steps / max_tokens ("done") or until a rank is asked to stop
+        ("preempted"); either way the last step is saved."""
         t = self.run.trainer
         batches = iter(make_loader(self.train_stream))
         # Since the last log: the loss stays on the device (no sync per micro-batch); counts are ints.
         loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
-        window_start = time.perf_counter()
+        window_start = self.started = time.perf_counter()
+        first_step = self.state.step
+        samples = SampleLog(self.run.run_dir, self.rank, first_step) if self.run.fault.record_samples else None
+        self.watchdog.kick()
         while not self.done():
             for micro in range(self.accum):
-                loss, n = self.micro_step(next(batches), micro)
+                batch = next(batches)
+                if samples:
+                    samples.add(batch)
+                loss, n = self.micro_step(batch, micro)
                 loss_sum += loss
                 micro_batches, tokens = micro_batches + 1, tokens + n
+            skipped = finish_step(self.engine)
             self.state.step += 1
             self.state.batches += self.accum
+            self.state.skipped_steps += skipped
             self.batches_this_process += self.accum
+            if samples:
+                samples.flush(self.state.step)
             last = self.done()
-            if self.state.step % t.log_every == 0 or last:
-                self.log_window(loss_sum, micro_batches, tokens, time.perf_counter() - window_start)
+            if self.state.step % t.log_every == 0 or last or self.state.step == first_step + 1:
+                self.log_window(loss_sum, micro_batches, tokens, time.perf_counter() - window_start,
+                                self.state.step - first_step)
                 loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
                 window_start = time.perf_counter()
+            problem = self.bad_steps.record(skipped, self.state.step)
+            if problem:
+                raise NonFiniteError(problem)
             if t.eval_every and (self.state.step % t.eval_every == 0 or last):
                 self.evaluate()
             # The clock is a collective: all ranks skip it or call it at the same step.
             if not last and ((t.ckpt_every and self.state.step % t.ckpt_every == 0) or self.save_clock.due()):
                 self.save()
+            self.watchdog.kick()
+            if not last and self.stop.agreed(self.device):
+                if self.rank == 0:
+                    print(f"stopping at step {self.state.step}: {self.stop.reason}", flush=True)
+                self.save()
+                return "preempted"
         self.save()
+        return "done"
 
     def _sum_over_ranks(self, *values) -> list[float]:
         totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
         dist.all_reduce(totals)
         return totals.tolist()
 
-    def log_window(self, loss_sum: torch.Tensor, micro_batches: int, tokens: int, seconds: float) -> None:
+    def log_window(self, loss_sum: torch.Tensor, micro_batches: int, tokens: int, seconds: float,
+                   steps_this_process: int) -> None:
         loss_sum, micro_batches, tokens = self._sum_over_ranks(loss_sum, micro_batches, tokens)
         grad_norm = self.engine.get_global_grad_norm()
         loss_name = "loss/per_token" if self.run.mask.normalize == "tokens" else "loss/per_masked_token"
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
                   "loss": loss_sum / micro_batches, loss_name: loss_sum / micro_batches, "lr": self.engine.get_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "tokens_per_s": tokens / seconds}
+                  "tokens_per_s": tokens / seconds, "skipped_steps": self.state.skipped_steps}
         self.metrics.log(record)
         if self.rank == 0:
-            print(f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                  f"grad_norm {record['grad_norm'] or 0:.3f} | {record['tokens_per_s']:,.0f} tok/s", flush=True)
+            per_step = (time.perf_counter() - self.started) / steps_this_process
+            eta = format_duration(per_step * (self.total_steps - self.state.step))
+            print(f"step {record['step']}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                  f"grad_norm {record['grad_norm'] or 0:.3f} | {record['tokens_per_s']:,.0f} tok/s | ETA {eta}",
+                  flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -180,3 +219,16 @@ class Trainer:
                         keep_last=t.keep_last, keep_every=t.keep_every)
         self.saved_step = self.state.step
         self.save_clock.reset()
+        self.watchdog.kick()
+
+
+def total_steps(t) -> int:
+    """The step the run ends at: the first of max_steps and max_tokens."""
+    by_tokens = -(-t.max_tokens // (t.global_batch_size * t.seq_len)) if t.max_tokens is not None else None
+    return min(s for s in (t.max_steps, by_tokens) if s is not None)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"

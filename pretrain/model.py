@@ -35,7 +35,7 @@ class ModelConfig:
     n_heads: int
     n_kv_heads: int
     mlp_hidden_size: int
-    vocab_size: int
+    vocab_size: int | None  # None: taken from the data (pretrain.config.resolve_vocab) before the model is built
     max_sequence_length: int
     rope_theta: float
     rms_norm_eps: float
@@ -154,9 +154,14 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def main(argv: list[str]) -> None:
-    from pretrain.config import compose_config
+    from data_pipeline.cli import add_overrides, parser
+    from pretrain.config import compose_config, resolve_vocab
 
-    cfg = compose_config(argv)
+    p = parser("pretrain.model", "Builds the model on the meta device (no memory, no data) and prints its parameter "
+               "counts as one JSON line.")
+    add_overrides(p)
+    cfg = compose_config(p.parse_args(argv).overrides)
+    resolve_vocab(cfg)
     with torch.device("meta"):
         model = LLaDAModel(cfg.model)
     print(json.dumps({"model": cfg.model.name, **count_params(model)}))

@@ -16,18 +16,22 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.build import ensure_built
-from data_pipeline.shards import DataError, Manifest
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint, run_lock
 from pretrain.ckpt_files import CheckpointError
 from pretrain.config import ConfigError, RunConfig, load_config, validate_data
 from pretrain.engine import build_engine, check_device, init_distributed, world_size_from_env
+from pretrain.faults import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, LauncherWatch, StopRequest
 from pretrain.generate import generate
-from pretrain.loop import Trainer
+from pretrain.loop import NonFiniteError, Trainer, total_steps
+from pretrain.lr_schedule import warmup_beyond_end
 from pretrain.metrics import MetricsLogger
 from pretrain.model import count_params
 from pretrain.resume_check import compare, config_dict, reapply_optimizer_settings
@@ -75,7 +79,9 @@ def write_setup(run: RunConfig, engine, cfg: DictConfig, world: int) -> None:
     if dist.get_rank() == 0:
         Path(run.run_dir, "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         setup = {"world_size": world, **count_params(engine.module), "local_params_per_rank": per_rank,
-                 "device": str(engine.device), "deepspeed_config": engine.config}
+                 "device": str(engine.device), "precision": run.trainer.precision,
+                 "param_dtype": str(next(engine.module.parameters()).dtype),  # what it really trains in
+                 "deepspeed_config": engine.config}
         Path(run.run_dir, "setup.json").write_text(json.dumps(setup, indent=1, default=str))
 
 
@@ -114,17 +120,38 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
         print(f"sample: {tok.decode(out[0].tolist())!r}", flush=True)  # repr: whitespace stays visible
 
 
+def check_prebuilt_data(run: RunConfig) -> None:
+    """Shards that already exist are checked against the run before any process group or engine. The
+    demo corpus is a cache rebuilt when missing or of an older format: then it is checked once built."""
+    path = Path(run.data.dir) / "manifest.json"
+    if not path.is_file():
+        return
+    if run.data.inputs == ["demo"] and json.loads(path.read_text()).get("format_version") != FORMAT_VERSION:
+        return
+    validate_data(run, Manifest.load(run.data.dir))
+
+
 def train(cfg: DictConfig) -> None:
     run = load_config(cfg, world_size_from_env())  # every config error before any work
+    check_prebuilt_data(run)
     if run.resume == "never" and checkpoint.latest(run.run_dir):
         raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"
                           f" resume=auto continues that run, or choose another run_dir")
-    rank, world = init_distributed(shm_comm=run.cluster.device != "cpu" or run.cluster.shm_comm)
+    warning = warmup_beyond_end(run.optim.schedule.points, run.optim.schedule.unit,
+                                run.trainer.global_batch_size * run.trainer.seq_len, total_steps(run.trainer))
+    stop = StopRequest()
+    stop.install()  # from here on a SIGTERM/SIGUSR1 ends in a checkpoint, not a lost run
+    rank, world = init_distributed(timeout_s=run.cluster.timeout_s,
+                                   shm_comm=run.cluster.device != "cpu" or run.cluster.shm_comm)
+    if warning and rank == 0:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    LauncherWatch(stop).start()
     check_device(run)
     manifest = prepare_data(run, rank)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(run, rank)
 
+    cfg.model.vocab_size = run.model.vocab_size  # config.yaml records the vocabulary taken from the data
     # The checkpoint is chosen and verified, and its config compared, before the engine is built.
     resume = checkpoint.find_resume(run.run_dir) if run.resume == "auto" else None
     engine_run = run
@@ -145,26 +172,49 @@ def train(cfg: DictConfig) -> None:
     eval_stream = TokenStream(run.data.dir, "heldout", **stream_args) if run.trainer.eval_every else None
     metrics = MetricsLogger(run.run_dir, run.logging, OmegaConf.to_container(cfg, resolve=True),
                             enabled=rank == 0, start_step=saved["step"] if saved else 0)
-    trainer = Trainer(run, engine, train_stream, eval_stream, manifest.mask_id, metrics)
+    trainer = Trainer(run, engine, train_stream, eval_stream, manifest.mask_id, metrics, stop)
     if saved is not None:
         trainer.load_trainer_state(saved)
         if rank == 0:
             print(f"resumed from {resume.directory} at step {trainer.state.step}", flush=True)
-    trainer.train()
-    if run.sample.at_end:
+    outcome = trainer.train()
+    if outcome == "done" and run.sample.at_end:
         print_sample(run, engine, manifest)
     metrics.close()
     if lock is not None:
         lock.release()
+    if outcome == "preempted":
+        teardown()
+        sys.exit(EXIT_PREEMPTED)
+
+
+def teardown() -> None:
+    """A clean end of the process group, so that no rank aborts in gloo's destructor at exit. Not
+    between the jobs of a sweep, which share this process and its process group."""
+    if dist.is_initialized() and HydraConfig.get().mode != RunMode.MULTIRUN:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def remove_if_empty(run_dir: str) -> None:
+    """Hydra creates run_dir before the config is checked; a run that never started leaves nothing."""
+    path = Path(run_dir)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
+        teardown()
     except (ConfigError, DataError, CheckpointError, run_lock.RunLockError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        remove_if_empty(str(cfg.run_dir))
+        sys.exit(EXIT_CONFIG)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_NON_FINITE)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def demo_data_config(directory: Path, seq_len: int = SEQ_LEN, **overrides) -> Da
 
 
 def build_config(workers: int = 1, task: int = 0, tasks: int = 1, merge: bool = True) -> BuildConfig:
-    return BuildConfig(workers=workers, task=task, tasks=tasks, merge=merge, progress=False)
+    return BuildConfig(workers=workers, task=task, tasks=tasks, merge=merge, progress=False, progress_every_s=0)
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +56,10 @@ TRAIN_ARGS = ["model=tiny", "model.vocab_size=1024", "data.vocab_size=1024", f"t
 
 
 def run_train(launcher: list[str], run_dir: Path, data_dir: Path, *overrides: str, timeout: int = 300,
-              check: bool = True) -> subprocess.CompletedProcess:
+              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [*launcher, *TRAIN_ARGS, f"data.dir={data_dir}", f"run_dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env={**child_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -152,23 +152,35 @@ def test_interrupted_build_finishes_without_redoing_finished_inputs(corpus, corp
     proc = subprocess.Popen([*PY, "data_pipeline.build", *overrides], cwd=REPO, env=child_env(),
                             stderr=subprocess.PIPE)
     pieces = out / "pieces"
+
+    def finished() -> list[dict]:
+        return [json.loads(f.read_text()) for f in pieces.glob("0*.json") if "partial" not in f.name]
+
+    def full_shards(fragments) -> list[str]:
+        return [s["name"] for f in fragments for v in f["splits"].values() for s in v]
+
     deadline = time.time() + 120
-    while len(list(pieces.glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(finished()) >= 3 and full_shards(finished()):
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # as a preempted job dies: no cleanup
     proc.wait()
     assert not (out / "manifest.json").exists()
-    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")
-            if any(json.loads(f.read_text())["input"] for f in pieces.glob("*.json"))}
-    finished = [json.loads(f.read_text()) for f in pieces.glob("*.json")]
-    kept = {s["name"]: (out / s["name"]).stat().st_mtime_ns for f in finished for v in f["splits"].values() for s in v}
-    assert len(finished) >= 3 and kept and set(kept) <= set(done)
+    done = finished()
+    kept = {name: (out / name).stat().st_mtime_ns for name in full_shards(done)}
+    assert len(done) >= 3 and kept
     rerun = subprocess.run([*PY, "data_pipeline.build", *overrides], cwd=REPO, env=child_env(), capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stderr.strip().splitlines()[-1])
-    assert summary["skipped_done"] == len(finished)
-    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # finished shards were not rewritten
+    assert summary["skipped_done"] == len(done)
+    renamed = {src: dst for pairs in json.loads((pieces / "merge.json").read_text())["renames"].values()
+               for src, dst in pairs}
+    assert {n: (out / renamed[n]).stat().st_mtime_ns for n in kept} == kept  # finished shards were not rewritten
     assert Manifest.load(out).fingerprint() == Manifest.load(corpus_shards).fingerprint()  # same bytes as one go
 
 
@@ -262,24 +274,56 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         Manifest.load(tmp_path)
 
 
-def test_build_cli_shows_progress_and_reports_bad_input(corpus, corpus_shards, tmp_path):
-    args = [*PY, "data_pipeline.build", "data=files", f"data.inputs=[{corpus}/b.jsonl]", f"data.dir={tmp_path / 'p'}",
-            f"data.tokenizer={corpus_shards / 'tokenizer.json'}", f"trainer.seq_len={SEQ_LEN}", "build.progress=true"]
+def test_build_cli_reports_progress_in_plain_lines_when_redirected_and_bad_input(corpus, corpus_shards, tmp_path):
+    args = [*PY, "data_pipeline.build", "data=files", f"data.inputs=[{corpus}/b.jsonl,{corpus}/c.jsonl.gz]",
+            f"data.dir={tmp_path / 'p'}", f"data.tokenizer={corpus_shards / 'tokenizer.json'}",
+            f"trainer.seq_len={SEQ_LEN}", "build.progress=true", "build.progress_every_s=0", "build.workers=1"]
     proc = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "tok/s" in proc.stderr and "build (1 inputs)" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr  # a log file gets lines, not a redrawn bar
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("build: ")]
+    assert len(lines) > 2 and "tok/s" in lines[-1] and lines[-1].startswith("build: 2/2 inputs")
     missing = [a if not a.startswith("data.inputs=") else "data.inputs=[no/such/dir]" for a in args]
     proc = subprocess.run(missing, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: data.inputs: 'no/such/dir' matches no" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
+def test_build_cli_draws_a_progress_bar_on_a_terminal(corpus, corpus_shards, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    args = [*PY, "data_pipeline.build", "data=files", f"data.inputs=[{corpus}/b.jsonl]", f"data.dir={tmp_path / 'p'}",
+            f"data.tokenizer={corpus_shards / 'tokenizer.json'}", f"trainer.seq_len={SEQ_LEN}", "build.progress=true"]
+    proc = subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    text = seen.decode(errors="replace")
+    assert "\r" in text and "tok/s" in text and "build (1 inputs)" in text and "build: " not in text
+
+
 def test_demo_cache_of_an_older_format_is_rebuilt(tmp_path):
     old = tmp_path / "demo"
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"format_version": 1}))
-    (old / "train-000000.tar").write_bytes(b"old")
+    (old / "train-00000-0000.tar").write_bytes(b"old")
     manifest = ensure_built(demo_data_config(old))
-    assert manifest.format_version == 2 and not (old / "train-000000.tar").exists()
+    assert manifest.format_version == 2 and not (old / "train-00000-0000.tar").exists()
     # Anything but the demo cache is never rebuilt behind the user's back.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "manifest.json").write_text(json.dumps({"format_version": 1}))

@@ -194,3 +194,46 @@ def test_a_pickle_member_is_refused_and_never_unpickled(shards_copy, tmp_path):
     with pytest.raises(CorruptShardError, match="unexpected member"):
         take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
     assert not marker.exists()
+
+
+def corrupt_header(path: Path, block: int) -> str:
+    """Damages the tar header of the `.tokens` member of the block-th block; returns its key."""
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".tokens")][block]
+    data = bytearray(path.read_bytes())
+    data[member.offset + 3] ^= 0x01  # in the member's name: the header checksum no longer matches
+    path.write_bytes(bytes(data))
+    return member.name.split(".")[0]
+
+
+def test_a_corrupt_tar_header_loses_only_its_block_and_is_counted(shards_copy, capfd):
+    manifest = Manifest.load(shards_copy)
+    index = 2
+    info = manifest.splits["train"][index]
+    key = corrupt_header(shards_copy / info.name, block=2)
+    n = manifest.samples("train")
+    with pytest.raises(CorruptShardError, match=f"{info.name}: sample {key} lacks a member"):
+        take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
+    capfd.readouterr()
+    batches = take(stream(shards_copy, world=1, batch=4, on_corrupt="skip"), n // 4 + 4)
+    epoch0 = epoch_ids(ids_by_epoch(batches), 0)
+    first = sum(s.samples for s in manifest.splits["train"][:index]) + 2 * 16
+    assert not any(first <= i < first + 16 for i in epoch0)  # the 16 windows of the damaged block
+    assert len(epoch0) == n - 16  # and only those: the blocks after it are read (tarfile would stop there)
+    warning = [x for x in capfd.readouterr().err.splitlines() if info.name in x]
+    assert warning and f"16 of the {info.samples} windows the manifest lists are lost" in warning[0]
+
+
+def test_a_corrupt_shard_in_a_loader_worker_is_named_on_the_error_line(shards_copy):
+    info = Manifest.load(shards_copy).splits["train"][3]
+    path = shards_copy / info.name
+    with tarfile.open(path) as tar:
+        key = tar.getmembers()[0].name.split(".")[0]
+    data = bytearray(path.read_bytes())
+    data[512 + 100] ^= 0xFF  # inside the first member's payload
+    path.write_bytes(bytes(data))
+    n = Manifest.load(shards_copy).samples("train")
+    with pytest.raises(CorruptShardError) as e:
+        take(stream(shards_copy, world=1, batch=4, workers=2), n // 4 + 8)
+    first_line = str(e.value).splitlines()[0]
+    assert first_line.startswith(str(path)) and f"sample {key} fails its checksum" in first_line

@@ -34,7 +34,7 @@ def test_array_build_and_merge_on_slurm_equal_a_local_build(tmp_path, demo_shard
         wait_for_jobs(env, [array_id, merge_id], timeout=600)
         logs = {p.name: p.read_text() for p in tmp_path.glob("build-shards-*.out")}
     assert len(logs) == 4, logs  # three array tasks and the merge
-    fragments = [json.loads(p.read_text()) for p in (out / "pieces").glob("*.json")]
+    fragments = [json.loads(p.read_text()) for p in (out / "pieces").glob("[0-9]*.json")]
     assert sorted(f["index"] for f in fragments) == list(range(6))
     assert (out / "manifest.json").is_file(), logs
     merged = Manifest.load(out)

@@ -298,7 +298,7 @@ def test_resume_refused_on_another_model_allowed_on_lr(run_copy, demo_shards):
                  "trainer.keep_every=6", steps=7)
     assert "optim.lr: 0.003 -> 0.001" in proc.stdout and "at step 4" in proc.stdout
     lrs = {r["step"]: r["lr"] for r in read_metrics(run_copy) if "lr" in r}
-    assert lrs[4] == pytest.approx(3e-3 * (0.1 + 0.9 * 3 / 5)) and lrs[5] == pytest.approx(1e-3)  # the new lr applies
+    assert lrs[4] == pytest.approx(3e-3 * (0.1 + 0.9 * 4 / 5)) and lrs[5] == pytest.approx(1e-3)  # the new lr applies
     assert tags(run_copy) == ["step00000006", "step00000007"]  # 5 by the clock, then deleted; 6 kept as a multiple
     rerun(run_copy, demo_shards, "trainer.keep_last=1", "trainer.keep_every=6", "trainer.ckpt_every=1", steps=9)
     assert tags(run_copy) == ["step00000006", "step00000009"]

@@ -32,6 +32,12 @@ from tests.conftest import REPO, child_env
     (["mask=conditional", "mask.prompt_len=256"], 1, "mask.prompt_len=256 must be in [0, trainer.seq_len=256)"),
     (["mask.prompt_len=8"], 1, "mask.prompt_len=8 is set but mask.conditional=false"),
     (["mask.conditional=true"], 1, "mask.random_length_prob=0.01 with mask.conditional=true would cut"),
+    (["trainer.log_every=0"], 1, "trainer.log_every=0 must be positive"),
+    (["trainer.max_steps=-5"], 1, "trainer.max_steps=-5 must be positive (or null)"),
+    (["trainer.ckpt_every=-1"], 1, "trainer.ckpt_every=-1 must be >= 0 (0 turns it off)"),
+    (["optim.lr=nan"], 1, "optim.lr=nan must be a positive number"),
+    (["optim.betas=[0.9,1.5]"], 1, "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+    (["cluster.timeout_s=0"], 1, "cluster.timeout_s=0.0 must be positive"),
 ])
 def test_validation_errors_name_key_and_value(overrides, world_size, message):
     with pytest.raises(ConfigError) as err:
@@ -89,3 +95,26 @@ def test_shards_that_do_not_fit_the_run_are_refused(demo_shards, tmp_path):
     with pytest.raises(ConfigError, match="tokenized with another tokenizer than data.tokenizer="):
         validate_data(compose_config([*base, f"data.tokenizer={other}"]), manifest)
     validate_data(compose_config([*base, f"data.tokenizer={demo_shards / 'tokenizer.json'}"]), manifest)
+
+
+def test_model_vocabulary_comes_from_the_data_unless_fixed(demo_shards):
+    from pretrain.config import resolve_vocab
+
+    run = compose_config(["model=tiny", f"data.dir={demo_shards}", "trainer.seq_len=64"])
+    assert run.model.vocab_size is None
+    resolve_vocab(run)
+    assert run.model.vocab_size == 1024  # the manifest's (padded) vocabulary
+    unbuilt = compose_config(["model=tiny", "data.dir=/nonexistent", "data.vocab_size=1000"])
+    resolve_vocab(unbuilt)
+    assert unbuilt.model.vocab_size == 1024  # what the build would produce: 1000 padded to a multiple of 128
+    fixed = compose_config(["model=llada_1b", f"data.dir={demo_shards}"])
+    resolve_vocab(fixed)
+    assert fixed.model.vocab_size == 126464
+
+
+def test_config_error_leaves_no_run_dir_behind(tmp_path):
+    run_dir = tmp_path / "never"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "trainer.log_every=0", f"run_dir={run_dir}"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "trainer.log_every=0 must be positive" in proc.stderr
+    assert not run_dir.exists()

@@ -20,13 +20,67 @@ def assert_loss_falls(losses: dict[int, float]) -> None:
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, demo_shards):
     run_dir = tmp_path_factory.mktemp("runs") / "single"
+    extensions = tmp_path_factory.mktemp("torch_extensions")
     proc = run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=24", "trainer.eval_every=12",
-                     "sample.at_end=true", "sample.gen_length=8", "sample.steps=4")
-    return run_dir, proc
+                     "sample.at_end=true", "sample.gen_length=8", "sample.steps=4",
+                     env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    return run_dir, proc, extensions
+
+
+def test_the_cpu_path_builds_no_cpp_op(single_run):
+    # DeepSpeed's shared-memory all-reduce would be compiled with gcc into the extensions folder (~150 s).
+    _, _, extensions = single_run
+    assert list(extensions.iterdir()) == []
+
+
+def test_the_model_trains_in_the_precision_asked_for(single_run, tmp_path, demo_shards):
+    from pretrain.device import resolve_precision
+
+    auto = resolve_precision("auto", "cpu")  # fp32 on this CPU unless it has native bf16
+    setup = json.loads((single_run[0] / "setup.json").read_text())
+    dtypes = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}
+    assert (setup["precision"], setup["param_dtype"]) == (auto, dtypes[auto])
+    other = "bf16" if auto == "fp32" else "fp32"
+    run_train(PYTHON, tmp_path / "other", demo_shards, "trainer.max_steps=1", f"trainer.precision={other}")
+    setup = json.loads((tmp_path / "other" / "setup.json").read_text())
+    assert setup["param_dtype"] == dtypes[other]
+    # Not the same numbers in another precision (DeepSpeed 0.19 on the CPU once built bf16 either way).
+    assert train_losses(tmp_path / "other")[1] != train_losses(single_run[0])[1]
+
+
+def test_progress_shows_the_first_step_at_once_then_step_of_max_and_eta(tmp_path, demo_shards):
+    proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=4", "trainer.log_every=3",
+                     "model.vocab_size=null")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 1/4", "step 3/4", "step 4/4"]
+    assert all(" | ETA 0:" in line for line in lines)
+    # model.vocab_size=null: the vocabulary of the shards, recorded in config.yaml.
+    assert OmegaConf.load(tmp_path / "r" / "config.yaml").model.vocab_size == 1024
+
+
+def test_shards_that_do_not_fit_the_model_are_refused_before_deepspeed_starts(tmp_path, demo_shards):
+    # Rank 0 of a 2-rank job whose rank 1 never comes: joining the process group would wait for it
+    # (cluster.timeout_s=600 > this test's timeout), so only a check made before that can answer.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=1", "model.vocab_size=512",
+                     "cluster.timeout_s=600", check=False, env=env, timeout=120)
+    assert proc.returncode == 2 and "vocab_size=1024 exceeds model.vocab_size=512" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_paper_schedule_on_a_short_run_warns(tmp_path, demo_shards):
+    proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=1", "optim.schedule.unit=tokens",
+                     "optim.schedule.points=[[0,0],[1.048576e10,1]]")  # the paper's warmup
+    assert "warning: optim.schedule.points reach 1% of the peak lr" in proc.stderr
 
 
 def test_single_process_trains_and_writes_the_run_directory(single_run):
-    run_dir, proc = single_run
+    run_dir, proc, _ = single_run
     records = [r for r in read_metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 25))
     for r in records:
@@ -44,7 +98,7 @@ def test_single_process_trains_and_writes_the_run_directory(single_run):
 
 
 def test_wandb_writes_offline_run_files(single_run):
-    run_dir, _ = single_run
+    run_dir, _, _ = single_run
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "no .wandb event file in the offline run"
@@ -111,8 +165,10 @@ def test_hydra_sweep_gives_each_job_its_own_run_dir(tmp_path, demo_shards):
            f"hydra.sweep.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted((tmp_path / "outputs" / "runs").iterdir())
-    assert len(runs) == 2
+    sweeps = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(sweeps) == 1 and "seed" not in sweeps[0].name  # the overrides the jobs share
+    runs = sorted(sweeps[0].iterdir())
+    assert [r.name for r in runs] == ["seed=1", "seed=2"]  # named by what differs
     assert sorted(OmegaConf.load(r / "config.yaml").seed for r in runs) == [1, 2]
     losses = [train_losses(r)[1] for r in runs]
     assert losses[0] != losses[1]  # different seeds, different initial weights and masks

@@ -1,0 +1,243 @@
+"""Fault injection on the real entry point: 2 CPU ranks (gloo) under the deepspeed launcher and
+torchrun, each fault followed by a resume that must end with the uninterrupted run's losses."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pretrain.faults import EXIT_NON_FINITE, EXIT_PREEMPTED, is_launcher, launcher_ancestors
+from tests.conftest import BIN, REPO, TRAIN_ARGS, child_env, read_metrics, run_train, train_losses
+
+PYTHON = [sys.executable, "-m", "pretrain.train"]
+STEPS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_launcher() -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain.train"]
+
+
+def torchrun_launcher() -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "pretrain.train"]
+
+
+def start(launcher, run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [*launcher, *TRAIN_ARGS, f"data.dir={data_dir}", f"run_dir={run_dir}", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(r.get("step", 0) >= step for r in read_metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before step {step}:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The training processes below a launcher (deepspeed: runner -> launch.py -> ranks)."""
+    def cmdline(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # a short-lived helper process ended meanwhile
+            return ""
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if " -m pretrain.train " in cmdline(p)]
+        if len(ranks) == 2:
+            return ranks
+        time.sleep(0.1)
+    raise AssertionError("did not find the two ranks")
+
+
+def processes_using(run_dir: Path) -> list[psutil.Process]:
+    left = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if f"run_dir={run_dir}" in " ".join(p.info["cmdline"] or []):
+                left.append(p)
+        except psutil.Error:
+            pass
+    return left
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
+def assert_same_losses(expected: dict[int, float], got: dict[int, float]) -> None:
+    assert sorted(got) == sorted(expected), (sorted(expected), sorted(got))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), (step, loss, got[step])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, demo_shards) -> dict[int, float]:
+    """The reference: 2 ranks, STEPS steps, no fault."""
+    run_dir = tmp_path_factory.mktemp("faults") / "straight"
+    run_train(torchrun_launcher(), run_dir, demo_shards, f"trainer.max_steps={STEPS}", timeout=600)
+    return train_losses(run_dir)
+
+
+@pytest.mark.parametrize("target,sig", [("rank", signal.SIGUSR1), ("launcher", signal.SIGTERM)])
+def test_preemption_signal_saves_at_an_agreed_step_and_the_rerun_finishes_identically(
+        tmp_path, demo_shards, uninterrupted, target, sig):
+    run_dir = tmp_path / "run"
+    proc = start(deepspeed_launcher(), run_dir, demo_shards, f"trainer.max_steps={STEPS}")
+    wait_for_step(proc, run_dir, 2)
+    victim = ranks_of(proc)[1].pid if target == "rank" else proc.pid  # deepspeed's runner
+    psutil.Process(victim).send_signal(sig)
+    code, out, err = finish(proc)
+    time.sleep(1)
+    assert not processes_using(run_dir), "a rank outlived its job"
+    if target == "rank":  # deepspeed's launcher passes the ranks' exit code on
+        assert code == EXIT_PREEMPTED, err[-3000:]
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+    assert saved, f"no checkpoint after {sig.name} to the {target}:\n{err[-3000:]}"
+    stop_step = int(saved[-1][4:])
+    assert 2 <= stop_step < STEPS
+    states = [json.loads(p.read_text()) for p in (run_dir / "checkpoints" / saved[-1]).glob("trainer_state_rank*.json")]
+    assert [s["step"] for s in states] == [stop_step, stop_step]  # both ranks stopped after the same step
+    run_train(deepspeed_launcher(), run_dir, demo_shards, f"trainer.max_steps={STEPS}", timeout=600)
+    assert_same_losses(uninterrupted, train_losses(run_dir))
+
+
+def test_sigkill_of_torchrun_ends_its_ranks(tmp_path, demo_shards):
+    run_dir = tmp_path / "run"
+    proc = start(torchrun_launcher(), run_dir, demo_shards, "trainer.max_steps=400")
+    wait_for_step(proc, run_dir, 1)
+    ranks = ranks_of(proc)
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, "ranks trained on as orphans after their launcher was killed"
+    # They noticed the dead launcher, agreed on a step and saved it.
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+    assert saved and int(saved[-1][4:]) < 400
+
+
+def test_sigkill_of_a_rank_ends_the_job_and_the_rerun_finishes_identically(tmp_path, demo_shards, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = start(deepspeed_launcher(), run_dir, demo_shards, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=2")
+    wait_for_step(proc, run_dir, 3)
+    ranks_of(proc)[1].kill()
+    started = time.monotonic()
+    code, _, _ = finish(proc)
+    assert code != 0 and time.monotonic() - started < 60
+    assert not processes_using(run_dir)
+    run_train(deepspeed_launcher(), run_dir, demo_shards, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=2",
+              timeout=600)
+    assert_same_losses(uninterrupted, train_losses(run_dir))
+
+
+def test_a_stopped_peer_fails_the_job_within_the_timeout(tmp_path, demo_shards):
+    run_dir = tmp_path / "run"
+    proc = start(deepspeed_launcher(), run_dir, demo_shards, "trainer.max_steps=400", "cluster.timeout_s=8")
+    wait_for_step(proc, run_dir, 2)
+    ranks = ranks_of(proc)
+    ranks[1].suspend()  # SIGSTOP
+    started = time.monotonic()
+    try:
+        code, _, err = finish(proc, timeout=180)
+    finally:
+        for p in ranks:
+            if p.is_running():
+                p.kill()
+    elapsed = time.monotonic() - started
+    assert code != 0
+    # timeout_s for the collective, then up to 30 s for deepspeed's launcher to end the stopped rank.
+    assert elapsed < 8 + 30 + 30, elapsed
+    assert not processes_using(run_dir)
+
+
+def param_and_optimizer_state(run_dir: Path, step: int) -> list[torch.Tensor]:
+    """Every tensor of both ranks' ZeRO-3 optimizer files (fp32 master weights and Adam moments).
+    Our own engine state, so weights_only=False is acceptable here."""
+    tensors = []
+    for path in sorted((run_dir / "checkpoints" / f"step{step:08d}").glob("*optim_states.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for group in state["fp32_flat_groups"]:
+            tensors.append(group.clone())
+        for s in state["optimizer_state_dict"]["state"].values():
+            tensors += [s["exp_avg"].clone(), s["exp_avg_sq"].clone()]
+    assert tensors
+    return tensors
+
+
+def test_non_finite_steps_are_skipped_without_an_update(tmp_path, demo_shards):
+    # A NaN loss on rank 1 only at steps 3 and 4: both ranks skip both updates.
+    nan = ["fault.nan_steps=[3,4]", "fault.nan_ranks=[1]"]
+    run_train(torchrun_launcher(), tmp_path / "nan", demo_shards, "trainer.max_steps=4", *nan, timeout=600)
+    run_train(torchrun_launcher(), tmp_path / "two", demo_shards, "trainer.max_steps=2", timeout=600)
+    after_skips, before = param_and_optimizer_state(tmp_path / "nan", 4), param_and_optimizer_state(tmp_path / "two", 2)
+    assert len(after_skips) == len(before)
+    assert all(torch.equal(a, b) for a, b in zip(after_skips, before, strict=True)), "a skipped step changed the state"
+    records = {r["step"]: r for r in read_metrics(tmp_path / "nan")}
+    assert [records[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 2]
+    # The lr schedule stays aligned with the step counter: step 5 gets the lr of step 5.
+    run_train(torchrun_launcher(), tmp_path / "nan", demo_shards, "trainer.max_steps=5", *nan, timeout=600)
+    lr5 = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "nan")}[5]
+    assert lr5 == pytest.approx(3e-3)  # schedule [[0,0.1],[5,1.0]]: full lr from step 5
+
+
+def test_too_many_non_finite_steps_stop_the_run_without_saving(tmp_path, demo_shards):
+    run_dir = tmp_path / "run"
+    run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=2")
+    proc = run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=20", "fault.nan_steps=[3,4,5,6]",
+                     "trainer.max_bad_steps=3", "trainer.ckpt_every=0", check=False)
+    assert proc.returncode == EXIT_NON_FINITE, proc.stderr[-2000:]
+    assert "trainer.max_bad_steps=3" in proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000002"]
+    assert max(train_losses(run_dir)) == 5
+
+
+def test_watchdog_dumps_the_stacks_of_a_hung_step_and_exits(tmp_path, demo_shards):
+    proc = run_train(PYTHON, tmp_path / "run", demo_shards, "trainer.max_steps=6", "trainer.watchdog_s=4",
+                     "fault.sleep_at_step=3", "fault.sleep_s=600", check=False, timeout=300)
+    assert proc.returncode == 1
+    assert "Timeout" in proc.stderr and "inject_loss_fault" in proc.stderr  # the stack of the hung step
+
+
+def test_a_rank_started_by_hand_watches_no_launcher():
+    # pytest (our parent) is not a launcher: closing a terminal must not stop a nohup'd run.
+    assert launcher_ancestors() == []
+
+
+@pytest.mark.parametrize("cmdline,expected", [
+    (["/v/bin/python", "/v/bin/deepspeed", "--num_gpus", "2", "--module", "pretrain.train"], True),
+    (["/v/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=x"], True),
+    (["/v/bin/python", "-m", "deepspeed.launcher.launch", "--world_info=x"], True),
+    (["/v/bin/python", "/v/bin/torchrun", "--nproc_per_node", "2", "-m", "pretrain.train"], True),
+    (["/v/bin/python", "-m", "torch.distributed.run", "--nproc_per_node", "2"], True),
+    (["/v/bin/python", "-m", "pytest", "-k", "deepspeed or torchrun"], False),
+    (["/bin/bash"], False),
+])
+def test_launchers_are_told_by_their_program_not_by_their_arguments(cmdline, expected):
+    assert is_launcher(cmdline) == expected
