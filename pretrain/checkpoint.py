@@ -42,6 +42,7 @@ import torch.distributed as dist
 from pretrain.ckpt_files import (
     MANIFEST,
     CheckpointError,
+    CheckpointWriteError,
     check_hashes,
     check_sizes,
     digest,
@@ -53,8 +54,8 @@ from pretrain.ckpt_files import (
     write_atomic,
 )
 
-__all__ = ["CheckpointError", "Resume", "SaveClock", "ckpt_dir", "find_resume", "latest", "load", "retain", "save",
-           "tag"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "Resume", "SaveClock", "ckpt_dir", "find_resume", "latest",
+           "load", "retain", "save", "tag"]
 
 _TAG = re.compile(r"^step(\d{8,})$")
 PARTIAL = ".partial"
@@ -162,8 +163,9 @@ def save(engine, run_dir: str, step: int, trainer_state: dict, meta: dict, keep_
             shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs
         previous = latest(run_dir)
         free = shutil.disk_usage(root).free / 2**20
-        raise CheckpointError(f"checkpoint {final} could not be written ({errors[0]}; {free:,.0f} MiB free there); "
-                              f"{'checkpoint ' + previous + ' is intact' if previous else 'no earlier checkpoint'}")
+        raise CheckpointWriteError(
+            f"checkpoint {final} could not be written ({errors[0]}; {free:,.0f} MiB free there); "
+            f"{'checkpoint ' + previous + ' is intact' if previous else 'no earlier checkpoint'}")
     if rank == 0:
         try:
             retain(run_dir, keep_last, keep_every)

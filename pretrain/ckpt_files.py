@@ -18,7 +18,11 @@ _CHUNK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or used; the message is one line that names the file."""
+    """A checkpoint that cannot be used; the message is one line that names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (a full disk...): the earlier ones are intact."""
 
 
 def fsync_dir(directory: Path) -> None:

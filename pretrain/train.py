@@ -25,7 +25,7 @@ from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint, run_lock
-from pretrain.ckpt_files import CheckpointError
+from pretrain.ckpt_files import CheckpointError, CheckpointWriteError
 from pretrain.config import ConfigError, RunConfig, load_config, validate_data
 from pretrain.engine import build_engine, check_device, init_distributed, world_size_from_env
 from pretrain.faults import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, LauncherWatch, StopRequest
@@ -208,6 +208,9 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
         teardown()
+    except CheckpointWriteError as e:  # during training (a full disk): not a config error, not a requeue
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except (ConfigError, DataError, CheckpointError, run_lock.RunLockError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         remove_if_empty(str(cfg.run_dir))
