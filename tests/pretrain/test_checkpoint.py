@@ -86,7 +86,7 @@ def file_hashes(directory: Path) -> dict[str, bytes]:
 def reference(tmp_path_factory, demo_shards):
     run_dir = tmp_path_factory.mktemp("ckpt") / "reference"
     run_ranks(2, 29621, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
-              "trainer.keep_last=0")
+              "trainer.keep_last=0", "fault.record_samples=true")
     return run_dir
 
 
@@ -113,7 +113,7 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, demo_
     run_dir = tmp_path / "killed"
     cmd = [*torchrun(2, 29622, [str(REPO / "tests" / "pretrain" / "slow_save.py")]), *TRAIN_ARGS, *SHAPE,
            f"data.dir={demo_shards}", f"run_dir={run_dir}", "trainer.max_steps=6", "trainer.ckpt_every=3",
-           "trainer.keep_last=0"]
+           "trainer.keep_last=0", "fault.record_samples=true"]
     env = {**child_env(), "SLOW_SAVE_MATCH": "step00000006", "SLOW_SAVE_S": "300"}
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            start_new_session=True)
@@ -132,11 +132,19 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, demo_
     assert checkpoint.latest(str(run_dir)) == "step00000003" and "step00000006" not in tags(run_dir)
 
     proc = run_ranks(2, 29623, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
-                     "trainer.keep_last=0")
+                     "trainer.keep_last=0", "fault.record_samples=true")
     assert "taking over" in proc.stdout and "not running" in proc.stdout  # the killed job's lock
     assert "ignoring" in proc.stdout and "resumed from" in proc.stdout and "at step 3" in proc.stdout
     assert train_losses(run_dir) == train_losses(reference)
+    assert_same_samples(run_dir, reference)
     assert_same_weights(run_dir / "checkpoints" / "step00000006", reference / "checkpoints" / "step00000006")
+
+
+def assert_same_samples(run_dir: Path, reference: Path) -> None:
+    """Every step trained on the windows of the uninterrupted run: none lost, none repeated."""
+    for rank in range(2):
+        steps = (1, 2, 3, 4, 5, 6)
+        assert samples_of(run_dir, rank, steps) == samples_of(reference, rank, steps)
 
 
 @pytest.fixture
@@ -185,7 +193,7 @@ def test_resume_at_another_world_size(tmp_path, demo_shards, reference, world, p
     run_dir = tmp_path / f"world{world}"
     shutil.copytree(reference / "checkpoints" / "step00000003", run_dir / "checkpoints" / "step00000003")
     # lr 1e-30: a step changes no fp32 weight, so the weights after it are exactly the ones loaded.
-    args = (*SHAPE, "trainer.max_steps=4", "optim.lr=1e-30")
+    args = (*SHAPE, "trainer.max_steps=4", "optim.lr=1e-30", "fault.record_samples=true")
     if world == 1:
         proc = run_train(PYTHON, run_dir, demo_shards, *args)
     else:
@@ -200,6 +208,16 @@ def test_resume_at_another_world_size(tmp_path, demo_shards, reference, world, p
     got = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
     assert sorted(got) == [4] and got[4]["lr"] / 1e-30 == pytest.approx(ref[4]["lr"] / 3e-3, rel=1e-5)
     assert abs(got[4]["loss"] - ref[4]["loss"]) < 0.3
+    # The data: step 4 trains on 12 windows that none of steps 1-3 (2 ranks) read.
+    before = [tuple(s) for r in range(2) for s in samples_of(reference, r, steps=(1, 2, 3))]
+    after = [tuple(s) for r in range(world) for s in samples_of(run_dir, r, steps=(4,))]
+    assert len(before) == 36 and len(after) == 12 and len(set(before + after)) == 48
+
+
+def samples_of(run_dir: Path, rank: int, steps: tuple[int, ...]) -> list[list[int]]:
+    """The (epoch, window id) pairs a rank trained on at these steps (fault.record_samples)."""
+    lines = (run_dir / "samples" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [s for line in lines if (r := json.loads(line))["step"] in steps for s in r["samples"]]
 
 
 # -- one process: damaged checkpoints, retention, refusals -------------------------------------------------
