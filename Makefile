@@ -25,6 +25,7 @@ demo: install
 	$(PY) -m pretrain.train model=tiny optim=wsd_short trainer.max_steps=300 trainer.log_every=20 \
 		trainer.eval_every=100 sample.at_end=true sample.gen_length=48 sample.steps=48 sample.temperature=0.8 \
 		run_dir=outputs/demo
+	$(PY) -m pretrain.report outputs/demo
 
 # The SLURM launch tests start a one-node cluster on loopback: Debian's slurm-wlm (root or sudo).
 system-deps:

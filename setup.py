@@ -21,6 +21,7 @@ setup(
         "pyarrow>=14",
         "zstandard>=0.22",
         "psutil>=5.9",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],

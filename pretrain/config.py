@@ -53,6 +53,7 @@ class TrainerConfig:
     log_every: int
     eval_every: int
     eval_batches: int
+    eval_mc_num: int  # mask draws per held-out sequence (pretrain/likelihood.py)
     ckpt_every: int
     ckpt_every_minutes: float  # also save when this much time passed since the last save (0: never)
     keep_last: int  # retention: the newest N complete checkpoints (0: all) ...
@@ -69,14 +70,18 @@ class ClusterConfig:
     device: str
     timeout_s: float  # process-group timeout: how long a collective waits for a dead or stopped peer
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
+    peak_tflops: float | None  # the device's peak for MFU; null: looked up by device name (pretrain/flops.py)
 
 
 @dataclass
 class LoggingConfig:
-    mode: str
+    mode: str  # auto | offline | online | disabled
     project: str
     entity: str | None
+    group: str | None
+    tags: list[str]
     name: str | None
+    t_buckets: int  # the loss is also logged per bucket of the masking time t: this many equal buckets of [0, 1]
 
 
 @dataclass
@@ -141,6 +146,19 @@ def validate_model(m: ModelConfig) -> None:
     for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
     _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive (or null)")
+    if m.init_from:
+        check_init_from(m)
+
+
+def check_init_from(m: ModelConfig) -> None:
+    """model.init_from's config.json against model=: the first difference, before any work."""
+    from pretrain.hf_format import FormatError
+    from pretrain.pretrained import check_init_from as check
+
+    try:
+        check(m.init_from, m)
+    except FormatError as e:
+        raise ConfigError(f"model.init_from={m.init_from}: {e}") from None
 
 
 def validate_optim(o: OptimConfig) -> None:
@@ -166,6 +184,7 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_model(run.model)
     t = run.trainer
     _require(t.micro_batch_size > 0, f"trainer.micro_batch_size={t.micro_batch_size} must be positive")
+    _require(t.eval_mc_num > 0, f"trainer.eval_mc_num={t.eval_mc_num} must be positive")
     per_step = t.micro_batch_size * world_size
     _require(t.global_batch_size % per_step == 0,
              f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
@@ -191,6 +210,14 @@ def validate(run: RunConfig, world_size: int) -> None:
     _require(t.lock_stale_s > 0, f"trainer.lock_stale_s={t.lock_stale_s} must be positive")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
     validate_mask(run.mask)
+    if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
+        from pretrain.generate import GenerateError, check_settings
+
+        s = run.sample
+        try:
+            check_settings(s.gen_length, s.steps, None, "low_confidence", 0.0, s.temperature)
+        except GenerateError as e:
+            raise ConfigError(f"sample: {e}") from None
     _require(0 <= run.mask.random_length_prob <= 1,
              f"mask.random_length_prob={run.mask.random_length_prob} must be in [0, 1]")
     m = run.mask
@@ -213,8 +240,11 @@ def validate(run: RunConfig, world_size: int) -> None:
              f"optim.schedule.points={points} must be a non-empty list of [position, lr_fraction]")
     positions = [p[0] for p in points]
     _require(positions == sorted(positions), f"optim.schedule.points={points} positions must not decrease")
-    _require(run.logging.mode in ("offline", "online", "disabled"),
-             f"logging.mode={run.logging.mode!r} is not one of offline, online, disabled")
+    _require(run.logging.mode in ("auto", "offline", "online", "disabled"),
+             f"logging.mode={run.logging.mode!r} is not one of auto, offline, online, disabled")
+    _require(run.logging.t_buckets >= 1, f"logging.t_buckets={run.logging.t_buckets} must be >= 1")
+    _require(run.cluster.peak_tflops is None or run.cluster.peak_tflops > 0,
+             f"cluster.peak_tflops={run.cluster.peak_tflops} must be positive (or null: looked up by device name)")
     validate_deepspeed_section(run.deepspeed)
 
 
@@ -255,6 +285,16 @@ def validate_data(run: RunConfig, manifest) -> None:
 
         _require(fingerprint(load_tokenizer(run.data.tokenizer)) == manifest.tokenizer_fingerprint,
                  f"{where}: the shards were tokenized with another tokenizer than data.tokenizer={run.data.tokenizer}")
+    if run.model.init_from:
+        from pretrain.hf_format import read_config
+
+        hf = read_config(run.model.init_from)
+        _require(hf.get("mask_token_id") == manifest.mask_id,
+                 f"model.init_from={run.model.init_from}: mask_token_id={hf.get('mask_token_id')}, but {where} has "
+                 f"mask_id={manifest.mask_id} (another tokenizer)")
+        _require(hf.get("vocab_size") == run.model.vocab_size,
+                 f"model.init_from={run.model.init_from}: vocab_size={hf.get('vocab_size')}, but model.vocab_size="
+                 f"{run.model.vocab_size}")
     m = run.mask
     if m.conditional:
         _require(manifest.format == "sft" or m.prompt_len is not None,

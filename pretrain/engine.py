@@ -125,6 +125,10 @@ def build_engine(run: RunConfig, world_size: int):
     # without one, zero.Init takes the dtype from the config's bf16 section, which follows precision.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
         model = LLaDAModel(run.model)
+    if run.model.init_from:  # continued pretraining or SFT from an exported folder
+        from pretrain.pretrained import copy_weights_into
+
+        copy_weights_into(model, run.model.init_from)
     if stage != 3:
         model.to(PRECISIONS[run.trainer.precision])
     optimizer = make_optimizer(model, run)

@@ -19,10 +19,19 @@ import torch.distributed as dist
 from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
-from pretrain.diffusion import diffusion_loss, forward_process, make_schedule, random_length, sample_times
+from pretrain.diffusion import (
+    diffusion_loss_and_stats,
+    forward_process,
+    make_schedule,
+    random_length,
+    sample_times,
+)
 from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
-from pretrain.metrics import MetricsLogger
+from pretrain.flops import flops_per_token, peak_tflops
+from pretrain.likelihood import NelboSums, nelbo_of_batch
+from pretrain.metrics import MetricsLogger, console_line
 from pretrain.resume_check import config_dict
+from pretrain.train_stats import LogWindow, device_name
 
 
 def derived_seed(*parts: int | str) -> int:
@@ -61,6 +70,9 @@ class Trainer:
         self.watchdog = Watchdog(t.watchdog_s)
         self.bad_steps = NonFiniteSteps(t.max_bad_steps)
         self.total_steps = total_steps(t)
+        self.window = LogWindow(run.logging.t_buckets, self.device)  # what the next log line reports
+        self.flops_per_token = flops_per_token(run.model, t.seq_len)
+        self.peak_tflops = peak_tflops(device_name(self.device), run.cluster.peak_tflops)
 
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -98,7 +110,7 @@ class Trainer:
             return batch["prompt_len"]
         return torch.full((batch["tokens"].shape[0],), self.run.mask.prompt_len, dtype=torch.long)
 
-    def micro_step(self, batch: dict, micro: int) -> tuple[torch.Tensor, int]:
+    def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
         m, step = self.run.mask, self.state.step
         cut_rng = torch.Generator().manual_seed(derived_seed("cut", self.run.seed, step, micro))
@@ -108,32 +120,32 @@ class Trainer:
         t = sample_times(m.time_sampling, self.run.trainer.global_batch_size, (micro * self.world + self.rank) * B, B,
                          m.eps, time_rng)
         noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
-        loss = diffusion_loss(self.engine(noisy.input_ids), x0, noisy, m.normalize)
+        loss, stats = diffusion_loss_and_stats(self.engine(noisy.input_ids), x0, noisy, m.normalize)
         loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
-        return loss.detach().float(), x0.numel()
+        self.window.add(loss.detach().float(), stats, x0.shape[1])
+        return loss.detach().float()
 
     def train(self) -> str:
         """Trains until max_steps / max_tokens ("done") or until a rank is asked to stop
         ("preempted"); either way the last step is saved."""
         t = self.run.trainer
         batches = iter(make_loader(self.train_stream))
-        # Since the last log: the loss stays on the device (no sync per micro-batch); counts are ints.
-        loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
-        window_start = self.started = time.perf_counter()
+        self.window.reset()
+        self.started = time.perf_counter()
         first_step = self.state.step
         samples = SampleLog(self.run.run_dir, self.rank, first_step) if self.run.fault.record_samples else None
         self.watchdog.kick()
         while not self.done():
+            step_start = time.perf_counter()  # steps are timed alone: eval and checkpoints don't count
             for micro in range(self.accum):
-                batch = next(batches)
+                batch = self.window.next_batch(batches)
                 if samples:
                     samples.add(batch)
-                loss, n = self.micro_step(batch, micro)
-                loss_sum += loss
-                micro_batches, tokens = micro_batches + 1, tokens + n
+                self.micro_step(batch, micro)
             skipped = finish_step(self.engine)
+            self.window.end_step(time.perf_counter() - step_start)
             self.state.step += 1
             self.state.batches += self.accum
             self.state.skipped_steps += skipped
@@ -142,10 +154,8 @@ class Trainer:
                 samples.flush(self.state.step)
             last = self.done()
             if self.state.step % t.log_every == 0 or last or self.state.step == first_step + 1:
-                self.log_window(loss_sum, micro_batches, tokens, time.perf_counter() - window_start,
-                                self.state.step - first_step)
-                loss_sum, micro_batches, tokens = torch.zeros((), device=self.device), 0, 0
-                window_start = time.perf_counter()
+                self.log_window(self.state.step - first_step)
+                self.window.reset()
             problem = self.bad_steps.record(skipped, self.state.step)
             if problem:
                 raise NonFiniteError(problem)
@@ -168,44 +178,42 @@ class Trainer:
         dist.all_reduce(totals)
         return totals.tolist()
 
-    def log_window(self, loss_sum: torch.Tensor, micro_batches: int, tokens: int, seconds: float,
-                   steps_this_process: int) -> None:
-        loss_sum, micro_batches, tokens = self._sum_over_ranks(loss_sum, micro_batches, tokens)
+    def log_window(self, steps_this_process: int) -> None:
+        stats = self.window.summarize(self.run.mask.normalize, self.world, self.flops_per_token, self.peak_tflops)
         grad_norm = self.engine.get_global_grad_norm()
         loss_name = "loss/per_token" if self.run.mask.normalize == "tokens" else "loss/per_masked_token"
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
-                  "loss": loss_sum / micro_batches, loss_name: loss_sum / micro_batches, "lr": self.engine.get_lr()[0],
+                  loss_name: stats["loss"], **stats, "lr": self.engine.get_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "tokens_per_s": tokens / seconds, "skipped_steps": self.state.skipped_steps}
+                  "skipped_steps": self.state.skipped_steps}
         self.metrics.log(record)
         if self.rank == 0:
             per_step = (time.perf_counter() - self.started) / steps_this_process
             eta = format_duration(per_step * (self.total_steps - self.state.step))
-            print(f"step {record['step']}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                  f"grad_norm {record['grad_norm'] or 0:.3f} | {record['tokens_per_s']:,.0f} tok/s | ETA {eta}",
-                  flush=True)
+            print(console_line(record, self.total_steps, eta), flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """The held-out negative ELBO per token, with the run's schedule and fixed times and masks: the
-        same estimate of the same quantity at every eval."""
+        """The held-out negative ELBO per token (pretrain/likelihood.py, the estimator of python -m
+        pretrain.evaluate): trainer.eval_mc_num stratified mask draws per sequence from a generator seeded
+        the same at every eval, so evals differ only by the model. Every rank runs the same number of
+        forward passes."""
         assert self.eval_stream is not None
         self.engine.eval()
         rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
-        loss_sum, count = torch.zeros((), device=self.device), 0
+        sums = NelboSums()
         for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
             x0 = batch["tokens"].to(self.device).long()
-            t = sample_times("iid", x0.shape[0], 0, x0.shape[0], self.run.mask.eps, rng)
-            noisy = forward_process(x0, self.mask_id, t, self.schedule, rng, self.prompt_len(batch))
-            loss_sum += diffusion_loss(self.engine(noisy.input_ids), x0, noisy, "tokens").float()
-            count += 1
-        loss_sum, count = self._sum_over_ranks(loss_sum, count)
+            sums.sums += nelbo_of_batch(self.engine, x0, self.mask_id, self.run.trainer.eval_mc_num, rng,
+                                        self.prompt_len(batch), batch_size=x0.shape[0]).sums
+        totals = sums.sums.to(self.device)
+        dist.all_reduce(totals)
+        estimate = NelboSums(totals.cpu()).estimate()
         self.engine.train()
-        loss = loss_sum / count
-        self.metrics.log({"step": self.state.step, "eval/loss": loss})
+        self.metrics.log({"step": self.state.step, "eval/loss": estimate.nelbo, "eval/loss_se": estimate.se})
         if self.rank == 0:
-            print(f"step {self.state.step:>6} | eval loss {loss:.4f}", flush=True)
-        return loss
+            print(f"step {self.state.step:>6} | eval loss {estimate.nelbo:.4f} +- {estimate.se:.4f}", flush=True)
+        return estimate.nelbo
 
     def save(self) -> None:
         """A complete checkpoint of this step (all ranks must call it at the same step boundary); a

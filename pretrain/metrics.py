@@ -1,17 +1,58 @@
-"""Run metrics: one JSON object per logged step in run_dir/metrics.jsonl, mirrored to W&B.
+"""Run metrics: one JSON object per logged step in run_dir/metrics.jsonl, mirrored to W&B, and the
+one console line per log step.
 
-Only rank 0 writes; the values it writes are already averaged over ranks by the loop.
+Only rank 0 writes; the values it writes are already reduced over ranks by the loop. The W&B run id
+is kept in run_dir/wandb/run_id, so a run resumed in the same run_dir continues the same W&B run
+(offline: each process writes its own offline-run-*-<id> folder; `wandb sync` joins them).
 """
 
 from __future__ import annotations
 
 import json
+import netrc
 import os
+import secrets
+import string
 from pathlib import Path
+from urllib.parse import urlparse
+
+WANDB_ID_FILE = "wandb/run_id"
+
+
+def wandb_credentials_found() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str, device: str) -> str:
+    """logging.mode=auto: WANDB_MODE when set; offline on the CPU; online on accelerators when
+    credentials are found, else offline (a cluster job without them still keeps its metrics)."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if device != "cpu" and wandb_credentials_found() else "offline"
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The id this run_dir's W&B run has, made and kept on first use."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's own form
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, logging_cfg, config: dict, enabled: bool, start_step: int = 0):
+    def __init__(self, run_dir: str, logging_cfg, config: dict, enabled: bool, start_step: int = 0,
+                 device: str = "cpu"):
         """start_step: the step training (re)starts from; records past it, logged by an interrupted
         run after its last checkpoint, are dropped so each step appears once."""
         self.enabled = enabled
@@ -22,14 +63,16 @@ class MetricsLogger:
         if self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        if logging_cfg.mode == "disabled":
+        mode = resolve_wandb_mode(logging_cfg.mode, device)
+        if mode == "disabled":
             return
         import wandb  # only rank 0 pays for the import
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.wandb_run = wandb.init(mode=logging_cfg.mode, project=logging_cfg.project, entity=logging_cfg.entity,
+        self.wandb_run = wandb.init(mode=mode, project=logging_cfg.project, entity=logging_cfg.entity,
+                                    group=logging_cfg.group, tags=list(logging_cfg.tags),
                                     name=logging_cfg.name or Path(run_dir).name, dir=run_dir, config=config,
-                                    resume="allow")
+                                    id=wandb_run_id(run_dir), resume="allow")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -42,3 +85,24 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def console_line(r: dict, total_steps: int | None = None, eta: str | None = None) -> str:
+    """One line per log step: what to glance at. The full record is in metrics.jsonl and W&B."""
+    parts = [f"step {r['step']}/{total_steps}" if total_steps else f"step {r['step']:>6}", f"loss {r['loss']:.4f}"]
+    if "masked_acc" in r:
+        parts.append(f"acc {r['masked_acc']:.3f}")
+    parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm'] or 0:.3f}",
+              f"{r['tokens_per_s']:,.0f} tok/s", f"{r['tflops_per_device']:.3g} TFLOP/s/dev"]
+    if "mfu" in r:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts.append(f"{r['step_time_s']:.2f} s/step (data {100 * r['data_wait_share']:.0f}%)")
+    if "mem/peak_reserved_gb" in r:
+        parts.append(f"mem {r['mem/peak_allocated_gb']:.1f}/{r['mem/peak_reserved_gb']:.1f} GiB")
+    elif "mem/rss_gb" in r:
+        parts.append(f"rss {r['mem/rss_gb']:.1f} GiB")
+    if r.get("skipped_steps"):
+        parts.append(f"skipped {r['skipped_steps']}")
+    if eta is not None:
+        parts.append(f"ETA {eta}")
+    return " | ".join(parts)

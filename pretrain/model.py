@@ -41,6 +41,7 @@ class ModelConfig:
     rms_norm_eps: float
     init_std: float
     attention: str  # auto | sdpa | flash
+    init_from: str | None  # a Hugging Face folder (python -m pretrain.export) to start training from
 
     @property
     def head_dim(self) -> int:

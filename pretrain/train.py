@@ -171,7 +171,7 @@ def train(cfg: DictConfig) -> None:
     train_stream = TokenStream(run.data.dir, "train", **stream_args)
     eval_stream = TokenStream(run.data.dir, "heldout", **stream_args) if run.trainer.eval_every else None
     metrics = MetricsLogger(run.run_dir, run.logging, OmegaConf.to_container(cfg, resolve=True),
-                            enabled=rank == 0, start_step=saved["step"] if saved else 0)
+                            enabled=rank == 0, start_step=saved["step"] if saved else 0, device=run.cluster.device)
     trainer = Trainer(run, engine, train_stream, eval_stream, manifest.mask_id, metrics, stop)
     if saved is not None:
         trainer.load_trainer_state(saved)

@@ -71,3 +71,29 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, demo_shards) -> Path:
+    """A tiny model trained 30 steps on the demo shards, one process (for export, evaluate, generate)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_train([sys.executable, "-m", "pretrain.train"], run_dir, demo_shards, "trainer.max_steps=30",
+              "trainer.ckpt_every=15", "logging.mode=disabled")
+    return run_dir
+
+
+# A run with every monitoring option set, resumed once (tests/pretrain/test_metrics.py, test_report.py).
+MONITOR_PEAK_TFLOPS = 0.5  # a CPU has no entry in the peak table: MFU needs cluster.peak_tflops
+MONITOR_ARGS = ["logging.group=monitor-test", "logging.tags=[cpu,tiny]", "logging.name=watched", "logging.t_buckets=4",
+                f"cluster.peak_tflops={MONITOR_PEAK_TFLOPS}", "trainer.eval_every=2"]
+
+
+@pytest.fixture(scope="session")
+def resumed_run(tmp_path_factory, demo_shards):
+    """Steps 1-2, then the same command resumed to step 4: (run_dir, both processes' stdout)."""
+    run_dir = tmp_path_factory.mktemp("monitor") / "watched"
+    train = [sys.executable, "-m", "pretrain.train"]
+    first = run_train(train, run_dir, demo_shards, "trainer.max_steps=2", *MONITOR_ARGS)
+    second = run_train(train, run_dir, demo_shards, "trainer.max_steps=4", *MONITOR_ARGS)
+    assert "at step 2" in second.stdout
+    return run_dir, first.stdout + second.stdout

@@ -9,7 +9,8 @@ import pytest
 from tests.conftest import child_env
 
 ENTRY_POINTS = ["pretrain.train", "pretrain.model", "data_pipeline.build", "data_pipeline.tokenizer",
-                "data_pipeline.validate"]
+                "data_pipeline.validate", "pretrain.export", "pretrain.evaluate", "pretrain.generate",
+                "pretrain.report"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

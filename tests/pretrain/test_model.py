@@ -13,7 +13,8 @@ from tests.conftest import REPO, child_env
 
 def tiny(**changes) -> ModelConfig:
     fields = dict(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden_size=96, vocab_size=97,
-                  max_sequence_length=128, rope_theta=500000.0, rms_norm_eps=1e-5, init_std=0.02, attention="sdpa")
+                  max_sequence_length=128, rope_theta=500000.0, rms_norm_eps=1e-5, init_std=0.02, attention="sdpa",
+                  init_from=None)
     return ModelConfig(**{**fields, **changes})
 
 

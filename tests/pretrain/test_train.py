@@ -126,7 +126,7 @@ def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path, demo_shards):
 def test_manifest_that_does_not_fit_the_run_is_refused(tmp_path, demo_shards):
     proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=1", "trainer.seq_len=128", check=False)
     assert proc.returncode == 2
-    assert f"{demo_shards} was built with data.seq_len=64, this run has data.seq_len=128" in proc.stderr
+    assert f"{demo_shards}/manifest.json: seq_len=64 but trainer.seq_len=128" in proc.stderr
 
 
 def two_process_run(launcher, run_dir, demo_shards, steps):

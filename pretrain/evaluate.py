@@ -1,0 +1,181 @@
+"""Evaluate a trained model: the negative ELBO per token on shards, and multiple-choice accuracy.
+
+    python -m pretrain.evaluate SOURCE [--data SHARD_DIR] [--split heldout] [--max-sequences 256]
+        [--mc-num 8] [--batch-size 16] [--seed 0] [--choices FILE.jsonl] [--step N] [--device auto]
+
+SOURCE is a run directory (its newest checkpoint, or --step N) or an exported folder. Without
+--choices it reads the windows of a built shard directory (default: the run's own, split `heldout`)
+in manifest order and prints the NELBO per token (nats), an upper bound on -log p per token, with its
+standard error, and the perplexity bound exp(NELBO); the estimator is pretrain/likelihood.py's, the
+one the periodic eval during training uses. SFT shards score the responses only (prompt never masked).
+
+--choices FILE.jsonl: one {"prompt": str, "choices": [str, ...], "answer": index or the right choice}
+per line; each choice is scored by the paper's conditional likelihood -log p(choice | prompt)
+(Monte Carlo over masks of the choice, the prompt never masked, --mc-num draws, batched by
+--batch-size), the lowest wins, and the accuracy is printed. Prompt and choices are tokenized
+separately, the choice's tokens appended to the prompt's (put a leading space in the choices where
+the tokenizer needs one).
+
+Output: one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.shards import DataError, Manifest, read_blocks, token_dtype
+from data_pipeline.tokenizer import fingerprint
+from pretrain.generate import pick_device, pick_dtype
+from pretrain.hf_format import FormatError
+from pretrain.likelihood import NelboSums, answer_nll, nelbo_of_batch
+from pretrain.pretrained import Source, SourceError, load_model, open_source
+from pretrain.zero_checkpoint import CheckpointError
+
+
+class EvalError(ValueError):
+    """Evaluation inputs that do not fit the model."""
+
+
+def check_shards(manifest: Manifest, directory: Path, split: str, source: Source) -> None:
+    where = f"{directory}/manifest.json"
+    if split not in manifest.splits or manifest.samples(split) == 0:
+        raise EvalError(f"{where} has no windows in split {split!r} (splits: {', '.join(manifest.splits)})")
+    if manifest.seq_len > source.model.max_sequence_length:
+        raise EvalError(f"{where}: seq_len={manifest.seq_len} exceeds the model's max_sequence_length="
+                        f"{source.model.max_sequence_length}")
+    if manifest.mask_id != source.mask_id or manifest.vocab_size > source.model.vocab_size:
+        raise EvalError(f"{where}: mask id {manifest.mask_id} / vocabulary {manifest.vocab_size} do not fit the "
+                        f"model's ({source.mask_id} / {source.model.vocab_size})")
+    if fingerprint(source.tokenizer()) != manifest.tokenizer_fingerprint:
+        raise EvalError(f"{where}: the shards were tokenized with another tokenizer than {source.tokenizer_path}")
+
+
+def windows(directory: Path, manifest: Manifest, split: str) -> Iterator[tuple[np.ndarray, int | None]]:
+    """(tokens [L], prompt length or None) of every window of a split, in manifest order."""
+    dtype = token_dtype(manifest.vocab_size)
+    for shard in manifest.splits[split]:
+        for block in read_blocks(str(directory / shard.name), dtype, manifest.seq_len):
+            for i, row in enumerate(block.tokens):
+                yield row, None if block.prompt is None else int(block.prompt[i])
+
+
+def evaluate_nelbo(model, source: Source, directory: Path, split: str, max_sequences: int, mc_num: int,
+                   batch_size: int, seed: int, device: str) -> dict:
+    manifest = Manifest.load(directory)
+    check_shards(manifest, directory, split, source)
+    generator = torch.Generator().manual_seed(seed)
+    sums = NelboSums()
+    rows = itertools.islice(windows(directory, manifest, split), max_sequences)
+    per_batch = max(1, batch_size // mc_num)  # sequences per pass, each with mc_num draws
+    while chunk := list(itertools.islice(rows, per_batch)):
+        x0 = torch.tensor(np.stack([r for r, _ in chunk]).astype(np.int64), device=device)
+        prompt_len = None if chunk[0][1] is None else torch.tensor([p for _, p in chunk])
+        sums.sums += nelbo_of_batch(model, x0, source.mask_id, mc_num, generator, prompt_len, batch_size).sums
+    est = sums.estimate()
+    return {"nelbo": est.nelbo, "se": est.se, "mc_se": est.mc_se, "perplexity_bound": est.perplexity_bound,
+            "tokens": est.tokens, "sequences": est.sequences, "data": str(directory), "split": split,
+            "mc_num": mc_num}
+
+
+def read_choices(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise EvalError(f"--choices {path}: no such file")
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{n}: not JSON ({e})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
+                or not isinstance(item.get("choices"), list) or len(item["choices"]) < 2 \
+                or not all(isinstance(c, str) for c in item["choices"]):
+            raise EvalError(f"{path}:{n}: expected {{\"prompt\": str, \"choices\": [at least 2 str], \"answer\": ...}}")
+        answer = item.get("answer")
+        if isinstance(answer, str) and answer in item["choices"]:
+            answer = item["choices"].index(answer)
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(item["choices"]):
+            raise EvalError(f"{path}:{n}: answer={item.get('answer')!r} is neither an index into choices nor one "
+                            f"of them")
+        items.append({"prompt": item["prompt"], "choices": item["choices"], "answer": answer})
+    if not items:
+        raise EvalError(f"--choices {path}: no items")
+    return items
+
+
+def evaluate_choices(model, source: Source, items: list[dict], mc_num: int, batch_size: int, seed: int,
+                     device: str) -> dict:
+    tok = source.tokenizer()
+    limit = source.model.max_sequence_length
+    encoded = []
+    for n, item in enumerate(items, 1):
+        prompt = tok.encode(item["prompt"]).ids
+        choices = [tok.encode(c).ids for c in item["choices"]]
+        if any(len(prompt) + len(c) > limit for c in choices):
+            raise EvalError(f"item {n}: prompt and a choice exceed the model's maximum of {limit} tokens")
+        if any(not c for c in choices):
+            raise EvalError(f"item {n}: a choice encodes to no tokens")
+        encoded.append((prompt, choices))
+    correct, scores = 0, []
+    for n, (prompt, choices) in enumerate(encoded):
+        nll = []
+        for j, choice in enumerate(choices):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + n * 1009 + j)  # order-independent draws
+            nll.append(answer_nll(model, prompt, choice, source.mask_id, mc_num, generator, batch_size, device)[0])
+        pick = int(np.argmin(nll))
+        correct += pick == items[n]["answer"]
+        scores.append(nll)
+    return {"accuracy": correct / len(items), "correct": correct, "items": len(items), "mc_num": mc_num,
+            "nll": scores}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a run directory or an exported Hugging Face folder")
+    parser.add_argument("--data", help="a built shard directory (default: the run's data.dir)")
+    parser.add_argument("--split", default="heldout")
+    parser.add_argument("--max-sequences", type=int, default=256)
+    parser.add_argument("--mc-num", type=int, default=8, help="mask draws per sequence (or per choice)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--choices", help="multiple-choice jsonl: {prompt, choices, answer} per line")
+    parser.add_argument("--step", type=int, default=None, help="a run's checkpoint at this step (default: newest)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    args = parser.parse_args(argv)
+    try:
+        for name in ("max_sequences", "mc_num", "batch_size"):
+            if getattr(args, name) <= 0:
+                raise EvalError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+        items = read_choices(Path(args.choices)) if args.choices else None
+        source = open_source(args.source, args.step)
+        directory = None
+        if items is None:
+            directory = Path(args.data) if args.data else source.data_dir
+            if directory is None:
+                raise EvalError(f"{args.source} is an exported folder: give --data SHARD_DIR")
+            check_shards(Manifest.load(directory), directory, args.split, source)
+        device = pick_device(args.device)
+        model = load_model(source, device, pick_dtype(args.dtype, device))
+        if items is not None:
+            result = evaluate_choices(model, source, items, args.mc_num, args.batch_size, args.seed, device)
+        else:
+            result = evaluate_nelbo(model, source, directory, args.split, args.max_sequences, args.mc_num,
+                                    args.batch_size, args.seed, device)
+    except (EvalError, DataError, FormatError, SourceError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({"source": str(source.checkpoint_dir or source.path), **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
