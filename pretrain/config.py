@@ -59,6 +59,10 @@ class TrainerConfig:
     eval_batches: int
     eval_mc_num: int  # mask draws per held-out sequence (pretrain/likelihood.py)
     ckpt_every: int
+    ckpt_every_minutes: float  # also save when this much time passed since the last save (0: never)
+    keep_last: int  # retention: the newest N complete checkpoints (0: all) ...
+    keep_every: int  # ... plus, permanently, those at a multiple of N steps (0: none)
+    lock_stale_s: float  # a run_dir lock from another host with no heartbeat for this long is taken over
     precision: str
     max_bad_steps: int
     watchdog_s: float
@@ -210,6 +214,9 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_optim(run.optim)
     _require(t.precision in PRECISION_CHOICES,
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
+    for key in ("ckpt_every_minutes", "keep_last", "keep_every"):
+        _require(getattr(t, key) >= 0, f"trainer.{key}={getattr(t, key)} must be >= 0")
+    _require(t.lock_stale_s > 0, f"trainer.lock_stale_s={t.lock_stale_s} must be positive")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
     try:
         checkpoint_stride(t.activation_checkpointing)
