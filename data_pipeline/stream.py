@@ -37,7 +37,7 @@ class DataStateError(DataError):
 class TokenStream(IterableDataset):
     def __init__(self, directory: str | Path, split: str, micro_batch_size: int, rank: int, world_size: int,
                  seed: int, shuffle_buffer: int, num_workers: int = 0, url: str | None = None,
-                 on_corrupt: str = "error", batches_per_item: int = 1):
+                 on_corrupt: str = "error", batches_per_item: int = 1, doc_starts: bool = False):
         self.directory = Path(directory)
         self.manifest = Manifest.load(directory)
         if split not in self.manifest.splits or self.manifest.samples(split) == 0:
@@ -48,6 +48,7 @@ class TokenStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer, self.url, self.on_corrupt = max(1, shuffle_buffer), url, on_corrupt
         self.batches_per_item = max(1, batches_per_item)
+        self.doc_starts = doc_starts  # batches also carry "doc_start" [B, L] bool (document-masked attention)
         shards = self.manifest.splits[split]
         self.visits = Visits([s.samples for s in shards], seed, split)
         self.urls = [url.format(dir=self.directory, name=s.name) if url else str(self.directory / s.name)
@@ -139,7 +140,7 @@ class TokenStream(IterableDataset):
         for g, k0, k1 in ranges:
             shard = self.visits.shard(g)
             chunks = self._chunks(shard, k0 // C, (k1 - 1) // C)
-            for c, windows, valid, prompt in chunks:
+            for c, windows, valid, prompt, starts in chunks:
                 order = self.visits.chunk_order(g, c, len(windows))
                 lo, hi = max(k0 - c * C, 0), min(k1 - c * C, len(windows))
                 pick = order[lo:hi]
@@ -148,11 +149,14 @@ class TokenStream(IterableDataset):
                         "epoch": np.full(len(pick), self.visits.epoch(g), dtype=np.int64)}
                 if prompt is not None:
                     part["prompt_len"] = prompt[pick]
+                if starts is not None:
+                    part["doc_start"] = starts[pick]
                 yield part
 
     def _chunks(self, shard: int, first: int, last: int):
-        """Chunks first..last of a shard as (index, windows, valid rows, prompt lengths), read in one
-        sequential pass. Rows of blocks left out as corrupt (data.on_corrupt=skip) are not valid."""
+        """Chunks first..last of a shard as (index, windows, valid rows, prompt lengths, document starts
+        [rows, L] bool or None), read in one sequential pass. Rows of blocks left out as corrupt
+        (data.on_corrupt=skip) are not valid."""
         C, L, n = self.shuffle_buffer, self.manifest.seq_len, self.visits.sizes[shard]
         dtype, url = np.dtype(self.manifest.dtype), self.urls[shard]
         skipped: list[str] = []
@@ -164,6 +168,7 @@ class TokenStream(IterableDataset):
                 lo, hi = c * C, min((c + 1) * C, n)
                 rows, valid = np.zeros((hi - lo, L), dtype), np.zeros(hi - lo, dtype=bool)
                 prompt = np.zeros(hi - lo, dtype=np.int64) if self.manifest.format == "sft" else None
+                starts = np.zeros((hi - lo, L), dtype=bool) if self.doc_starts else None
                 while True:
                     block, carry = carry or next(blocks, None), None
                     if block is None:
@@ -176,6 +181,10 @@ class TokenStream(IterableDataset):
                     valid[s0 - lo: s1 - lo] = True
                     if prompt is not None:
                         prompt[s0 - lo: s1 - lo] = block.prompt[s0 - b0: s1 - b0]
+                    if starts is not None:  # block.starts index the block's flattened windows
+                        window, column = np.divmod(block.starts.astype(np.int64), L)
+                        keep = (window + b0 >= s0) & (window + b0 < s1)
+                        starts[window[keep] + b0 - lo, column[keep]] = True
                     if b1 > hi:
                         carry = block
                         break
@@ -183,7 +192,7 @@ class TokenStream(IterableDataset):
                     raise CorruptShardError(f"{url}: windows {lo + int(np.argmin(valid))}.. are missing; the "
                                             f"manifest says the shard holds {n}")
                 lost += int((~valid).sum())
-                yield c, rows, valid, prompt
+                yield c, rows, valid, prompt, starts
         finally:
             blocks.close()
             if skipped or lost:

@@ -4,7 +4,7 @@
     python -m launch.submit --dry-run cluster=slurm ...     # print the batch script, submit nothing
 
 The Hydra overrides are composed and checked exactly as `python -m pretrain.train` will (with the
-world size the layout gives: nodes x gpus_per_node), the cluster.slurm section is checked, and every
+world size the layout gives: cluster.nodes x cluster.gpus_per_node), the cluster.slurm section is checked, and every
 error is one line before anything is submitted. Then launch/slurm/pretrain.sbatch is filled (the
 #SBATCH lines and a settings block), kept in the log directory, and passed to sbatch. The overrides
 reach the training processes unchanged; the job runs in the directory this command ran in.
@@ -55,8 +55,9 @@ def check_slurm(run: RunConfig) -> SlurmConfig:
     s = run.cluster.slurm
     _require(s is not None, f"cluster={run.cluster.name} has no slurm section; submit with cluster=slurm "
                             f"(GPU nodes) or cluster=slurm_local (CPU)")
-    for key in ("nodes", "gpus_per_node", "cpus_per_node"):
-        _require(getattr(s, key) >= 1, f"cluster.slurm.{key}={getattr(s, key)} must be at least 1")
+    for key in ("nodes", "gpus_per_node"):
+        _require(getattr(run.cluster, key) >= 1, f"cluster.{key}={getattr(run.cluster, key)} must be at least 1")
+    _require(s.cpus_per_node >= 1, f"cluster.slurm.cpus_per_node={s.cpus_per_node} must be at least 1")
     _require(bool(s.partition and s.partition.strip()),
              "cluster.slurm.partition is not set: name your site's partition (`sinfo -s` lists them), "
              "e.g. cluster.slurm.partition=gpu")
@@ -102,10 +103,10 @@ def compose_run(overrides: list[str]) -> RunConfig:
         cfg = compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:  # a bad override: a key that does not exist, ...
         raise ConfigError(f"config: {_culprit(overrides)}{str(e).splitlines()[0]}") from None
-    layout = cfg.cluster.get("slurm")
+    nodes, gpus = cfg.cluster.get("nodes"), cfg.cluster.get("gpus_per_node")
     world = 1
-    if layout is not None and isinstance(layout.nodes, int) and isinstance(layout.gpus_per_node, int):
-        world = max(1, layout.nodes) * max(1, layout.gpus_per_node)  # a value < 1 is named by check_slurm
+    if isinstance(nodes, int) and isinstance(gpus, int):
+        world = max(1, nodes) * max(1, gpus)  # a value < 1 is named by check_slurm
     run = load_config(cfg, world)
     check_slurm(run)
     return run
@@ -114,10 +115,10 @@ def compose_run(overrides: list[str]) -> RunConfig:
 def sbatch_lines(run: RunConfig, workdir: Path) -> list[str]:
     s = run.cluster.slurm
     log_dir = workdir / s.log_dir
-    opts = [f"--job-name={s.job_name}", f"--nodes={s.nodes}", "--ntasks-per-node=1",
+    opts = [f"--job-name={s.job_name}", f"--nodes={run.cluster.nodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={s.cpus_per_node}"]
     if run.cluster.device == "cuda":
-        opts.append(f"--gpus-per-node={s.gpus_per_node}")
+        opts.append(f"--gpus-per-node={run.cluster.gpus_per_node}")
     opts.append(f"--partition={s.partition}")
     if s.account:
         opts.append(f"--account={s.account}")
@@ -137,7 +138,7 @@ def settings_block(run: RunConfig, overrides: list[str], workdir: Path, python: 
              f"LOG_DIR={q(str(workdir / s.log_dir))}",
              f"PYTHON={q(s.python or python)}",
              f"LAUNCHER={s.launcher}",
-             f"GPUS_PER_NODE={s.gpus_per_node}",
+             f"GPUS_PER_NODE={run.cluster.gpus_per_node}",
              f"REQUEUE={int(s.requeue)}"]
     lines += [f"export {k}={q(str(v))}" for k, v in s.env.items()]
     lines += list(s.setup)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     log_dir = workdir / run.cluster.slurm.log_dir
     job = submit(script, log_dir)
-    print(f"submitted job {job}: {run.cluster.slurm.nodes} nodes x {run.cluster.slurm.gpus_per_node} ranks; "
+    print(f"submitted job {job}: {run.cluster.nodes} nodes x {run.cluster.gpus_per_node} ranks; "
           f"log {log_dir}/{run.cluster.slurm.job_name}-{job}.out; run_dir {workdir / run.run_dir}")
 
 

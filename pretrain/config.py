@@ -20,7 +20,10 @@ from data_pipeline.config import BuildConfig, DataConfig, compose
 from pretrain.device import PRECISION_CHOICES, resolve_precision
 from pretrain.diffusion import SCHEDULES, TIME_SAMPLING, MaskConfig
 from pretrain.faults import FaultConfig
-from pretrain.model import ModelConfig
+from pretrain.model import ModelConfig, checkpoint_stride
+from pretrain.zero_sizes import resolve_zero_sizes
+
+OPTIMIZER_IMPLS = ("torch", "deepspeed_fused")  # built by pretrain/engine.py's OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,7 @@ class OptimConfig:
     weight_decay: float
     grad_clip: float
     schedule: ScheduleConfig
+    impl: str  # torch (AdamW, fused on CUDA) | deepspeed_fused (DeepSpeed's FusedAdam: a JIT build on first use)
 
 
 @dataclass
@@ -55,17 +59,21 @@ class TrainerConfig:
     eval_batches: int
     eval_mc_num: int  # mask draws per held-out sequence (pretrain/likelihood.py)
     ckpt_every: int
+    ckpt_every_minutes: float  # also save when this much time passed since the last save (0: never)
+    keep_last: int  # retention: the newest N complete checkpoints (0: all) ...
+    keep_every: int  # ... plus, permanently, those at a multiple of N steps (0: none)
+    lock_stale_s: float  # a run_dir lock from another host with no heartbeat for this long is taken over
     precision: str
     max_bad_steps: int
     watchdog_s: float
+    activation_checkpointing: str  # none | full | k (every k-th block)
+    compile: bool  # regional torch.compile of the blocks
 
 
 @dataclass
 class SlurmConfig:
     """How `python -m launch.submit` lays a run out on a SLURM cluster (checked there, before sbatch)."""
-    nodes: int
-    gpus_per_node: int  # ranks per node (CPU processes on a CPU cluster)
-    cpus_per_node: int
+    cpus_per_node: int  # nodes and ranks per node: cluster.nodes, cluster.gpus_per_node
     partition: str | None
     account: str | None
     time_limit: str  # SLURM's format: MM, HH:MM:SS, D-HH:MM, ...
@@ -87,7 +95,10 @@ class ClusterConfig:
     device: str
     timeout_s: float  # process-group timeout: how long a collective waits for a dead or stopped peer
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
-    peak_tflops: float | None  # the device's peak for MFU; null: looked up by device name (pretrain/flops.py)
+    nodes: int  # the planner's layout (pretrain/plan.py); the launcher decides the real one
+    gpus_per_node: int
+    gpu_memory_gb: float | None  # per device; the planner warns above it
+    peak_tflops: float | None  # dense bf16 per device; null: looked up from the device name (pretrain/flops.py)
     slurm: SlurmConfig | None  # the layout on a SLURM cluster (cluster=slurm, slurm_local); null elsewhere
 
 
@@ -137,7 +148,7 @@ def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
     except OmegaConfBaseException as e:
         # OmegaConf's message names the key ("Key 'foo' not in 'ModelConfig'"); keep its first line.
         raise ConfigError(f"config: {str(e).splitlines()[0]} (full key: {e.full_key})") from None
-    run.deepspeed = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    run.deepspeed = resolve_zero_sizes(OmegaConf.to_container(cfg.deepspeed, resolve=True), run.model)
     validate(run, world_size)
     run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
     return run
@@ -223,7 +234,16 @@ def validate(run: RunConfig, world_size: int) -> None:
     validate_optim(run.optim)
     _require(t.precision in PRECISION_CHOICES,
              f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
+    for key in ("ckpt_every_minutes", "keep_last", "keep_every"):
+        _require(getattr(t, key) >= 0, f"trainer.{key}={getattr(t, key)} must be >= 0")
+    _require(t.lock_stale_s > 0, f"trainer.lock_stale_s={t.lock_stale_s} must be positive")
     _require(run.resume in ("auto", "never"), f"resume={run.resume!r} is not one of auto, never")
+    try:
+        checkpoint_stride(t.activation_checkpointing)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(run.optim.impl in OPTIMIZER_IMPLS,
+             f"optim.impl={run.optim.impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
     validate_mask(run.mask)
     if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
         from pretrain.generate import GenerateError, check_settings

@@ -181,11 +181,30 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch, no
 def diffusion_loss_and_stats(logits: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch,
                              normalize: str = "tokens") -> tuple[torch.Tensor, SequenceStats]:
     """diffusion_loss, and the per-sequence statistics behind it (detached)."""
-    B, L = x0.shape
     rows = batch.masked
     # Only the masked rows are upcast: at 126k vocab the full logits in fp32 would not fit.
     masked_logits = logits[rows].float()
     ce = F.cross_entropy(masked_logits, x0[rows], reduction="none")
+    with torch.no_grad():
+        correct = masked_logits.argmax(-1) == x0[rows]
+    return loss_and_stats_from_ce(ce, correct, x0, batch, normalize)
+
+
+def model_loss_and_stats(model, x0: torch.Tensor, batch: NoisyBatch, normalize: str = "tokens",
+                         doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, SequenceStats]:
+    """What training calls: the same loss and statistics as diffusion_loss_and_stats(model(ids), ...),
+    but the model applies its output head to the masked positions only (pretrain/output_head.py),
+    so the [B, L, vocab] logits never exist. `model` is the LLaDAModel or the engine wrapping it."""
+    ce, correct = model(batch.input_ids, doc_start=doc_start, targets=x0, masked=batch.masked)
+    return loss_and_stats_from_ce(ce, correct, x0, batch, normalize)
+
+
+def loss_and_stats_from_ce(ce: torch.Tensor, correct: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch,
+                           normalize: str) -> tuple[torch.Tensor, SequenceStats]:
+    """The loss from the cross-entropy `ce` [N] (fp32) and argmax hits `correct` [N] of the masked
+    positions, in the row-major order of x0[batch.masked]."""
+    B, L = x0.shape
+    rows = batch.masked
     per_token = batch.weight.expand(B, L)
     if batch.response_len is not None and normalize == "tokens":
         per_token = per_token * (L / batch.response_len.clamp_min(1))  # sum / (B * L) below -> per sequence / B
@@ -195,10 +214,9 @@ def diffusion_loss_and_stats(logits: torch.Tensor, x0: torch.Tensor, batch: Nois
     with torch.no_grad():
         seq = rows.nonzero()[:, 0]  # the sequence of each masked row, in the order logits[rows] takes them
         per_seq = lambda v: torch.zeros(B, device=x0.device).index_add_(0, seq, v.float())  # noqa: E731
-        correct = (masked_logits.argmax(-1) == x0[rows]).float()
         t = batch.t if batch.t is not None else batch.p_mask[:, 0]
         stats = SequenceStats(t=t.detach().float(), masked=rows.sum(1).float(), ce_sum=per_seq(ce.detach()),
-                              weighted_sum=per_seq(weighted.detach()), correct=per_seq(correct))
+                              weighted_sum=per_seq(weighted.detach()), correct=per_seq(correct.detach()))
     return loss, stats
 
 

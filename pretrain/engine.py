@@ -1,8 +1,8 @@
 """DeepSpeed setup: process group, engine config, the model built under ZeRO-3, the optimizer.
 
-The backend is chosen once, here: DeepSpeed's accelerator says whether this is CUDA or the CPU, and
-that picks the optimizer (DeepSpeed's fused Adam on CUDA; torch AdamW on the CPU, which needs no C++
-build) and, through the model config, the attention kernel.
+Choices are made once, here: `optim.impl` picks the optimizer (torch AdamW, fused on CUDA, which
+needs no build; or DeepSpeed's FusedAdam), DeepSpeed's accelerator says whether this is CUDA or the
+CPU, and trainer.* switch activation checkpointing and regional torch.compile on the model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from deepspeed.accelerator import get_accelerator
 
 from pretrain.config import RunConfig
 from pretrain.lr_schedule import lr_fraction, step_to_position
-from pretrain.model import LLaDAModel
+from pretrain.model import Block, LLaDAModel, compile_blocks
 
 deepspeed.utils.logger.setLevel(logging.WARNING)  # the framework logs what matters; DeepSpeed's INFO floods
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, every step; the warning is not ours to fix.
@@ -91,21 +91,31 @@ def deepspeed_config(run: RunConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
         "gradient_clipping": run.optim.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,  # torch AdamW on the CPU
+        "zero_allow_untested_optimizer": True,  # torch AdamW
     }
 
 
 def _torch_adamw(groups, run: RunConfig):
-    return torch.optim.AdamW(groups, lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps)
+    # fused=True: one kernel for all tensors on CUDA; the CPU keeps the default (foreach) path.
+    fused = get_accelerator().device_name() == "cuda"
+    return torch.optim.AdamW(groups, lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps, fused=fused)
+
+
+def cuda_arch_list() -> str:
+    """This GPU's compute capability as TORCH_CUDA_ARCH_LIST wants it ("9.0" on H100/H200). DeepSpeed's
+    JIT build otherwise derives "sm_90a" on torch >= 2.11 and fails parsing it ('0a')."""
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
 
 
 def _fused_adam(groups, run: RunConfig):
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch_list())  # a value the user set wins
     from deepspeed.ops.adam import FusedAdam
 
     return FusedAdam(groups, lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps, adam_w_mode=True)
 
 
-OPTIMIZERS = {"cpu": _torch_adamw, "cuda": _fused_adam}
+OPTIMIZERS = {"torch": _torch_adamw, "deepspeed_fused": _fused_adam}
 
 
 def make_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimizer:
@@ -115,7 +125,7 @@ def make_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimi
         (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": run.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return OPTIMIZERS[get_accelerator().device_name()](groups, run)
+    return OPTIMIZERS[run.optim.impl](groups, run)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -141,6 +151,12 @@ def build_engine(run: RunConfig, world_size: int):
         copy_weights_into(model, run.model.init_from)
     if stage != 3:
         model.to(PRECISIONS[run.trainer.precision])
+    # A block is one ZeRO-3 unit: its weights are gathered together before its forward (and again
+    # for a checkpointed block's recompute), so its forward sees plain tensors and can be compiled.
+    deepspeed.utils.set_z3_leaf_modules(model, [Block])
+    model.set_activation_checkpointing(run.trainer.activation_checkpointing)
+    if run.trainer.compile:
+        compile_blocks(model)
     optimizer = make_optimizer(model, run)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lr_scheduler(optimizer, run))

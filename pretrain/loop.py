@@ -19,17 +19,12 @@ import torch.distributed as dist
 from data_pipeline.stream import TokenStream, make_loader
 from pretrain import checkpoint
 from pretrain.config import RunConfig
-from pretrain.diffusion import (
-    diffusion_loss_and_stats,
-    forward_process,
-    make_schedule,
-    random_length,
-    sample_times,
-)
+from pretrain.diffusion import forward_process, make_schedule, model_loss_and_stats, random_length, sample_times
 from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
 from pretrain.flops import flops_per_token, peak_tflops
 from pretrain.likelihood import NelboSums, nelbo_of_batch
 from pretrain.metrics import MetricsLogger, console_line
+from pretrain.resume_check import config_dict
 from pretrain.train_stats import LogWindow, device_name
 
 
@@ -63,6 +58,8 @@ class Trainer:
         self.batches_this_process = 0  # what the train stream's state counts from
         self.mask_rng = torch.Generator().manual_seed(derived_seed("mask", run.seed, self.rank))
         self.schedule = make_schedule(run.mask)
+        self.save_clock = checkpoint.SaveClock(t.ckpt_every_minutes, self.device)
+        self.saved_step: int | None = None  # the step of this process's last complete checkpoint
         self.stop = stop
         self.watchdog = Watchdog(t.watchdog_s)
         self.bad_steps = NonFiniteSteps(t.max_bad_steps)
@@ -74,14 +71,24 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.state.step, "batches": self.state.batches, "skipped_steps": self.state.skipped_steps,
+                "tokens": self.state.step * self.tokens_per_step, "world_size": self.world,
                 "data": self.train_stream.state_dict(self.batches_this_process),
-                "mask_rng": checkpoint.rng_state(self.mask_rng)}
+                "mask_rng": checkpoint.rng_state(self.mask_rng),
+                "torch_rng": checkpoint.encode_bytes(torch.get_rng_state())}
 
     def load_trainer_state(self, saved: dict) -> None:
+        """A saved state from this rank, or, at another world size, rank 0's without its RNG states
+        (checkpoint.load): then the masking RNG is re-seeded from the step."""
         self.train_stream.load_state_dict(saved["data"])
-        checkpoint.set_rng_state(self.mask_rng, saved["mask_rng"])
+        if "mask_rng" in saved:
+            checkpoint.set_rng_state(self.mask_rng, saved["mask_rng"])
+        else:
+            self.mask_rng.manual_seed(derived_seed("mask", self.run.seed, self.rank, saved["step"]))
+        if "torch_rng" in saved:
+            torch.set_rng_state(checkpoint.decode_bytes(saved["torch_rng"]))
         self.state = LoopState(step=saved["step"], batches=saved["batches"],
                                skipped_steps=saved.get("skipped_steps", 0))
+        self.saved_step = saved["step"]
 
     def done(self) -> bool:
         t = self.run.trainer
@@ -97,6 +104,10 @@ class Trainer:
             return batch["prompt_len"]
         return torch.full((batch["tokens"].shape[0],), self.run.mask.prompt_len, dtype=torch.long)
 
+    def doc_start(self, batch: dict, length: int) -> torch.Tensor | None:
+        """Where documents begin (model.document_mask=true), cut to the batch's length."""
+        return batch["doc_start"][:, :length].to(self.device) if "doc_start" in batch else None
+
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
         m, step = self.run.mask, self.state.step
@@ -107,7 +118,7 @@ class Trainer:
         t = sample_times(m.time_sampling, self.run.trainer.global_batch_size, (micro * self.world + self.rank) * B, B,
                          m.eps, time_rng)
         noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
-        loss, stats = diffusion_loss_and_stats(self.engine(noisy.input_ids), x0, noisy, m.normalize)
+        loss, stats = model_loss_and_stats(self.engine, x0, noisy, m.normalize, self.doc_start(batch, x0.shape[1]))
         loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
@@ -148,7 +159,8 @@ class Trainer:
                 raise NonFiniteError(problem)
             if t.eval_every and (self.state.step % t.eval_every == 0 or last):
                 self.evaluate()
-            if t.ckpt_every and self.state.step % t.ckpt_every == 0 and not last:
+            # The clock is a collective: all ranks skip it or call it at the same step.
+            if not last and ((t.ckpt_every and self.state.step % t.ckpt_every == 0) or self.save_clock.due()):
                 self.save()
             self.watchdog.kick()
             if not last and self.stop.agreed(self.device):
@@ -202,7 +214,17 @@ class Trainer:
         return estimate.nelbo
 
     def save(self) -> None:
-        checkpoint.save(self.engine, self.run.run_dir, self.state.step, self.trainer_state())
+        """A complete checkpoint of this step (all ranks must call it at the same step boundary); a
+        second call at the same step does nothing."""
+        if self.saved_step == self.state.step:
+            return
+        t = self.run.trainer
+        meta = {"config": config_dict(self.run), "data_fingerprint": self.train_stream.manifest.fingerprint(),
+                "tokens": self.state.step * self.tokens_per_step}
+        checkpoint.save(self.engine, self.run.run_dir, self.state.step, self.trainer_state(), meta,
+                        keep_last=t.keep_last, keep_every=t.keep_every)
+        self.saved_step = self.state.step
+        self.save_clock.reset()
         self.watchdog.kick()
 
 

@@ -7,6 +7,12 @@ with its leading "model." removed, so export and import are a prefix, not a rena
     transformer.blocks.{i}.{q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out}.weight,
     transformer.ln_f.weight, transformer.ff_out.weight
 
+Speed without changing what is stored: an FFN width that is not a multiple of 64 (LLaDA 1B's 5634)
+is padded with zero rows/columns inside the forward only (aligned tensor-core kernels; exact, since
+a padded unit outputs silu(0) * 0 = 0), so names, shapes, counts and checkpoints keep the configured
+width. Activation checkpointing (`set_activation_checkpointing`) and regional torch.compile
+(`compile_blocks`) are switched on by the engine from trainer.*.
+
 `python -m pretrain.model model=llada_8b` builds the model on the meta device and prints its
 parameter counts as one JSON line.
 """
@@ -21,8 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from pretrain.attention import select_attention
+from pretrain.output_head import OutputHead
 
 HF_PREFIX = "model."
 
@@ -41,6 +49,7 @@ class ModelConfig:
     rms_norm_eps: float
     init_std: float
     attention: str  # auto | sdpa | flash
+    document_mask: bool  # attend only within each packed document (the loop passes the documents' starts)
     init_from: str | None  # a Hugging Face folder (python -m pretrain.export) to start training from
 
     @property
@@ -77,6 +86,13 @@ class RMSNorm(nn.Module):
         return x32.to(x.dtype) * self.weight.to(x.dtype)
 
 
+FFN_ALIGN = 64
+
+
+def padded_width(n: int, multiple: int = FFN_ALIGN) -> int:
+    return -(-n // multiple) * multiple
+
+
 def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [L, D] in fp32, the frequencies repeated over both halves (rotate-half form)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -94,11 +110,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Block(nn.Module):
+    """Under ZeRO-3 the engine makes each block a leaf module: its pre-forward hook gathers all of
+    the block's weights at once, so forward may use them directly (the padded FFN) and may be
+    compiled as one region with no ZeRO hooks inside."""
+
     def __init__(self, cfg: ModelConfig, attention):
         super().__init__()
         d, hd, std = cfg.d_model, cfg.head_dim, cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers)  # residual writers: keeps the stream's variance flat in depth
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.ffn_pad = padded_width(cfg.mlp_hidden_size) - cfg.mlp_hidden_size
         self.attention = attention
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.q_proj = Linear(d, cfg.n_heads * hd, std)
@@ -110,37 +131,95 @@ class Block(nn.Module):
         self.up_proj = Linear(d, cfg.mlp_hidden_size, std)
         self.ff_out = Linear(cfg.mlp_hidden_size, d, out_std)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def ffn(self, m: torch.Tensor) -> torch.Tensor:
+        gate, up, out = self.ff_proj.weight, self.up_proj.weight, self.ff_out.weight
+        if self.ffn_pad:  # zero units: silu(0) * 0 = 0 in, zero columns out; their gradients are cut off by the pad
+            gate, up = F.pad(gate, (0, 0, 0, self.ffn_pad)), F.pad(up, (0, 0, 0, self.ffn_pad))
+            out = F.pad(out, (0, self.ffn_pad))
+        return F.linear(F.silu(F.linear(m, gate)) * F.linear(m, up), out)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None) -> torch.Tensor:
         B, L, _ = x.shape
         n = self.attn_norm(x)
         q = apply_rope(self.q_proj(n).view(B, L, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(n).view(B, L, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(n).view(B, L, self.n_kv_heads, self.head_dim)
-        h = x + self.attn_out(self.attention(q, k, v).reshape(B, L, -1))
-        m = self.ff_norm(h)
-        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+        h = x + self.attn_out(self.attention(q, k, v, docs).reshape(B, L, -1))
+        return h + self.ffn(self.ff_norm(h))
+
+
+def checkpoint_stride(spec: str | int) -> int:
+    """trainer.activation_checkpointing -> k: every k-th block (0, k, 2k, ...) recomputes its
+    activations in the backward; 0 = none, 1 = every block (`full`)."""
+    spec = str(spec).strip().lower()
+    if spec == "none":
+        return 0
+    if spec == "full":
+        return 1
+    if spec.isdigit() and int(spec) >= 1:
+        return int(spec)
+    raise ValueError(f"trainer.activation_checkpointing={spec!r} is not none, full or a positive integer k")
 
 
 class LLaDAModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        attention = select_attention(cfg.attention)
+        self.attention = select_attention(cfg.attention)
         self.transformer = nn.ModuleDict(dict(
             wte=Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std),
-            blocks=nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layers)),
+            blocks=nn.ModuleList(Block(cfg, self.attention) for _ in range(cfg.n_layers)),
             ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
-            ff_out=Linear(cfg.d_model, cfg.vocab_size, cfg.init_std),  # untied output head
+            ff_out=OutputHead(cfg.d_model, cfg.vocab_size, cfg.init_std),  # untied output head
         ))
+        self.checkpoint_every = 0
+        self._rope: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, L] -> logits [B, L, vocab]. No time input: the mask ratio is read off the input."""
+    def set_activation_checkpointing(self, spec: str | int) -> None:
+        self.checkpoint_every = checkpoint_stride(spec)
+
+    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for this length on this device, computed once (not per forward, not per block)."""
+        key = (seq_len, str(device))
+        if key not in self._rope:
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable by autograd later
+                self._rope[key] = rope_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+        return self._rope[key]
+
+    def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm)."""
         t = self.transformer
         x = t.wte(input_ids)
-        cos, sin = rope_tables(input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, input_ids.device)
-        for block in t.blocks:
-            x = block(x, cos, sin)
-        return t.ff_out(t.ln_f(x))
+        cos, sin = self.rope(input_ids.shape[1], input_ids.device)
+        docs = self.attention.documents(doc_start) if doc_start is not None else None
+        k = self.checkpoint_every
+        for i, block in enumerate(t.blocks):
+            if k and i % k == 0 and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, docs, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, docs)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, masked: torch.Tensor | None = None):
+        """input_ids [B, L] -> logits [B, L, vocab]. No time input: the mask ratio is read off the input.
+        With `targets` [B, L] and `masked` [B, L] bool (training): the head and cross-entropy on the
+        masked positions only -> (cross-entropy, argmax == target), one per masked position in
+        row-major order (the order of `logits[masked]`); the full logits never exist.
+        `doc_start` [B, L] bool: attend only within each document (model.document_mask)."""
+        t = self.transformer
+        x = self.hidden(input_ids, doc_start)
+        if targets is None:
+            return t.ff_out(t.ln_f(x))
+        return t.ff_out(t.ln_f(x[masked]), targets[masked])
+
+
+def compile_blocks(model: LLaDAModel, backend: str = "inductor") -> None:
+    """Regional torch.compile: each block's forward is compiled (the blocks share one graph, since
+    they are alike), which fuses the elementwise work around the matmuls (RMSNorm and RoPE in fp32,
+    SwiGLU, dtype casts). Module hooks (ZeRO-3's) stay outside the compiled region."""
+    for block in model.transformer.blocks:
+        block.forward = torch.compile(block.forward, backend=backend)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -8,6 +8,7 @@ train, save, and optionally print a sample.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import sys
@@ -24,7 +25,8 @@ from data_pipeline.build import ensure_built
 from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain import checkpoint
+from pretrain import checkpoint, run_lock
+from pretrain.ckpt_files import CheckpointError, CheckpointWriteError
 from pretrain.config import ConfigError, RunConfig, load_config, validate_data
 from pretrain.engine import build_engine, check_device, init_distributed, world_size_from_env
 from pretrain.faults import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, LauncherWatch, StopRequest
@@ -33,6 +35,8 @@ from pretrain.loop import NonFiniteError, Trainer, total_steps
 from pretrain.lr_schedule import warmup_beyond_end
 from pretrain.metrics import MetricsLogger
 from pretrain.model import count_params
+from pretrain.resume_check import compare, config_dict, reapply_optimizer_settings
+from pretrain.universal_ckpt import load_dir_for
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -82,6 +86,31 @@ def write_setup(run: RunConfig, engine, cfg: DictConfig, world: int) -> None:
         Path(run.run_dir, "setup.json").write_text(json.dumps(setup, indent=1, default=str))
 
 
+def lock_run_dir(run: RunConfig, rank: int) -> run_lock.RunLock | None:
+    """Rank 0 takes run_dir's lock; every rank learns the outcome, so a refusal stops them all."""
+    lock, outcome = None, [None]
+    if rank == 0:
+        try:
+            lock = run_lock.acquire(run.run_dir, run.trainer.lock_stale_s)
+        except run_lock.RunLockError as e:
+            outcome = [str(e)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise run_lock.RunLockError(outcome[0])
+    return lock
+
+
+def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) -> None:
+    """Refuses a checkpoint of another model shape or other data (before the engine is built)."""
+    refused, allowed = compare(resume.manifest.get("config", {}), config_dict(run),
+                               resume.manifest.get("data_fingerprint"), manifest.fingerprint())
+    if refused:
+        raise ConfigError(f"{resume.directory} was trained with another model or data; refusing to resume "
+                          f"({'; '.join(refused)}): use another run_dir, or resume=never with a fresh one")
+    if allowed and dist.get_rank() == 0:
+        print(f"resume: changed since {resume.tag}: {'; '.join(allowed)}", flush=True)
+
+
 def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
     tok = load_tokenizer(Path(run.data.dir) / "tokenizer.json")
     prompt = torch.tensor([tok.encode(run.sample.prompt).ids], device=engine.device)
@@ -122,14 +151,26 @@ def train(cfg: DictConfig) -> None:
     print(f"rank {rank}/{world} on host {socket.gethostname()}", flush=True)  # which node each rank ran on
     manifest = prepare_data(run, rank)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run, rank)
 
     cfg.model.vocab_size = run.model.vocab_size  # config.yaml records the vocabulary taken from the data
-    engine = build_engine(run, world)
+    # The checkpoint is chosen and verified, and its config compared, before the engine is built.
+    resume = checkpoint.find_resume(run.run_dir) if run.resume == "auto" else None
+    engine_run = run
+    if resume is not None:
+        check_resume(run, resume, manifest)
+        load_dir, ds_section = load_dir_for(resume, run.run_dir, run.deepspeed)
+        engine_run = dataclasses.replace(run, deepspeed=ds_section)
+    engine = build_engine(engine_run, world)
     write_setup(run, engine, cfg, world)
-    saved = checkpoint.load(engine, run.run_dir) if run.resume == "auto" else None
+    saved = None
+    if resume is not None:
+        saved = checkpoint.load(engine, resume, load_dir)
+        reapply_optimizer_settings(engine, run.optim)
     stream_args = dict(micro_batch_size=run.trainer.micro_batch_size, rank=rank, world_size=world, seed=run.seed,
                        shuffle_buffer=run.data.shuffle_buffer, num_workers=run.data.num_workers, url=run.data.url,
-                       on_corrupt=run.data.on_corrupt, batches_per_item=run.data.batches_per_item)
+                       on_corrupt=run.data.on_corrupt, batches_per_item=run.data.batches_per_item,
+                       doc_starts=run.model.document_mask)
     train_stream = TokenStream(run.data.dir, "train", **stream_args)
     eval_stream = TokenStream(run.data.dir, "heldout", **stream_args) if run.trainer.eval_every else None
     metrics = MetricsLogger(run.run_dir, run.logging, OmegaConf.to_container(cfg, resolve=True),
@@ -138,12 +179,13 @@ def train(cfg: DictConfig) -> None:
     if saved is not None:
         trainer.load_trainer_state(saved)
         if rank == 0:
-            print(f"resumed from {checkpoint.ckpt_dir(run.run_dir) / checkpoint.latest(run.run_dir)} "
-                  f"at step {trainer.state.step}", flush=True)
+            print(f"resumed from {resume.directory} at step {trainer.state.step}", flush=True)
     outcome = trainer.train()
     if outcome == "done" and run.sample.at_end:
         print_sample(run, engine, manifest)
     metrics.close()
+    if lock is not None:
+        lock.release()
     if outcome == "preempted":
         teardown()
         sys.exit(EXIT_PREEMPTED)
@@ -169,7 +211,10 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
         teardown()
-    except (ConfigError, DataError) as e:
+    except CheckpointWriteError as e:  # during training (a full disk): not a config error, not a requeue
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except (ConfigError, DataError, CheckpointError, run_lock.RunLockError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         remove_if_empty(str(cfg.run_dir))
         sys.exit(EXIT_CONFIG)

@@ -196,6 +196,21 @@ def test_a_pickle_member_is_refused_and_never_unpickled(shards_copy, tmp_path):
     assert not marker.exists()
 
 
+def test_doc_starts_mark_the_token_after_each_eos(demo_shards):
+    # Every document ends with EOS when packed, so a document begins exactly after an EOS (and the
+    # window's first token may be the middle of one).
+    eos = Manifest.load(demo_shards).eos_id
+    batches = take(stream(demo_shards, world=1, doc_starts=True), 6)
+    assert "doc_start" not in take(stream(demo_shards, world=1), 1)[0]
+    starts = 0
+    for b in batches:
+        tokens, doc_start = b["tokens"].long(), b["doc_start"]
+        assert doc_start.dtype == torch.bool and doc_start.shape == tokens.shape
+        assert torch.equal(doc_start[:, 1:], tokens[:, :-1] == eos)
+        starts += int(doc_start.sum())
+    assert starts > 0  # the demo's documents (~2k tokens) span many 64-token windows; some start inside one
+
+
 def corrupt_header(path: Path, block: int) -> str:
     """Damages the tar header of the `.tokens` member of the block-th block; returns its key."""
     with tarfile.open(path) as tar:

@@ -10,7 +10,7 @@ import pytest
 
 from launch.submit import compose_run, main, render, time_limit_seconds
 
-GPU_JOB = ["cluster=slurm", "cluster.slurm.partition=gpu", "cluster.slurm.account=proj42", "cluster.slurm.nodes=4",
+GPU_JOB = ["cluster=slurm", "cluster.slurm.partition=gpu", "cluster.slurm.account=proj42", "cluster.nodes=4",
            "cluster.slurm.constraint=h100", "cluster.slurm.time_limit=2-00:00:00",
            "cluster.slurm.sbatch_extra=['--qos=high','--exclusive']", "+cluster.slurm.env.WANDB_PROJECT=llada",
            "model=llada_1b", "trainer.global_batch_size=1280", "logging.mode=online", "logging.name='1b run'",
@@ -53,7 +53,7 @@ def test_torchrun_variant_and_cpu_layout_request_no_gpus(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["cluster.slurm.nodes=3"],  # 3 nodes x 8 GPUs x 4 = 96 does not divide 1280
+    (["cluster.nodes=3"],  # 3 nodes x 8 GPUs x 4 = 96 does not divide 1280
      "trainer.global_batch_size=1280 is not divisible by trainer.micro_batch_size=4 x world size 24"),
     (["cluster.slurm.partition=null"], "cluster.slurm.partition is not set"),
     (["cluster.slurm.partiton=gpu"], "partiton"),
@@ -61,7 +61,7 @@ def test_torchrun_variant_and_cpu_layout_request_no_gpus(tmp_path):
     (["cluster.slurm.time_limit=2days"], "cluster.slurm.time_limit='2days' is not a SLURM time"),
     (["cluster.slurm.preempt_signal_s=7200", "cluster.slurm.time_limit=01:00:00"], "cluster.slurm.preempt_signal_s"),
     (["cluster.slurm.launcher=mpirun"], "cluster.slurm.launcher='mpirun' is not one of deepspeed, torchrun"),
-    (["cluster.slurm.gpus_per_node=0"], "cluster.slurm.gpus_per_node=0 must be at least 1"),
+    (["cluster.gpus_per_node=0"], "cluster.gpus_per_node=0 must be at least 1"),
     (["cluster.slurm.sbatch_extra=[qos]"], "cluster.slurm.sbatch_extra: 'qos' is not one sbatch long option"),
     (["cluster.slurm.sbatch_extra=[--qos=high]"], "cluster.slurm.sbatch_extra=[--qos=high]"),  # unquoted: a parse error
 ])

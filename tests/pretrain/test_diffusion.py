@@ -10,6 +10,7 @@ from pretrain.diffusion import (
     MaskConfig,
     NoisyBatch,
     diffusion_loss,
+    diffusion_loss_and_stats,
     forward_process,
     make_schedule,
     random_length,
@@ -205,3 +206,22 @@ def test_trainer_takes_prompt_lengths_from_the_batch_or_the_config():
     assert trainer.prompt_len({"tokens": batch["tokens"]}).tolist() == [5, 5, 5]
     trainer.run = SimpleNamespace(mask=mask_cfg(conditional=False))
     assert trainer.prompt_len(batch) is None
+
+
+def test_model_loss_and_stats_equals_the_logits_formula():
+    # Training's path (head on the masked rows only) against diffusion_loss_and_stats on full logits.
+    from pretrain.diffusion import model_loss_and_stats
+    from pretrain.model import LLaDAModel
+    from tests.pretrain.test_model import tiny
+
+    torch.manual_seed(0)
+    model = LLaDAModel(tiny())
+    x0 = torch.randint(0, 96, (4, 32))
+    gen = torch.Generator().manual_seed(1)
+    batch = forward_process(x0, 96, torch.tensor([0.1, 0.4, 0.7, 1.0]), make_schedule(mask_cfg("linear")), gen)
+    for normalize in ("tokens", "masked"):
+        ref, ref_stats = diffusion_loss_and_stats(model(batch.input_ids), x0, batch, normalize)
+        loss, stats = model_loss_and_stats(model, x0, batch, normalize)
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        for field in ("t", "masked", "ce_sum", "weighted_sum", "correct"):
+            torch.testing.assert_close(getattr(stats, field), getattr(ref_stats, field), rtol=1e-5, atol=1e-5)

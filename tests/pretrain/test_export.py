@@ -49,7 +49,7 @@ def build_like_the_published_loader(folder) -> LLaDAModel:
         n_kv_heads=cfg["n_kv_heads"] or cfg["n_heads"], mlp_hidden_size=cfg["mlp_hidden_size"] or cfg["mlp_ratio"] * d,
         vocab_size=cfg["embedding_size"] or cfg["vocab_size"], max_sequence_length=cfg["max_sequence_length"],
         rope_theta=cfg["rope_theta"], rms_norm_eps=cfg["rms_norm_eps"], init_std=0.02, attention="sdpa",
-        init_from=None)
+        document_mask=False, init_from=None)
     index = folder / "model.safetensors.index.json"
     files = ({folder / f for f in json.loads(index.read_text())["weight_map"].values()} if index.exists()
              else {folder / "model.safetensors"})

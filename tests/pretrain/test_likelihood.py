@@ -13,7 +13,8 @@ def tiny(vocab=16, init_std=0.02) -> LLaDAModel:
     torch.manual_seed(0)
     return LLaDAModel(ModelConfig(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
                                   vocab_size=vocab, max_sequence_length=64, rope_theta=10000.0, rms_norm_eps=1e-5,
-                                  init_std=init_std, attention="sdpa", init_from=None)).eval()
+                                  init_std=init_std, attention="sdpa", document_mask=False,
+                                  init_from=None)).eval()
 
 
 def test_stratified_counts_cover_one_to_n_evenly():

@@ -1,0 +1,72 @@
+"""The output head, and its memory-lean training path: head + cross-entropy on the masked rows only.
+
+Training needs the logits of masked positions alone (about half of them), and even those need not
+exist all at once: `LinearCrossEntropy` computes them a chunk of rows at a time, keeps only each
+row's log-sum-exp, cross-entropy and argmax hit, and recomputes each chunk's logits in the
+backward. At vocab 126464 and 16k tokens a micro-batch, the full bf16 logits would be 4 GB plus an
+fp32 copy of the masked rows; here one chunk (`CHUNK_ELEMENTS` fp32 logits, 512 MB) is alive at a time.
+
+The gradients are those of `cross_entropy(logits[rows].float(), targets)` with logits = h W^T: for
+each row, (softmax - onehot) x dCE, cast to the compute dtype before the matmuls, as autograd does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+CHUNK_ELEMENTS = 2**27  # fp32 logits per chunk (512 MB): rows per chunk = CHUNK_ELEMENTS // vocab
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """(h [N, d], weight [V, d], targets [N]) -> (cross-entropy [N] fp32, argmax == target [N] bool)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows: int):
+        N = h.shape[0]
+        ce = torch.empty(N, dtype=torch.float32, device=h.device)
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        correct = torch.empty(N, dtype=torch.bool, device=h.device)
+        for s in range(0, N, chunk_rows):
+            e = min(s + chunk_rows, N)
+            logits = (h[s:e] @ weight.t()).float()
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            ce[s:e] = lse[s:e] - logits.gather(1, targets[s:e, None])[:, 0]
+            correct[s:e] = logits.argmax(dim=-1) == targets[s:e]
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        ctx.mark_non_differentiable(correct)
+        return ce, correct
+
+    @staticmethod
+    def backward(ctx, grad_ce, _grad_correct):
+        h, weight, targets, lse = ctx.saved_tensors
+        N, step = h.shape[0], ctx.chunk_rows
+        grad_h = torch.empty_like(h)
+        # Several chunks add into the weight's gradient: sum them in fp32, round once.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if N > step else weight.dtype, device=weight.device)
+        for s in range(0, N, step):
+            e = min(s + step, N)
+            g = torch.exp((h[s:e] @ weight.t()).float() - lse[s:e, None])  # softmax
+            g[torch.arange(e - s, device=g.device), targets[s:e]] -= 1.0
+            g = (g * grad_ce[s:e, None]).to(h.dtype)
+            grad_h[s:e] = g @ weight
+            grad_w += (g.t() @ h[s:e]).to(grad_w.dtype)
+        return grad_h, grad_w.to(weight.dtype), None, None
+
+
+class OutputHead(nn.Linear):
+    """The untied output head (`transformer.ff_out`). head(h) gives logits (eval, sampling);
+    head(h_rows, targets) gives (cross-entropy, argmax hit) per row without the logits existing.
+    One module call either way, so ZeRO-3 gathers the weight once, around the whole computation."""
+
+    def __init__(self, d_in: int, vocab: int, std: float):
+        super().__init__(d_in, vocab, bias=False)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        self.chunk_elements = CHUNK_ELEMENTS
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
+        if targets is None:
+            return super().forward(h)
+        chunk_rows = max(1, self.chunk_elements // self.weight.shape[0])
+        return LinearCrossEntropy.apply(h, self.weight, targets, chunk_rows)

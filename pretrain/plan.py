@@ -1,0 +1,173 @@
+"""Plan a run before any GPU hour is spent: `python -m pretrain.plan model=... cluster=... [overrides] [--mfu 0.4]`.
+
+Prints parameters, FLOPs per token, memory per GPU (ZeRO-3 model states, activations with and
+without checkpointing, the loss, gathered weights), communication per step, step time and tokens
+per day at the given MFU, and GPU-hours for the token budget (trainer.max_tokens, else max_steps);
+warns when a GPU's memory (cluster.gpu_memory_gb) would be exceeded. Last line: one JSON object.
+
+Memory model (bytes; bf16 training; flash-style attention, so no L x L scores are kept):
+  model states   16 x params / GPUs: bf16 weights 2 + bf16 grads 2 + fp32 master, m, v 12 (ZeRO-3)
+  gathered       2 blocks' bf16 weights (the current and the prefetched one) and the embedding and head
+                 with their bf16 gradients, whole while in use
+  activations    per token per block 2 x (6 d + 2 kv_heads x head_dim + 3 ffn): the block's input,
+                 the norm outputs, q/k/v, the attention output, the residual, the SwiGLU gate, up
+                 and product; a checkpointed block keeps only its input (2 d) and one block's worth is
+                 alive during its recompute
+  loss           one chunk of fp32 logits and its softmax gradient (pretrain/output_head.py), the
+                 fp32 head-gradient accumulator, and the masked rows' hidden states
+Checked against bench/gpu.py on one H200 (BENCHMARKS.md): llada_8b with 8 layers at micro batch 4,
+64.5 GB measured without checkpointing and 48.5 GB with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+from pretrain.config import RunConfig, compose_config
+from pretrain.flops import flops_per_token, peak_tflops
+from pretrain.model import checkpoint_stride, padded_width
+from pretrain.output_head import CHUNK_ELEMENTS
+from pretrain.zero_sizes import block_params
+
+GB = 1e9
+MASKED_SHARE = 0.5  # E[t] under the paper's t ~ U(0, 1): half the positions are masked on average
+
+
+def total_params(m) -> int:
+    return m.n_layers * block_params(m) + 2 * m.vocab_size * m.d_model + m.d_model
+
+
+@dataclass
+class Plan:
+    model: str
+    gpus: int
+    params: int
+    flops_per_token: int
+    tokens_per_step: int
+    accumulation: int
+    model_states_gb: float
+    gathered_gb: float
+    activations_gb: float  # with trainer.activation_checkpointing as configured
+    activations_none_gb: float
+    activations_full_gb: float
+    loss_gb: float
+    total_gb: float
+    gpu_memory_gb: float | None
+    comm_gb_per_step: float  # sent+received per GPU (ring all-gather / reduce-scatter)
+    peak_tflops: float | None
+    mfu: float
+    step_s: float | None
+    tokens_per_day: float | None
+    token_budget: float | None
+    gpu_hours: float | None
+
+
+def activation_bytes(run: RunConfig, stride: int) -> float:
+    m, t = run.model, run.trainer
+    tokens = t.micro_batch_size * t.seq_len
+    per_block = 2 * (6 * m.d_model + 2 * m.n_kv_heads * m.head_dim + 3 * padded_width(m.mlp_hidden_size)) * tokens
+    if stride == 0:
+        return m.n_layers * per_block
+    checkpointed = math.ceil(m.n_layers / stride)
+    return checkpointed * 2 * m.d_model * tokens + (m.n_layers - checkpointed) * per_block + per_block
+
+
+def loss_bytes(run: RunConfig) -> float:
+    m, t = run.model, run.trainer
+    rows = MASKED_SHARE * t.micro_batch_size * t.seq_len
+    chunk_rows = max(1, CHUNK_ELEMENTS // m.vocab_size)
+    chunk = min(rows, chunk_rows) * m.vocab_size * 4 * 2
+    accumulator = m.vocab_size * m.d_model * 4 if rows > chunk_rows else 0
+    return chunk + accumulator + rows * m.d_model * 2 * 2
+
+
+def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Plan:
+    m, t, c = run.model, run.trainer, run.cluster
+    gpus = c.nodes * c.gpus_per_node
+    params = total_params(m)
+    fpt = flops_per_token(m, t.seq_len)
+    accumulation = t.global_batch_size // (t.micro_batch_size * gpus)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    states = 16 * params / gpus
+    gathered = 2 * 2 * block_params(m) + 2 * 2 * 2 * m.vocab_size * m.d_model
+    acts = {k: activation_bytes(run, k) for k in (0, 1, checkpoint_stride(t.activation_checkpointing))}
+    configured = acts[checkpoint_stride(t.activation_checkpointing)]
+    loss = loss_bytes(run)
+    total = states + gathered + configured + loss
+    # ZeRO-3 per micro-step: all-gather weights for the forward and again for the backward, and
+    # reduce-scatter gradients; each moves (N-1)/N of 2 bytes x params through every GPU.
+    comm = accumulation * 3 * 2 * params * (gpus - 1) / gpus
+    peak = peak_tflops(device_name or "", c.peak_tflops) if (device_name or c.peak_tflops) else None
+    budget = t.max_tokens if t.max_tokens is not None else (t.max_steps * tokens_per_step if t.max_steps else None)
+    step_s = tokens_per_step * fpt / (gpus * peak * 1e12 * mfu) if peak else None
+    return Plan(model=m.name, gpus=gpus, params=params, flops_per_token=fpt, tokens_per_step=tokens_per_step,
+                accumulation=accumulation, model_states_gb=states / GB, gathered_gb=gathered / GB,
+                activations_gb=configured / GB, activations_none_gb=acts[0] / GB, activations_full_gb=acts[1] / GB,
+                loss_gb=loss / GB, total_gb=total / GB, gpu_memory_gb=c.gpu_memory_gb, comm_gb_per_step=comm / GB,
+                peak_tflops=peak, mfu=mfu, step_s=step_s,
+                tokens_per_day=tokens_per_step / step_s * 86400 if step_s else None, token_budget=budget,
+                gpu_hours=budget * fpt / (peak * 1e12 * mfu) / 3600 if peak and budget else None)
+
+
+def warnings_for(p: Plan, run: RunConfig) -> list[str]:
+    out = []
+    if p.gpu_memory_gb and p.total_gb > p.gpu_memory_gb:
+        hint = ("; trainer.activation_checkpointing=full needs "
+                f"{p.total_gb - p.activations_gb + p.activations_full_gb:.1f} GB"
+                if p.activations_full_gb < p.activations_gb else "")
+        out.append(f"WARNING: {p.total_gb:.1f} GB per GPU exceeds cluster.gpu_memory_gb={p.gpu_memory_gb:g} "
+                   f"(cluster={run.cluster.name}){hint}")
+    return out
+
+
+def row(label: str, gb: float) -> str:
+    return f"  {label:<46}{gb:8.1f}"
+
+
+def report(p: Plan, run: RunConfig) -> str:
+    t = run.trainer
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [
+        f"model {p.model}: {p.params / 1e9:.2f}B parameters, {p.flops_per_token / 1e9:.1f} GFLOPs per token "
+        f"(seq {t.seq_len})",
+        f"layout: {p.gpus} GPUs ({run.cluster.name}), micro batch {t.micro_batch_size}, global {t.global_batch_size}"
+        f" -> {p.accumulation} accumulation steps, {p.tokens_per_step:,} tokens per step",
+        "memory per GPU (GB):",
+        row(f"model states (ZeRO-3, 16 B/param / {p.gpus})", p.model_states_gb),
+        row("gathered weights (2 blocks, embedding, head)", p.gathered_gb),
+        row(f"activations, checkpointing={t.activation_checkpointing}", p.activations_gb)
+        + f"   (none {p.activations_none_gb:.1f}, full {p.activations_full_gb:.1f})",
+        row("loss (masked rows, one logits chunk)", p.loss_gb),
+        row("total", p.total_gb) + f"   of {fmt(p.gpu_memory_gb, 'g')}",
+        f"communication per step per GPU: {p.comm_gb_per_step:,.1f} GB",
+        f"at {100 * p.mfu:.0f}% MFU of {fmt(p.peak_tflops, 'g')} TFLOP/s: step {fmt(p.step_s, '.2f')} s, "
+        f"{fmt(p.tokens_per_day and p.tokens_per_day / 1e9, ',.1f')}B tokens/day",
+        f"token budget {fmt(p.token_budget and p.token_budget / 1e9, ',.1f')}B: "
+        f"{fmt(p.gpu_hours, ',.0f')} GPU-hours",
+    ]
+    return "\n".join(lines + warnings_for(p, run))
+
+
+def main(argv: list[str]) -> Plan:
+    """Hydra overrides, plus --mfu X (default 0.4) and --gpu NAME (the card whose peak to use when
+    cluster.peak_tflops is null, e.g. H800; default H100)."""
+    options, overrides, it = {"--mfu": "0.4", "--gpu": "H100"}, [], iter(argv)
+    for arg in it:
+        key, _, value = arg.partition("=")
+        if key in options:
+            options[key] = value or next(it)
+        else:
+            overrides.append(arg)
+    probe = compose_config(overrides, world_size=1)  # the cluster's size, then validate for it
+    run = compose_config(overrides, world_size=probe.cluster.nodes * probe.cluster.gpus_per_node)
+    plan = make_plan(run, float(options["--mfu"]), options["--gpu"])
+    print(report(plan, run))
+    print(json.dumps(asdict(plan)))
+    return plan
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

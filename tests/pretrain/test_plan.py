@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.config import compose_config
+from pretrain.plan import make_plan, report
+from tests.conftest import REPO, child_env
+
+GIB = 2**30 / 1e9
+
+
+def test_the_papers_8b_run_costs_its_published_gpu_hours():
+    # LLaDA 8B: 2.3T tokens, 1280 x 4096 per step, on H800s; the paper reports 0.13M H800 GPU-hours.
+    run = compose_config(["model=llada_8b", "cluster=gpu_node", "trainer.max_tokens=2300000000000"], world_size=8)
+    plan = make_plan(run, mfu=0.25, device_name="NVIDIA H800")
+    assert plan.tokens_per_step == 1280 * 4096
+    assert plan.gpu_hours == pytest.approx(0.13e6, rel=0.15)
+
+
+@pytest.mark.parametrize("checkpointing, measured_gib", [("none", 64.5), ("full", 48.5)])
+def test_memory_estimate_matches_the_h200_measurement(checkpointing, measured_gib):
+    # bench/gpu.py on one H200 (BENCHMARKS.md): llada_8b with 8 layers, ZeRO-3 on 1 GPU, micro batch 4.
+    run = compose_config(["model=llada_8b", "model.n_layers=8", "cluster=gpu_single",
+                          f"trainer.activation_checkpointing={checkpointing}"])
+    plan = make_plan(run, mfu=0.4, device_name="NVIDIA H200")
+    assert plan.total_gb == pytest.approx(measured_gib * GIB, rel=0.15)
+
+
+def test_warns_when_a_gpu_would_overflow_and_says_what_checkpointing_saves():
+    run = compose_config(["model=llada_8b", "cluster=gpu_node"], world_size=8)
+    plan = make_plan(run, mfu=0.4, device_name="H100")
+    assert plan.activations_full_gb < plan.activations_none_gb / 5
+    text = report(plan, run)
+    assert "WARNING" in text and "cluster.gpu_memory_gb=80" in text and "activation_checkpointing=full" in text
+    fits = compose_config(["model=llada_8b", "cluster=gpu_node", "trainer.activation_checkpointing=full"], world_size=8)
+    assert "WARNING" not in report(make_plan(fits, mfu=0.4, device_name="H100"), fits)
+
+
+def test_model_states_shrink_with_the_number_of_gpus():
+    one = make_plan(compose_config(["model=llada_1b", "cluster=gpu_single"]), 0.4, "H100")
+    eight = make_plan(compose_config(["model=llada_1b", "cluster=gpu_node"], world_size=8), 0.4, "H100")
+    assert one.model_states_gb == pytest.approx(16 * one.params / 1e9)
+    assert eight.model_states_gb == pytest.approx(one.model_states_gb / 8)
+    assert one.comm_gb_per_step == 0 and eight.comm_gb_per_step > 0
+
+
+def test_cli_prints_the_plan_and_one_json_line():
+    out = subprocess.run([sys.executable, "-m", "pretrain.plan", "model=llada_1b", "cluster=gpu_node", "--mfu", "0.5",
+                          "--gpu", "H100"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert "GPU-hours" in out.stdout and "memory per GPU" in out.stdout
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    assert plan["mfu"] == 0.5 and plan["gpus"] == 8 and plan["peak_tflops"] == 989.0
