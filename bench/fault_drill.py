@@ -40,11 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(run_dir: Path, data_dir: Path, steps: int) -> list[str]:
+def command(run_dir: Path, data_dir: Path, steps: int, slow_step: int) -> list[str]:
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                 "--module", "pretrain.train"]
     return [*launcher, *TRAIN_ARGS, f"data.dir={data_dir}", f"run_dir={run_dir}", f"trainer.max_steps={steps}",
-            "trainer.ckpt_every=3", "fault.record_samples=true", "logging.mode=disabled", "cluster.timeout_s=30"]
+            "trainer.ckpt_every=3", "fault.record_samples=true", "logging.mode=disabled", "cluster.timeout_s=30",
+            # one step 3 s longer (no effect on the numbers), so that a fault lands before the run ends
+            f"fault.sleep_at_step={slow_step}", "fault.sleep_s=3"]
 
 
 def env() -> dict:
@@ -85,11 +87,12 @@ def attempt_with_fault(cmd: list[str], run_dir: Path, fault: str, at_step: int) 
     try:
         return proc.wait(timeout=300)
     finally:
-        left = [p for p in psutil.process_iter() if _uses(p, run_dir)]
+        # A killed launcher returns at once; its ranks notice within a second, save and exit.
+        _, left = psutil.wait_procs([p for p in psutil.process_iter() if _uses(p, run_dir)], timeout=120)
         for p in left:
             p.kill()
         if left:
-            print(f"  {len(left)} processes left behind after {fault}", flush=True)
+            print(f"  {len(left)} processes left behind 120 s after {fault}", flush=True)
 
 
 def _uses(p: psutil.Process, run_dir: Path) -> bool:
@@ -130,6 +133,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2, help="trials per kind of fault")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS), metavar="FAULT",
+                        help=f"which faults to drill (default: all of {', '.join(FAULTS)})")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="fault-drill-"))
@@ -137,18 +142,19 @@ def main() -> None:
     build(demo_data_config(data_dir), build_config())
 
     reference_dir = root / "reference"
-    finish(command(reference_dir, data_dir, args.steps))
+    finish(command(reference_dir, data_dir, args.steps, slow_step=args.steps))
     reference = outcome(reference_dir, args.steps)
 
     rows = []
-    for fault in FAULTS:
+    for fault in args.faults:
         row = {"fault": fault, "trials": 0, "survived": 0, "reruns": 0, "lost": 0, "repeated": 0,
                "weights_equal": 0, "max_loss_diff": 0.0}
         for trial in range(args.trials):
             run_dir = root / f"{fault.replace(' ', '_')}-{trial}"
             at_step = rng.randint(2, args.steps - 2)
-            cmd = command(run_dir, data_dir, args.steps)
+            cmd = command(run_dir, data_dir, args.steps, slow_step=at_step + 1)
             code = attempt_with_fault(cmd, run_dir, fault, at_step)
+            saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step[0-9]*[0-9]"))
             reruns = finish(cmd)
             got = outcome(run_dir, args.steps)
             row["trials"] += 1
@@ -160,7 +166,8 @@ def main() -> None:
                 torch.equal(a, b) for a, b in zip(got["tensors"], reference["tensors"]))  # noqa: B905
             row["max_loss_diff"] = max(row["max_loss_diff"], max(
                 abs(got["losses"].get(s, float("inf")) - loss) for s, loss in reference["losses"].items()))
-            print(f"  {fault} at step {at_step}: exit {code}, finished after {reruns} re-run(s)", flush=True)
+            print(f"  {fault} at step {at_step}: exit {code}, newest checkpoint {saved[-1] if saved else None}, "
+                  f"finished after {reruns} re-run(s)", flush=True)
         rows.append(row)
 
     print("| fault | trials | survived | re-runs | samples lost | samples repeated | final weights equal "

@@ -139,14 +139,22 @@ class LauncherWatch:
         threading.Thread(target=self._poll, name="launcher-watch", daemon=True).start()
 
     def _poll(self) -> None:
+        names = {proc.pid: proc.name() for proc in self.chain}  # a dead process can no longer be asked
         while not self._done.wait(self.interval_s):
             for proc in self.chain:
-                if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
-                    self.stop.request(f"launcher process {proc.pid} ({proc.name()}) is gone")
+                if not alive(proc):
+                    self.stop.request(f"launcher process {proc.pid} ({names[proc.pid]}) is gone")
                     return
 
     def close(self) -> None:
         self._done.set()
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone between the two questions
+        return False
 
 
 class Watchdog:

@@ -131,15 +131,20 @@ def test_preemption_signal_saves_at_an_agreed_step_and_the_rerun_finishes_identi
     assert_same_losses(uninterrupted, train_losses(run_dir))
 
 
-def test_sigkill_of_torchrun_ends_its_ranks(tmp_path, demo_shards):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_sigkill_of_the_launcher_ends_its_ranks_after_a_save(tmp_path, demo_shards, launcher):
+    # torchrun is the ranks' parent (parent-death signal); deepspeed's runner is their grandparent,
+    # above its launch.py, which lives on: the ranks must notice that one themselves.
     run_dir = tmp_path / "run"
-    proc = start(torchrun_launcher(), run_dir, demo_shards, "trainer.max_steps=400")
+    proc = start({"torchrun": torchrun_launcher, "deepspeed": deepspeed_launcher}[launcher](), run_dir, demo_shards,
+                 "trainer.max_steps=400")
     wait_for_step(proc, run_dir, 1)
     ranks = ranks_of(proc)
     proc.kill()
     proc.wait()
     gone, alive = psutil.wait_procs(ranks, timeout=120)
     assert not alive, "ranks trained on as orphans after their launcher was killed"
+    assert all(p.returncode == EXIT_PREEMPTED for p in gone if p.returncode is not None)
     # They noticed the dead launcher, agreed on a step and saved it.
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step[0-9]*[0-9]"))
     assert saved and int(saved[-1][4:]) < 400
