@@ -120,7 +120,8 @@ def test_window_is_reduced_over_ranks():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.start_processes(_two_ranks, args=(port, results), nprocs=2, start_method="fork")  # fork: no re-import
+    # spawn: a process forked from one that has run torch ops can deadlock in its thread pools
+    mp.start_processes(_two_ranks, args=(port, results), nprocs=2, start_method="spawn")
     logits, x0, noisy = fixed_batch()
     _, whole = diffusion_loss_and_stats(logits, x0, noisy)
     by_time = LossByTime(10, torch.device("cpu"))
