@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,15 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data_pipeline.build import build  # noqa: E402
-from tests.conftest import TRAIN_ARGS, build_config, demo_data_config  # noqa: E402
+from pretrain.zero_checkpoint import optimizer_tensors  # noqa: E402
+from tests.conftest import TRAIN_ARGS, build_config, demo_data_config, free_port  # noqa: E402
 
 FAULTS = ("kill -9 rank", "SIGTERM rank", "SIGUSR1 launcher", "kill -9 launcher")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(run_dir: Path, data_dir: Path, steps: int, slow_step: int) -> list[str]:
@@ -119,12 +113,7 @@ def outcome(run_dir: Path, steps: int) -> dict:
     for path in (run_dir / "samples").glob("rank*.jsonl"):
         for line in path.read_text().splitlines():
             samples.update(tuple(s) for s in json.loads(line)["samples"])
-    tensors = []
-    for path in sorted((run_dir / "checkpoints" / f"step{steps:08d}").glob("*optim_states.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]  # our own state
-        tensors += list(state["fp32_flat_groups"])
-        for s in state["optimizer_state_dict"]["state"].values():
-            tensors += [s["exp_avg"], s["exp_avg_sq"]]
+    tensors = optimizer_tensors(run_dir / "checkpoints" / f"step{steps:08d}")
     return {"losses": losses, "samples": samples, "tensors": tensors}
 
 

@@ -259,20 +259,16 @@ def retain(run_dir: str, keep_last: int, keep_every: int) -> list[str]:
 
 
 class SaveClock:
-    """Time-based saves, so a crash never loses more than `minutes` of work. Rank 0's clock decides
-    and is broadcast at the step boundary, so every rank saves at the same step."""
+    """Time-based saves, so a crash never loses more than `minutes` of work. Rank 0's clock decides;
+    the loop shares its answer with the other step-boundary flags, so every rank saves at the same step."""
 
-    def __init__(self, minutes: float, device):
-        self.interval, self.device = minutes * 60.0, device
+    def __init__(self, minutes: float):
+        self.interval = minutes * 60.0
         self.last = time.monotonic()
 
     def due(self) -> bool:
-        """A collective: call it on every rank at the same step, or on none."""
-        if not self.interval:
-            return False
-        flag = torch.tensor([float(time.monotonic() - self.last >= self.interval)], device=self.device)
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        """This process's clock only (no collective)."""
+        return bool(self.interval) and time.monotonic() - self.last >= self.interval
 
     def reset(self) -> None:
         self.last = time.monotonic()

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import psutil
 import torch
-import torch.distributed as dist
+
+from pretrain.metrics import trim_jsonl
 
 EXIT_CONFIG = 2  # a config or data error, found before any training
 EXIT_NON_FINITE = 3  # trainer.max_bad_steps consecutive non-finite steps
@@ -80,13 +81,11 @@ class StopRequest:
         if self.reason is None:
             self.reason = reason
 
-    def agreed(self, device) -> bool:
-        """True on every rank when any rank has been asked to stop (one scalar all-reduce)."""
-        flag = torch.tensor([1.0 if self.reason else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and self.reason is None:
+    def agree(self, any_rank_asked: bool) -> bool:
+        """Takes the all-reduced flag (the loop reduces it with its other step-boundary flags)."""
+        if any_rank_asked and self.reason is None:
             self.reason = "another rank was asked to stop"
-        return flag.item() > 0
+        return any_rank_asked
 
 
 def is_launcher(cmdline: list[str]) -> bool:
@@ -221,9 +220,7 @@ class SampleLog:
     def __init__(self, run_dir: str, rank: int, start_step: int):
         self.path = Path(run_dir) / "samples" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        trim_jsonl(self.path, start_step)
         self.pending: list[list[int]] = []
 
     def add(self, batch: dict) -> None:

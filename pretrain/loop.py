@@ -58,7 +58,7 @@ class Trainer:
         self.batches_this_process = 0  # what the train stream's state counts from
         self.mask_rng = torch.Generator().manual_seed(derived_seed("mask", run.seed, self.rank))
         self.schedule = make_schedule(run.mask)
-        self.save_clock = checkpoint.SaveClock(t.ckpt_every_minutes, self.device)
+        self.save_clock = checkpoint.SaveClock(t.ckpt_every_minutes)
         self.saved_step: int | None = None  # the step of this process's last complete checkpoint
         self.stop = stop
         self.watchdog = Watchdog(t.watchdog_s)
@@ -159,17 +159,28 @@ class Trainer:
                 raise NonFiniteError(problem)
             if t.eval_every and (self.state.step % t.eval_every == 0 or last):
                 self.evaluate()
-            # The clock is a collective: all ranks skip it or call it at the same step.
-            if not last and ((t.ckpt_every and self.state.step % t.ckpt_every == 0) or self.save_clock.due()):
+            if last:
+                break
+            save_due, stop = self.boundary_flags()
+            if save_due or (t.ckpt_every and self.state.step % t.ckpt_every == 0):
                 self.save()
             self.watchdog.kick()
-            if not last and self.stop.agreed(self.device):
+            if stop:
                 if self.rank == 0:
                     print(f"stopping at step {self.state.step}: {self.stop.reason}", flush=True)
                 self.save()
                 return "preempted"
         self.save()
         return "done"
+
+    def boundary_flags(self) -> tuple[bool, bool]:
+        """One collective per step for two decisions every rank must share: a time-based save (rank 0's
+        clock decides) and a stop (any rank that was signalled, or lost its launcher, decides)."""
+        flags = torch.tensor([float(self.rank == 0 and self.save_clock.due()), float(self.stop.reason is not None)],
+                             device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        save_due, stop = flags.tolist()
+        return bool(save_due), self.stop.agree(bool(stop))
 
     def _sum_over_ranks(self, *values) -> list[float]:
         totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])

@@ -60,9 +60,7 @@ class MetricsLogger:
         self.wandb_run = None
         if not enabled:
             return
-        if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        trim_jsonl(self.path, start_step)
         mode = resolve_wandb_mode(logging_cfg.mode, device)
         if mode == "disabled":
             return
@@ -106,3 +104,11 @@ def console_line(r: dict, total_steps: int | None = None, eta: str | None = None
     if eta is not None:
         parts.append(f"ETA {eta}")
     return " | ".join(parts)
+
+
+def trim_jsonl(path: Path, start_step: int) -> None:
+    """Drops the records past `start_step` from a one-JSON-object-per-line file: an interrupted run
+    wrote them after its last checkpoint, and the resumed run writes those steps again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))

@@ -45,7 +45,8 @@ def _deepspeed_globals():
         yield
 
 
-def _load(path: Path) -> dict:
+def load_engine_file(path: Path) -> dict:
+    """One of DeepSpeed's checkpoint files, without unpickling anything but tensors and two DeepSpeed enums."""
     with _deepspeed_globals():
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -92,14 +93,14 @@ def open_checkpoint(directory: str | Path) -> ZeroCheckpoint:
     model_files = sorted(directory.glob("*_model_states.pt"))
     if not model_files:
         raise CheckpointError(f"{directory}: no *_model_states.pt (not a DeepSpeed checkpoint directory)")
-    states = _load(model_files[0])
+    states = load_engine_file(model_files[0])
     param_shapes = states["param_shapes"]
     if isinstance(param_shapes, dict):
         param_shapes = [param_shapes]
     optim_files = sorted(directory.glob("*_optim_states.pt"), key=_rank_of)
     stage = 0
     if optim_files:
-        first = _load(optim_files[0])["optimizer_state_dict"]
+        first = load_engine_file(optim_files[0])["optimizer_state_dict"]
         stage = int(first.get("zero_stage", 0))
     if stage != 3:
         module = states["module"]
@@ -112,7 +113,7 @@ def open_checkpoint(directory: str | Path) -> ZeroCheckpoint:
     if len(optim_files) != world:
         raise CheckpointError(f"{directory}: {len(optim_files)} *_optim_states.pt files, but the checkpoint was "
                               f"written by {world} ranks")
-    flat = [_load(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim_files]
+    flat = [load_engine_file(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim_files]
     if any(len(groups) != len(param_shapes) for groups in flat):
         raise CheckpointError(f"{directory}: {len(param_shapes)} parameter groups in the model states, "
                               f"{len(flat[0])} in the optimizer states")
@@ -122,3 +123,15 @@ def open_checkpoint(directory: str | Path) -> ZeroCheckpoint:
 def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     """The whole model as an fp32 state dict (for evaluation and sampling, which need it all anyway)."""
     return dict(open_checkpoint(directory).tensors())
+
+
+def optimizer_tensors(directory: str | Path) -> list[torch.Tensor]:
+    """Every rank's fp32 master weights and Adam moments, in rank order: what two checkpoints must share
+    to count as the same training state (the fault drills and tests compare them)."""
+    tensors = []
+    for path in sorted(Path(directory).glob("*optim_states.pt")):
+        state = load_engine_file(path)["optimizer_state_dict"]
+        tensors += list(state["fp32_flat_groups"])
+        for s in state["optimizer_state_dict"]["state"].values():
+            tensors += [s["exp_avg"], s["exp_avg_sq"]]
+    return tensors

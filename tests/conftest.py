@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,13 @@ def demo_shards(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("data") / "demo-64"
     build(demo_data_config(directory), build_config())
     return directory
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def child_env() -> dict:

@@ -15,6 +15,7 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.ckpt_files import MANIFEST
+from pretrain.zero_checkpoint import load_engine_file
 from tests.conftest import BIN, REPO, TRAIN_ARGS, child_env, read_metrics, run_train, train_losses
 
 PYTHON = [sys.executable, "-m", "pretrain.train"]
@@ -48,10 +49,10 @@ def tags(run_dir: Path) -> list[str]:
 
 
 def fp32_weights(ckpt: Path) -> list[torch.Tensor]:
-    """The fp32 master weights of every rank (our own engine files, so weights_only=False is fine)."""
+    """The fp32 master weights of every rank."""
     out = []
     for f in sorted(ckpt.glob("*optim_states.pt")):
-        out += torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]["fp32_flat_groups"]
+        out += load_engine_file(f)["optimizer_state_dict"]["fp32_flat_groups"]
     return out
 
 

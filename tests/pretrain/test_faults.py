@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,11 @@ import pytest
 import torch
 
 from pretrain.faults import EXIT_NON_FINITE, EXIT_PREEMPTED, is_launcher, launcher_ancestors
-from tests.conftest import BIN, REPO, TRAIN_ARGS, child_env, read_metrics, run_train, train_losses
+from pretrain.zero_checkpoint import optimizer_tensors
+from tests.conftest import BIN, REPO, TRAIN_ARGS, child_env, free_port, read_metrics, run_train, train_losses
 
 PYTHON = [sys.executable, "-m", "pretrain.train"]
 STEPS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launcher() -> list[str]:
@@ -185,15 +179,7 @@ def test_a_stopped_peer_fails_the_job_within_the_timeout(tmp_path, demo_shards):
 
 
 def param_and_optimizer_state(run_dir: Path, step: int) -> list[torch.Tensor]:
-    """Every tensor of both ranks' ZeRO-3 optimizer files (fp32 master weights and Adam moments).
-    Our own engine state, so weights_only=False is acceptable here."""
-    tensors = []
-    for path in sorted((run_dir / "checkpoints" / f"step{step:08d}").glob("*optim_states.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        for group in state["fp32_flat_groups"]:
-            tensors.append(group.clone())
-        for s in state["optimizer_state_dict"]["state"].values():
-            tensors += [s["exp_avg"].clone(), s["exp_avg_sq"].clone()]
+    tensors = optimizer_tensors(run_dir / "checkpoints" / f"step{step:08d}")
     assert tensors
     return tensors
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import BIN, read_metrics, run_train, train_losses
+from tests.conftest import BIN, free_port, read_metrics, run_train, train_losses
 
 PYTHON = [sys.executable, "-m", "pretrain.train"]
 
@@ -61,12 +61,8 @@ def test_progress_shows_the_first_step_at_once_then_step_of_max_and_eta(tmp_path
 def test_shards_that_do_not_fit_the_model_are_refused_before_deepspeed_starts(tmp_path, demo_shards):
     # Rank 0 of a 2-rank job whose rank 1 never comes: joining the process group would wait for it
     # (cluster.timeout_s=600 > this test's timeout), so only a check made before that can answer.
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
     proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=1", "model.vocab_size=512",
                      "cluster.timeout_s=600", check=False, env=env, timeout=120)
     assert proc.returncode == 2 and "vocab_size=1024 exceeds model.vocab_size=512" in proc.stderr

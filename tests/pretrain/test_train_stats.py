@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 
 from pretrain.diffusion import NoisyBatch, diffusion_loss_and_stats
 from pretrain.train_stats import LogWindow, LossByTime, bucket_names, loss_metrics
+from tests.conftest import free_port
 
 MASK_ID = 6
 
@@ -116,9 +116,7 @@ def _two_ranks(rank: int, port: int, results) -> None:
 
 
 def test_window_is_reduced_over_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     # spawn: a process forked from one that has run torch ops can deadlock in its thread pools
     mp.start_processes(_two_ranks, args=(port, results), nprocs=2, start_method="spawn")
