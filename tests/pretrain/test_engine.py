@@ -33,6 +33,17 @@ def test_activation_checkpointing_under_zero3_gives_the_same_losses(tmp_path, de
         assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, losses, baseline)
 
 
+def test_torch_linear_gives_deepspeed_s_memory_efficient_linear_losses(tmp_path, demo_shards, baseline):
+    # conf/deepspeed/zero3.yaml keeps torch's F.linear (memory_efficient_linear: false); DeepSpeed's
+    # default replaces it with its own autograd function. Both must train the same, step for step.
+    launcher = TORCHRUN[:-4] + ["--master_port", "29633", "-m", "pretrain.train"]
+    run_train(launcher, tmp_path / "run", demo_shards, *COMMON, "deepspeed.zero_optimization.memory_efficient_linear=true")
+    losses = train_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in baseline.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, losses, baseline)
+
+
 def test_document_mask_trains_under_zero3(tmp_path, demo_shards, baseline):
     # The demo's documents (~2k tokens) span many 64-token windows, so most windows hold one document
     # and the losses stay near the baseline's; the mask's numerics are tested on the model itself.
