@@ -56,6 +56,15 @@ def _skip_shm_comm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def _count_cpu_devices_once() -> None:
+    """DeepSpeed's CPU accelerator counts its "devices" (NUMA nodes) by running `numactl --hardware`
+    on every device_count() call, and ZeRO-3 calls it for every gradient bucket: a fork of the whole
+    process per block per micro-batch (~7% of a CPU step, bench/engine.py). It reads LOCAL_SIZE first,
+    so that is set once to the same count."""
+    if get_accelerator().device_name() == "cpu" and "LOCAL_SIZE" not in os.environ:
+        os.environ["LOCAL_SIZE"] = str(get_accelerator().device_count())
+
+
 def init_distributed(timeout_s: float, shm_comm: bool = True) -> tuple[int, int]:
     """Join the process group the launcher set up (deepspeed, torchrun, srun), or make a one-process
     group on loopback when started as plain `python -m pretrain.train`. Returns (rank, world_size)."""
@@ -65,6 +74,7 @@ def init_distributed(timeout_s: float, shm_comm: bool = True) -> tuple[int, int]
                           MASTER_PORT=str(_free_port()))
     if not shm_comm:
         _skip_shm_comm_build()
+    _count_cpu_devices_once()
     # The timeout bounds every collective: a peer that died or stopped fails this rank after timeout_s
     # instead of DeepSpeed's default 10 minutes.
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),

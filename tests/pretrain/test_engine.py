@@ -4,6 +4,7 @@ Each option must leave training's numbers unchanged: the same losses step for st
 without it (fp32, same seed, same data)."""
 
 import os
+import sys
 
 import pytest
 
@@ -79,6 +80,21 @@ def test_zero3_sizes_follow_the_model_unless_set():
     assert z_big["stage3_param_persistence_threshold"] == 40960 > z_small["stage3_param_persistence_threshold"]
     fixed = compose_config(["deepspeed.zero_optimization.reduce_bucket_size=12345"])
     assert deepspeed_config(fixed, 1)["zero_optimization"]["reduce_bucket_size"] == 12345
+
+def test_the_cpu_engine_counts_its_numa_nodes_once_not_per_gradient_bucket(tmp_path, demo_shards):
+    # DeepSpeed's CPU accelerator runs `numactl --hardware` on every device_count() call, and ZeRO-3
+    # calls it for every gradient bucket (a fork per block per micro-batch). A numactl on PATH that
+    # logs each call counts them.
+    shim, log = tmp_path / "bin" / "numactl", tmp_path / "numactl.log"
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\necho call >> {log}\nexit 1\n")
+    shim.chmod(0o755)
+    run_train([sys.executable, "-m", "pretrain.train"], tmp_path / "run", demo_shards, *COMMON,
+              env={"PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"})
+    assert sorted(train_losses(tmp_path / "run")) == list(range(1, STEPS + 1))
+    calls = len(log.read_text().splitlines())
+    assert 1 <= calls <= 2, f"numactl ran {calls} times in {STEPS} steps"
+
 
 # The ranks' identity when srun starts them without a launcher.
 
