@@ -38,7 +38,8 @@ def test_torch_linear_gives_deepspeed_s_memory_efficient_linear_losses(tmp_path,
     # conf/deepspeed/zero3.yaml keeps torch's F.linear (memory_efficient_linear: false); DeepSpeed's
     # default replaces it with its own autograd function. Both must train the same, step for step.
     launcher = TORCHRUN[:-4] + ["--master_port", "29633", "-m", "pretrain.train"]
-    run_train(launcher, tmp_path / "run", demo_shards, *COMMON, "deepspeed.zero_optimization.memory_efficient_linear=true")
+    run_train(launcher, tmp_path / "run", demo_shards, *COMMON,
+              "deepspeed.zero_optimization.memory_efficient_linear=true")
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, loss in baseline.items():
