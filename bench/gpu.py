@@ -2,6 +2,7 @@
 
     python bench/gpu.py            # on a CUDA machine (needs ~4 minutes)
     python bench/gpu.py --dry      # on a CPU: the same code paths with the tiny model at seq 64
+    python bench/gpu.py --only llada_1b --profile [--trace-dir DIR]   # where a step's time goes
 
 Cases (seq 4096, micro batch 4, 2 accumulation steps, bf16, compiled blocks, torch fused AdamW):
   llada_1b            pretrain.train's engine: ZeRO-3, optimizer, demo data
@@ -10,6 +11,13 @@ Cases (seq 4096, micro batch 4, 2 accumulation steps, bf16, compiled blocks, tor
   llada_8b_fit        the whole llada_8b, forward + backward only (8B of optimizer state would not fit
                       one card), micro batch 4, checkpointing: the activations the 8-GPU run needs
   llada_1b_eager      llada_1b without torch.compile (what compile buys)
+  llada_1b_mb8        llada_1b at micro batch 8
+  llada_1b_accum8     llada_1b at cluster=gpu_single's own batch (32 sequences: 8 accumulation steps,
+                      the optimizer step amortized as in a real run; the paper's 8-GPU shape has 40)
+  llada_1b_fwdbwd     the bare llada_1b, forward + backward only: the model's ceiling without the engine
+  llada_1b_persist    llada_1b with every parameter persistent (no ZeRO-3 gather/release on one GPU)
+--profile: each engine case also runs torch.profiler over two steps after the warm-up and prints
+where the time goes (bench/gpu_profile.py); its tokens/s then carry the profiler's overhead.
 Each case runs in its own process (clean peak-memory counter, no leftovers); a case that fails
 prints its last error line and the others still run. Cases start only while the time budget lasts.
 MFU = tokens/s x FLOPs per token (pretrain/flops.py) / the card's dense bf16 peak.
@@ -37,7 +45,7 @@ GPU_ENGINE = ["cluster=gpu_single", "trainer.seq_len=4096", "trainer.micro_batch
               "logging.mode=disabled", "resume=never", "data.num_workers=2",
               "mask.random_length_prob=0"]  # a random cut would recompile mid-measurement
 DRY_ENGINE = ["cluster=local_cpu", "model=tiny", "trainer.seq_len=64", "trainer.micro_batch_size=4",
-              "trainer.global_batch_size=8", "trainer.max_steps=5", "trainer.log_every=1", "optim=wsd_short",
+              "trainer.global_batch_size=8", "trainer.max_steps=6", "trainer.log_every=1", "optim=wsd_short",
               "logging.mode=disabled", "resume=never"]
 L8 = ["model=llada_8b", "model.n_layers=8"]
 CASES = {  # name: (kind, overrides on top of the engine's); run in this order while the budget lasts
@@ -48,6 +56,10 @@ CASES = {  # name: (kind, overrides on top of the engine's); run in this order w
     "llada_1b_eager": ("engine", ["model=llada_1b", "trainer.compile=false"]),
     "llada_1b_mb8": ("engine", ["model=llada_1b", "trainer.micro_batch_size=8", "trainer.global_batch_size=16"]),
     "numerics": ("numerics", ["model=llada_1b", "model.n_layers=2", "trainer.seq_len=1024"]),
+    "llada_1b_accum8": ("engine", ["model=llada_1b", "trainer.global_batch_size=32", "trainer.max_steps=7"]),
+    "llada_1b_fwdbwd": ("model", ["model=llada_1b"]),
+    "llada_1b_persist": ("engine", ["model=llada_1b",
+                                    "deepspeed.zero_optimization.stage3_param_persistence_threshold=10000000000"]),
 }
 DRY_CASES = {
     "tiny": ("engine", []),
@@ -58,29 +70,45 @@ DRY_CASES = {
 WARMUP_STEPS = 3  # compile and allocator warm-up: excluded from tokens/s
 
 
+def configured(overrides: list[str]):
+    """The run's config as pretrain.train resolves it (model.vocab_size=null: the shards' vocabulary)."""
+    from pretrain.config import compose_config, resolve_vocab
+
+    run = compose_config(overrides)
+    resolve_vocab(run)
+    return run
+
+
 def peak_memory_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def run_engine_case(overrides: list[str], run_dir: Path) -> dict:
+def run_engine_case(overrides: list[str], run_dir: Path, profiler=None) -> dict:
     """pretrain.train's own train(), then tokens/s from its metrics.jsonl."""
     from data_pipeline.config import compose
     from pretrain.train import train
 
-    train(compose(overrides + [f"run_dir={run_dir}"]))
+    if profiler:
+        profiler.install()
+        with profiler.prof:
+            train(compose(overrides + [f"run_dir={run_dir}"]))
+    else:
+        train(compose(overrides + [f"run_dir={run_dir}"]))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > WARMUP_STEPS]
-    return {"tokens_per_s": statistics.median(rates), "steps_timed": len(rates),
-            "loss_last": [r["loss"] for r in records if "loss" in r][-1]}
+    result = {"tokens_per_s": statistics.median(rates), "steps_timed": len(rates),
+              "loss_last": [r["loss"] for r in records if "loss" in r][-1]}
+    if profiler:
+        result.update(profiled=True, profile=profiler.summary())
+    return result
 
 
 def run_model_case(overrides: list[str]) -> dict:
     """The bare model (no optimizer), forward + backward of the training loss, as many steps as the engine case."""
-    from pretrain.config import compose_config
     from pretrain.diffusion import forward_process, make_schedule, model_loss_and_stats
     from pretrain.model import LLaDAModel, compile_blocks
 
-    run = compose_config(overrides)
+    run = configured(overrides)
     t = run.trainer
     device = torch.device(run.cluster.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[t.precision]
@@ -117,10 +145,9 @@ def run_model_case(overrides: list[str]) -> dict:
 def run_numerics_case(overrides: list[str], backend: str) -> dict:
     """bf16 on the device: the training path (masked-only head, padded FFN, compiled blocks) against
     the plain formula (full logits, then cross-entropy of the masked rows); relative differences."""
-    from pretrain.config import compose_config
     from pretrain.model import LLaDAModel, compile_blocks
 
-    run = compose_config(overrides)
+    run = configured(overrides)
     device, dtype = torch.device(run.cluster.device), torch.bfloat16
     torch.manual_seed(0)
     with device:
@@ -147,24 +174,31 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def child(name: str, dry: bool, out: Path) -> None:
+def child(name: str, dry: bool, out: Path, profile: bool, trace_dir: Path | None) -> None:
     kind, overrides = (DRY_CASES if dry else CASES)[name]
     overrides = (DRY_ENGINE if dry else GPU_ENGINE) + overrides
+    profiler = None
+    if profile and kind == "engine":
+        from bench.gpu_profile import StepProfiler
+
+        profiler = StepProfiler(skip=WARMUP_STEPS)
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"engine": lambda: run_engine_case(overrides, Path(tmp) / "run"),
+        result = {"engine": lambda: run_engine_case(overrides, Path(tmp) / "run", profiler),
                   "model": lambda: run_model_case(overrides),
                   "numerics": lambda: run_numerics_case(overrides, "aot_eager" if dry else "inductor")}[kind]()
-    from pretrain.config import compose_config
     from pretrain.flops import flops_per_token, matmul_params
 
-    run = compose_config(overrides)
+    run = configured(overrides)
     result.update(kind=kind, peak_gb=peak_memory_gb(), flops_per_token=flops_per_token(run.model, run.trainer.seq_len),
                   matmul_params=matmul_params(run.model), micro_batch=run.trainer.micro_batch_size,
                   checkpointing=run.trainer.activation_checkpointing, compile=run.trainer.compile)
+    if profiler and trace_dir:
+        result["trace"] = str(profiler.write_trace(trace_dir, name))
     out.write_text(json.dumps(result))
 
 
-def parent(dry: bool, budget_s: float, case_timeout_s: float, only: list[str] | None) -> None:
+def parent(dry: bool, budget_s: float, case_timeout_s: float, only: list[str] | None, extra: list[str]) -> None:
+    from bench.gpu_profile import print_summary
     from pretrain.flops import mfu, peak_tflops
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -182,7 +216,7 @@ def parent(dry: bool, budget_s: float, case_timeout_s: float, only: list[str] | 
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            cmd = [sys.executable, __file__, "--case", name, "--out", str(out)] + (["--dry"] if dry else [])
+            cmd = [sys.executable, __file__, "--case", name, "--out", str(out)] + (["--dry"] if dry else []) + extra
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
@@ -199,7 +233,9 @@ def parent(dry: bool, budget_s: float, case_timeout_s: float, only: list[str] | 
         r = results[name]
         if "tokens_per_s" in r:
             r["mfu"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak)
-        print(f"  {name}: {json.dumps(r)}", flush=True)
+        print(f"  {name}: {json.dumps({k: v for k, v in r.items() if k != 'profile'})}", flush=True)
+        if "profile" in r:
+            print_summary(name, r["profile"])
 
     print(f"\n{'case':<18} {'kind':<7} {'ckpt':<5} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8} {'wall s':>7}")
     for name, r in results.items():
@@ -210,8 +246,9 @@ def parent(dry: bool, budget_s: float, case_timeout_s: float, only: list[str] | 
         gb = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
         print(f"{name:<18} {r['kind']:<7} {r['checkpointing']:<5} {r['tokens_per_s']:>10,.0f} {m:>6} {gb:>8} "
               f"{r['wall_s']:>7}")
+    brief = {name: {k: v for k, v in r.items() if k != "profile"} for name, r in results.items()}  # printed above
     print(json.dumps({"bench": "gpu", "device": device, "torch": torch.__version__, "peak_tflops": peak,
-                      "cases": results}))
+                      "cases": brief}))
 
 
 def main(argv: list[str]) -> None:
@@ -222,13 +259,17 @@ def main(argv: list[str]) -> None:
     p.add_argument("--budget", type=float, default=240.0, help="seconds; no case starts with under 30 s left")
     p.add_argument("--case-timeout", type=float, default=150.0)
     p.add_argument("--only", nargs="*", help="run only these cases")
+    p.add_argument("--profile", action="store_true", help="also profile two steps of each engine case")
+    p.add_argument("--trace-dir", type=Path, help="with --profile: write each case's Chrome trace (gzip) here")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.case:
-        child(a.case, a.dry, a.out)
+        child(a.case, a.dry, a.out, a.profile, a.trace_dir)
     else:
-        parent(a.dry, a.budget, a.case_timeout, a.only)
+        extra = ["--profile"] if a.profile else []
+        extra += ["--trace-dir", str(a.trace_dir.resolve())] if a.trace_dir else []
+        parent(a.dry, a.budget, a.case_timeout, a.only, extra)
 
 
 if __name__ == "__main__":

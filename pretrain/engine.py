@@ -59,7 +59,7 @@ def _skip_shm_comm_build() -> None:
 def _count_cpu_devices_once() -> None:
     """DeepSpeed's CPU accelerator counts its "devices" (NUMA nodes) by running `numactl --hardware`
     on every device_count() call, and ZeRO-3 calls it for every gradient bucket: a fork of the whole
-    process per block per micro-batch (~7% of a CPU step, bench/engine.py). It reads LOCAL_SIZE first,
+    process per block per micro-batch (~5% of a CPU step, bench/engine.py). It reads LOCAL_SIZE first,
     so that is set once to the same count."""
     if get_accelerator().device_name() == "cpu" and "LOCAL_SIZE" not in os.environ:
         os.environ["LOCAL_SIZE"] = str(get_accelerator().device_count())
