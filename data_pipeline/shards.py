@@ -116,6 +116,13 @@ class Block:
     prompt: np.ndarray | None  # uint32 [n]
     first: int = 0  # index of the first window in its shard
 
+    def start_rows(self) -> np.ndarray:
+        """[n, seq_len] bool: True where a document begins (`starts`, per window)."""
+        rows = np.zeros(self.tokens.shape, dtype=bool)
+        window, column = np.divmod(self.starts.astype(np.int64), self.tokens.shape[1])
+        rows[window, column] = True
+        return rows
+
 
 def _payloads(block: Block) -> list[tuple[str, bytes]]:
     parts = [("tokens", block.tokens.tobytes()), ("starts", block.starts.astype("<u4").tobytes())]

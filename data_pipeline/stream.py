@@ -181,10 +181,8 @@ class TokenStream(IterableDataset):
                     valid[s0 - lo: s1 - lo] = True
                     if prompt is not None:
                         prompt[s0 - lo: s1 - lo] = block.prompt[s0 - b0: s1 - b0]
-                    if starts is not None:  # block.starts index the block's flattened windows
-                        window, column = np.divmod(block.starts.astype(np.int64), L)
-                        keep = (window + b0 >= s0) & (window + b0 < s1)
-                        starts[window[keep] + b0 - lo, column[keep]] = True
+                    if starts is not None:
+                        starts[s0 - lo: s1 - lo] = block.start_rows()[s0 - b0: s1 - b0]
                     if b1 > hi:
                         carry = block
                         break

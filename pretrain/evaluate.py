@@ -58,13 +58,14 @@ def check_shards(manifest: Manifest, directory: Path, split: str, source: Source
         raise EvalError(f"{where}: the shards were tokenized with another tokenizer than {source.tokenizer_path}")
 
 
-def windows(directory: Path, manifest: Manifest, split: str) -> Iterator[tuple[np.ndarray, int | None]]:
-    """(tokens [L], prompt length or None) of every window of a split, in manifest order."""
+def windows(directory: Path, manifest: Manifest, split: str) -> Iterator[tuple[np.ndarray, int | None, np.ndarray]]:
+    """(tokens [L], prompt length or None, document starts [L] bool) of every window of a split, in
+    manifest order."""
     dtype = token_dtype(manifest.vocab_size)
     for shard in manifest.splits[split]:
         for block in read_blocks(str(directory / shard.name), dtype, manifest.seq_len):
-            for i, row in enumerate(block.tokens):
-                yield row, None if block.prompt is None else int(block.prompt[i])
+            for i, (row, starts) in enumerate(zip(block.tokens, block.start_rows(), strict=True)):
+                yield row, None if block.prompt is None else int(block.prompt[i]), starts
 
 
 def evaluate_nelbo(model, source: Source, directory: Path, split: str, max_sequences: int, mc_num: int,
@@ -76,9 +77,12 @@ def evaluate_nelbo(model, source: Source, directory: Path, split: str, max_seque
     rows = itertools.islice(windows(directory, manifest, split), max_sequences)
     per_batch = max(1, batch_size // mc_num)  # sequences per pass, each with mc_num draws
     while chunk := list(itertools.islice(rows, per_batch)):
-        x0 = torch.tensor(np.stack([r for r, _ in chunk]).astype(np.int64), device=device)
-        prompt_len = None if chunk[0][1] is None else torch.tensor([p for _, p in chunk])
-        sums.sums += nelbo_of_batch(model, x0, source.mask_id, mc_num, generator, prompt_len, batch_size).sums
+        x0 = torch.tensor(np.stack([r for r, _, _ in chunk]).astype(np.int64), device=device)
+        prompt_len = None if chunk[0][1] is None else torch.tensor([p for _, p, _ in chunk])
+        # A model trained with model.document_mask is scored the way it was trained: within documents.
+        doc_start = torch.from_numpy(np.stack([s for _, _, s in chunk])) if source.model.document_mask else None
+        sums.sums += nelbo_of_batch(model, x0, source.mask_id, mc_num, generator, prompt_len, batch_size,
+                                    doc_start).sums
     est = sums.estimate()
     return {"nelbo": est.nelbo, "se": est.se, "mc_se": est.mc_se, "perplexity_bound": est.perplexity_bound,
             "tokens": est.tokens, "sequences": est.sequences, "data": str(directory), "split": split,

@@ -25,7 +25,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pretrain.model import LLaDAModel
+
 Forward = Callable[[torch.Tensor], torch.Tensor]  # ids [B, L] -> logits [B, L, V]
+
+
+def masked_cross_entropy(forward: Forward, ids: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                         doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    """The cross-entropy (fp32) of the positions `rows` [B, L] marks, in row-major order. A LLaDAModel,
+    or a DeepSpeed engine around one, applies its output head to those positions only, as training
+    does, so the [B, L, vocab] logits never exist (4 GB at micro batch 4 for the 126k vocabulary) and
+    `doc_start` (model.document_mask) keeps attention within documents; any other forward
+    ids -> logits is scored from its full logits."""
+    if isinstance(getattr(forward, "module", forward), LLaDAModel):
+        return forward(ids, doc_start=doc_start, targets=targets, masked=rows)[0]
+    if doc_start is not None:
+        raise ValueError("document-masked attention needs a LLaDAModel")
+    return F.cross_entropy(forward(ids)[rows].float(), targets[rows], reduction="none")
 
 
 def stratified_counts(n: torch.Tensor, mc_num: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,16 +63,19 @@ def draw_masks(maskable: torch.Tensor, counts: torch.Tensor, generator: torch.Ge
 
 @torch.no_grad()
 def elbo_terms(forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, mask_id: int, mc_num: int,
-               generator: torch.Generator, batch_size: int | None = None) -> torch.Tensor:
+               generator: torch.Generator, batch_size: int | None = None,
+               doc_start: torch.Tensor | None = None) -> torch.Tensor:
     """x0 [B, L], maskable [B, L] -> [B, mc_num]: per draw, (n / l) x the summed cross-entropy (nats) of
     the l masked tokens; each is an unbiased estimate of the NELBO of the sequence's maskable tokens.
-    Runs ceil(B * mc_num / batch_size) forward passes whatever the data (ZeRO-3 ranks stay in step)."""
+    Runs ceil(B * mc_num / batch_size) forward passes whatever the data (ZeRO-3 ranks stay in step).
+    `doc_start` [B, L] bool: attention stays within documents (model.document_mask)."""
     B, L = x0.shape
     n = maskable.sum(1).cpu()
     counts = stratified_counts(n, mc_num, generator)
     masks = draw_masks(maskable, counts, generator).to(x0.device).reshape(B * mc_num, L)
     targets = x0.repeat_interleave(mc_num, dim=0)
     noisy = torch.where(masks, mask_id, targets)
+    docs = doc_start.to(x0.device).repeat_interleave(mc_num, dim=0) if doc_start is not None else None
     weights = (n.clamp_min(1)[:, None] / counts).reshape(-1).to(x0.device, torch.float64)
     weights = weights * (n > 0).repeat_interleave(mc_num).to(x0.device)  # nothing to score: 0
     batch_size = batch_size or B * mc_num
@@ -64,8 +83,8 @@ def elbo_terms(forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, mask_
     for lo in range(0, B * mc_num, batch_size):
         hi = min(lo + batch_size, B * mc_num)
         rows = masks[lo:hi]
-        logits = forward(noisy[lo:hi])
-        ce = F.cross_entropy(logits[rows].float(), targets[lo:hi][rows], reduction="none")
+        docs_here = docs[lo:hi] if docs is not None else None
+        ce = masked_cross_entropy(forward, noisy[lo:hi], targets[lo:hi], rows, docs_here)
         seq = rows.nonzero()[:, 0]
         terms[lo:hi] = torch.zeros(hi - lo, dtype=torch.float64, device=x0.device).index_add_(0, seq, ce.double())
     return (terms * weights).reshape(B, mc_num)
@@ -112,14 +131,16 @@ class NelboSums:
 
 
 def nelbo_of_batch(forward: Forward, x0: torch.Tensor, mask_id: int, mc_num: int, generator: torch.Generator,
-                   prompt_len: torch.Tensor | None = None, batch_size: int | None = None) -> NelboSums:
-    """The estimate's sums for one batch; with prompt_len [B], the prompt is never masked nor scored."""
+                   prompt_len: torch.Tensor | None = None, batch_size: int | None = None,
+                   doc_start: torch.Tensor | None = None) -> NelboSums:
+    """The estimate's sums for one batch; with prompt_len [B], the prompt is never masked nor scored;
+    with doc_start [B, L], attention stays within documents."""
     B, L = x0.shape
     maskable = torch.ones(B, L, dtype=torch.bool, device=x0.device)
     if prompt_len is not None:
         maskable &= torch.arange(L, device=x0.device)[None, :] >= prompt_len.to(x0.device)[:, None]
     sums = NelboSums()
-    sums.add(elbo_terms(forward, x0, maskable, mask_id, mc_num, generator, batch_size), maskable.sum(1))
+    sums.add(elbo_terms(forward, x0, maskable, mask_id, mc_num, generator, batch_size, doc_start), maskable.sum(1))
     return sums
 
 

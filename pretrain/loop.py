@@ -214,7 +214,8 @@ class Trainer:
         for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
             x0 = batch["tokens"].to(self.device).long()
             sums.sums += nelbo_of_batch(self.engine, x0, self.mask_id, self.run.trainer.eval_mc_num, rng,
-                                        self.prompt_len(batch), batch_size=x0.shape[0]).sums
+                                        self.prompt_len(batch), batch_size=x0.shape[0],
+                                        doc_start=self.doc_start(batch, x0.shape[1])).sums
         totals = sums.sums.to(self.device)
         dist.all_reduce(totals)
         estimate = NelboSums(totals.cpu()).estimate()

@@ -10,7 +10,7 @@ import pytest
 
 from pretrain.config import compose_config
 from pretrain.engine import OPTIMIZERS, deepspeed_config, world_size_from_env
-from tests.conftest import BIN, run_train, train_losses
+from tests.conftest import BIN, read_metrics, run_train, train_losses
 
 TORCHRUN = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29631", "-m", "pretrain.train"]
 STEPS = 4
@@ -50,10 +50,13 @@ def test_document_mask_trains_under_zero3(tmp_path, demo_shards, baseline):
     # The demo's documents (~2k tokens) span many 64-token windows, so most windows hold one document
     # and the losses stay near the baseline's; the mask's numerics are tested on the model itself.
     launcher = TORCHRUN[:-4] + ["--master_port", "29632", "-m", "pretrain.train"]
-    run_train(launcher, tmp_path / "run", demo_shards, *COMMON, "model.document_mask=true")
+    run_train(launcher, tmp_path / "run", demo_shards, *COMMON, "model.document_mask=true", "trainer.eval_every=2")
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(abs(losses[s] - baseline[s]) < 0.05 * baseline[s] for s in losses)
+    # The periodic eval runs the same way (masked-only head, attention within documents) through the engine.
+    evals = [r["eval/loss"] for r in read_metrics(tmp_path / "run") if "eval/loss" in r]
+    assert len(evals) == 2 and all(0 < e < 10 for e in evals)
 
 
 def test_optimizer_is_picked_by_name_and_unknown_names_are_refused():

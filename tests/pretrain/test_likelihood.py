@@ -3,7 +3,15 @@ import math
 import torch
 
 from pretrain.diffusion import Linear, diffusion_loss, forward_process
-from pretrain.likelihood import NelboSums, answer_nll, draw_masks, elbo_terms, nelbo_of_batch, stratified_counts
+from pretrain.likelihood import (
+    NelboSums,
+    answer_nll,
+    draw_masks,
+    elbo_terms,
+    masked_cross_entropy,
+    nelbo_of_batch,
+    stratified_counts,
+)
 from pretrain.model import LLaDAModel, ModelConfig
 
 MASK = 15
@@ -51,6 +59,41 @@ def test_nelbo_is_deterministic_and_within_its_standard_error_of_many_draws():
     assert abs(a.nelbo - many.nelbo) < 3 * a.mc_se, (a, many)
     assert a.tokens == 6 * 32 and a.sequences == 6 and math.isclose(a.perplexity_bound, math.exp(a.nelbo))
     assert a.se >= a.mc_se * 0.5  # the spread over sequences includes the Monte Carlo part
+
+
+def test_a_llada_model_is_scored_through_its_masked_only_head_with_the_same_terms():
+    model = tiny(vocab=64, init_std=0.3)
+    x0 = torch.randint(0, 60, (4, 32), generator=torch.Generator().manual_seed(1))
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    head_rows = []
+    model.transformer.ff_out.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    fast = elbo_terms(model, x0, maskable, 63, 3, torch.Generator().manual_seed(0), batch_size=6)
+    masked_rows = sum(head_rows)
+    head_rows.clear()
+    full = elbo_terms(lambda ids: model(ids), x0, maskable, 63, 3, torch.Generator().manual_seed(0), batch_size=6)
+    assert torch.allclose(fast, full, rtol=1e-5, atol=1e-6)
+    assert sum(head_rows) == 4 * 3 * 32  # the full-logits path runs the head on every position ...
+    assert 0 < masked_rows < 4 * 3 * 32  # ... the model's own path on the masked ones only
+
+
+def test_document_masked_scores_equal_each_document_scored_alone():
+    model = tiny(vocab=64, init_std=0.3)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randint(0, 60, (1, 12), generator=g), torch.randint(0, 60, (1, 20), generator=g)
+    ids, rows = torch.cat([a, b], 1), torch.rand(1, 32, generator=g) < 0.5
+    noisy = ids.masked_fill(rows, 63)
+    doc_start = torch.zeros(1, 32, dtype=torch.bool)
+    doc_start[0, [0, 12]] = True
+    together = masked_cross_entropy(model, noisy, ids, rows, doc_start)
+    alone = torch.cat([masked_cross_entropy(model, noisy[:, :12], a, rows[:, :12]),
+                       masked_cross_entropy(model, noisy[:, 12:], b, rows[:, 12:])])
+    assert torch.allclose(together, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(masked_cross_entropy(model, noisy, ids, rows), alone, rtol=1e-3)  # the mask matters
+    try:
+        masked_cross_entropy(lambda x: model(x), noisy, ids, rows, doc_start)
+        raise AssertionError("a plain forward cannot keep attention within documents")
+    except ValueError as e:
+        assert "LLaDAModel" in str(e)
 
 
 def test_forward_calls_do_not_depend_on_the_data():
