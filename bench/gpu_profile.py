@@ -5,8 +5,9 @@ profiled). Prints, per optimizer step:
   - wall time, the union of the GPU's kernel intervals (busy) and what is left (idle: the GPU
     waiting on the host, a sync, or data);
   - kernel time by kind (matmul, attention, inductor-fused, NCCL, copies, optimizer, other);
-  - host time of the loop's phases (forward + loss, DeepSpeed backward, DeepSpeed step) and the
-    GPU time of the kernels they launched;
+  - host time of the loop's phases (forward + loss, DeepSpeed backward, DeepSpeed step): a phase
+    whose host time nears the step's wall time is where the GPU waits (the backward's kernels are
+    launched from autograd's own thread, so phases are not split by GPU time);
   - the 12 kernels that take the most time.
 On a CPU (bench/gpu.py --dry) only the host phases are there. With `trace_dir`, a Chrome trace
 (gzip) is written there too: open it at https://ui.perfetto.dev.
@@ -108,8 +109,7 @@ class StepProfiler:
         for name in PHASES:
             ranges = [e for e in events if e.name == name and e.device_type == torch.autograd.DeviceType.CPU]
             phases[name] = {"host_ms": sum(e.time_range.elapsed_us() for e in ranges) / 1e3 / steps,
-                            "calls": len(ranges) // steps,
-                            "gpu_ms": sum(getattr(e, "device_time_total", 0.0) for e in ranges) / 1e3 / steps}
+                            "calls": len(ranges) // steps}
         top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
         return {"steps": len(self.step_times), "wall_ms": wall_ms, "gpu_busy_ms": busy_ms,
                 "gpu_idle_ms": max(wall_ms - busy_ms, 0.0) if kernels else None,
@@ -135,8 +135,8 @@ def print_summary(case: str, s: dict) -> None:
               f"idle {s['gpu_idle_ms']:.1f} ms ({100 * s['gpu_idle_ms'] / wall:.0f}%)")
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in s["kernel_ms_by_kind"].items())
         print(f"  kernel time by kind (ms/step): {kinds}")
-    print(f"  {'phase':<14} {'calls':>5} {'host ms':>9} {'GPU ms':>9}")
+    print(f"  {'phase':<14} {'calls':>5} {'host ms':>9}")
     for name, p in s["phases"].items():
-        print(f"  {name:<14} {p['calls']:>5} {p['host_ms']:>9.1f} {p['gpu_ms']:>9.1f}")
+        print(f"  {name:<14} {p['calls']:>5} {p['host_ms']:>9.1f}")
     for k in s["top_kernels"]:
         print(f"  {k['ms']:>8.2f} ms  {k['name']}")
