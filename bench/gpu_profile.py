@@ -1,9 +1,10 @@
 """Where one engine step's time goes: torch.profiler over two optimizer steps of pretrain.train.
 
-Used by `bench/gpu.py --profile CASE` (the case runs as usual; two steps after the warm-up are
-profiled). Prints, per optimizer step:
-  - wall time, the union of the GPU's kernel intervals (busy) and what is left (idle: the GPU
-    waiting on the host, a sync, or data);
+Used by `bench/gpu.py --only CASE --profile` (the case runs as usual; two steps after the warm-up
+are profiled). Prints, per optimizer step:
+  - wall time (from one step's end to the next: logging and the stop/save collective included),
+    the union of the GPU's kernel intervals (busy) and what is left (idle: the GPU waiting on the
+    host, a sync, or data);
   - kernel time by kind (matmul, attention, inductor-fused, NCCL, copies, optimizer, other);
   - host time of the loop's phases (forward + loss, DeepSpeed backward, DeepSpeed step): a phase
     whose host time nears the step's wall time is where the GPU waits (the backward's kernels are
@@ -27,11 +28,11 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 KINDS = [  # kernel name (lower case) pattern -> kind; the first match wins
     ("nccl", r"nccl"),
+    ("inductor-fused", r"^triton"),  # named after what they fuse, e.g. triton_poi_fused__to_copy_mul_silu_1
     ("attention", r"flash|fmha|attention|sdpa|cudnn"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_"),
     ("optimizer", r"adam|multi_tensor"),
-    ("copy", r"memcpy|memset|copy"),
-    ("inductor-fused", r"triton"),
+    ("copy", r"^memcpy|^memset|copy_kernel|copy_device"),
 ]
 PHASES = ("forward+loss", "ds_backward", "ds_step")
 
@@ -73,11 +74,11 @@ class StepProfiler:
             skipped = finish_step(engine)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # only at step ends: the step's own syncs are what we look at
-            now = time.perf_counter()
             if self.first_active <= self.steps_seen < self.first_active + self.active:
-                self.step_times.append(now - self.last)
-            self.last, self.steps_seen = now, self.steps_seen + 1
+                self.step_times.append(time.perf_counter() - self.last)
+            self.steps_seen += 1
             self.prof.step()
+            self.last = time.perf_counter()  # after the profiler's own start/stop work
             return skipped
 
         def ranged(name, fn):
@@ -97,7 +98,9 @@ class StepProfiler:
         events = self.prof.events()
         steps = max(len(self.step_times), 1)
         wall_ms = 1e3 * sum(self.step_times) / steps
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        # GPU events are kernels, copies and, for each record_function range (ProfilerStep#N, the
+        # phases, Optimizer.step), a span on the GPU timeline: those are annotations, not work.
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
         busy_ms = union_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3 / steps
         by_kind: dict[str, float] = {}
         by_name: dict[str, float] = {}

@@ -59,10 +59,13 @@ def _skip_shm_comm_build() -> None:
 def _count_cpu_devices_once() -> None:
     """DeepSpeed's CPU accelerator counts its "devices" (NUMA nodes) by running `numactl --hardware`
     on every device_count() call, and ZeRO-3 calls it for every gradient bucket: a fork of the whole
-    process per block per micro-batch (~5% of a CPU step, bench/engine.py). It reads LOCAL_SIZE first,
-    so that is set once to the same count."""
-    if get_accelerator().device_name() == "cpu" and "LOCAL_SIZE" not in os.environ:
-        os.environ["LOCAL_SIZE"] = str(get_accelerator().device_count())
+    process per block per micro-batch (a CPU step 7% longer, bench/engine.py). The count cannot change,
+    so the accelerator (one object, cached by DeepSpeed) answers from the first call. (Not through
+    LOCAL_SIZE, which it reads first: DeepSpeed's shm all-reduce takes that as the ranks per node.)"""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        count = accelerator.device_count()
+        accelerator.device_count = lambda: count
 
 
 def init_distributed(timeout_s: float, shm_comm: bool = True) -> tuple[int, int]:

@@ -122,7 +122,8 @@ def test_preempted_job_saves_requeues_resumes_and_matches_the_uninterrupted_loss
                                                                                     uninterrupted):
     local, env = cluster
     run_dir = tmp_path / "run"
-    job = submit(env, tmp_path, *training_args(run_dir, demo_shards))
+    # Rank 0 dwells 10 s in step 3, so the signal lands before the last step however fast the steps are.
+    job = submit(env, tmp_path, *training_args(run_dir, demo_shards), "fault.sleep_at_step=3", "fault.sleep_s=10")
     wait_for_step(run_dir, 2, env, job)
     # What SLURM does before a time limit or a preemption (--signal=B:USR1@N): USR1 to the batch shell.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
