@@ -217,9 +217,11 @@ class LLaDAModel(nn.Module):
 def compile_blocks(model: LLaDAModel, backend: str = "inductor") -> None:
     """Regional torch.compile: each block's forward is compiled (the blocks share one graph, since
     they are alike), which fuses the elementwise work around the matmuls (RMSNorm and RoPE in fp32,
-    SwiGLU, dtype casts). Module hooks (ZeRO-3's) stay outside the compiled region."""
+    SwiGLU, dtype casts). Module hooks (ZeRO-3's) stay outside the compiled region. The training
+    loss's elementwise work is compiled too (OutputHead.compile_loss)."""
     for block in model.transformer.blocks:
         block.forward = torch.compile(block.forward, backend=backend)
+    model.transformer.ff_out.compile_loss(backend)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -8,6 +8,8 @@ fp32 copy of the masked rows; here one chunk (`CHUNK_ELEMENTS` fp32 logits, 512 
 
 The gradients are those of `cross_entropy(logits[rows].float(), targets)` with logits = h W^T: for
 each row, (softmax - onehot) x dCE, cast to the compute dtype before the matmuls, as autograd does.
+The per-chunk elementwise work is two plain functions (`chunk_stats`, `chunk_grad`) that
+`trainer.compile` compiles (`OutputHead.compile_loss`).
 """
 
 from __future__ import annotations
@@ -18,23 +20,36 @@ import torch.nn as nn
 CHUNK_ELEMENTS = 2**27  # fp32 logits per chunk (512 MB): rows per chunk = CHUNK_ELEMENTS // vocab
 
 
+def chunk_stats(logits: torch.Tensor, targets: torch.Tensor):
+    """One chunk's logits [n, V] -> log-sum-exp and cross-entropy (fp32), argmax == target."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse, lse - logits.gather(1, targets[:, None])[:, 0], logits.argmax(dim=-1) == targets
+
+
+def chunk_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_ce: torch.Tensor):
+    """d(ce) / d(logits) x grad_ce = (softmax - onehot) x grad_ce, in the logits' dtype."""
+    g = torch.exp(logits.float() - lse[:, None])
+    g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
+    return (g * grad_ce[:, None]).to(logits.dtype)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """(h [N, d], weight [V, d], targets [N]) -> (cross-entropy [N] fp32, argmax == target [N] bool)."""
+    """(h [N, d], weight [V, d], targets [N]) -> (cross-entropy [N] fp32, argmax == target [N] bool).
+    `fns` = (chunk_stats, chunk_grad), or compiled versions of them (OutputHead.compile_loss)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows: int):
+    def forward(ctx, h, weight, targets, chunk_rows: int, fns):
+        stats, _ = fns
         N = h.shape[0]
         ce = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         correct = torch.empty(N, dtype=torch.bool, device=h.device)
         for s in range(0, N, chunk_rows):
             e = min(s + chunk_rows, N)
-            logits = (h[s:e] @ weight.t()).float()
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
-            ce[s:e] = lse[s:e] - logits.gather(1, targets[s:e, None])[:, 0]
-            correct[s:e] = logits.argmax(dim=-1) == targets[s:e]
+            lse[s:e], ce[s:e], correct[s:e] = stats(h[s:e] @ weight.t(), targets[s:e])
         ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.fns = chunk_rows, fns
         ctx.mark_non_differentiable(correct)
         return ce, correct
 
@@ -42,17 +57,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_ce, _grad_correct):
         h, weight, targets, lse = ctx.saved_tensors
         N, step = h.shape[0], ctx.chunk_rows
+        _, grad = ctx.fns
         grad_h = torch.empty_like(h)
         # Several chunks add into the weight's gradient: sum them in fp32, round once.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32 if N > step else weight.dtype, device=weight.device)
         for s in range(0, N, step):
             e = min(s + step, N)
-            g = torch.exp((h[s:e] @ weight.t()).float() - lse[s:e, None])  # softmax
-            g[torch.arange(e - s, device=g.device), targets[s:e]] -= 1.0
-            g = (g * grad_ce[s:e, None]).to(h.dtype)
+            g = grad(h[s:e] @ weight.t(), lse[s:e], targets[s:e], grad_ce[s:e])
             grad_h[s:e] = g @ weight
             grad_w += (g.t() @ h[s:e]).to(grad_w.dtype)
-        return grad_h, grad_w.to(weight.dtype), None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
 class OutputHead(nn.Linear):
@@ -64,9 +78,17 @@ class OutputHead(nn.Linear):
         super().__init__(d_in, vocab, bias=False)
         nn.init.normal_(self.weight, mean=0.0, std=std)
         self.chunk_elements = CHUNK_ELEMENTS
+        self.chunk_fns = (chunk_stats, chunk_grad)
+
+    def compile_loss(self, backend: str = "inductor") -> None:
+        """Compile the elementwise work around the head's matmuls (trainer.compile): log-sum-exp,
+        cross-entropy and argmax in one pass over a chunk's logits, and the softmax gradient in one
+        more, instead of an fp32 copy of the chunk and a pass per op. The matmuls stay cuBLAS's.
+        dynamic=True: the number of masked rows changes every batch."""
+        self.chunk_fns = tuple(torch.compile(fn, backend=backend, dynamic=True) for fn in (chunk_stats, chunk_grad))
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
         if targets is None:
             return super().forward(h)
         chunk_rows = max(1, self.chunk_elements // self.weight.shape[0])
-        return LinearCrossEntropy.apply(h, self.weight, targets, chunk_rows)
+        return LinearCrossEntropy.apply(h, self.weight, targets, chunk_rows, self.chunk_fns)

@@ -174,6 +174,32 @@ def test_masked_only_head_gives_the_same_loss_and_gradients(chunk_rows):
     assert torch.equal(correct, hits)
 
 
+def test_compiled_loss_gives_the_same_loss_and_gradients_without_recompiling_per_batch():
+    # Inductor for real (its CPU kernels, fp32): the two chunk functions compile once each, with the
+    # row count symbolic, so batches with other numbers of masked rows (and a short last chunk) reuse them.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    a, b = twin(tiny())
+    head = b.transformer.ff_out
+    head.chunk_elements = 97 * 5  # 5 rows a chunk
+    head.compile_loss()
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        x0 = torch.randint(0, 96, (3, 24), generator=g)
+        masked = torch.rand(3, 24, generator=g) < (0.4 if seed else 0.6)
+        ref = reference_loss(a, x0, masked)
+        ref.backward()
+        ce, correct = b(x0.masked_fill(masked, 96), targets=x0, masked=masked)
+        ce.sum().backward()
+        torch.testing.assert_close(ce.sum(), ref, rtol=1e-6, atol=1e-5)
+        assert_same_grads(a, b)
+        a.zero_grad(set_to_none=True)
+        b.zero_grad(set_to_none=True)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # chunk_stats and chunk_grad
+
+
 def test_ffn_padding_is_exact_and_invisible():
     cfg = tiny(mlp_hidden_size=100)  # not a multiple of 64: padded to 128 inside the forward
     model = LLaDAModel(cfg)
