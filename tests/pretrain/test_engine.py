@@ -34,6 +34,20 @@ def test_activation_checkpointing_under_zero3_gives_the_same_losses(tmp_path, de
         assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, losses, baseline)
 
 
+def test_compiled_blocks_and_loss_under_zero3_give_the_same_losses(tmp_path, demo_shards, baseline):
+    # trainer.compile with inductor's CPU kernels (the GPU default path, here in fp32): each rank
+    # compiles the block graph and the loss's two chunk functions once.
+    launcher = TORCHRUN[:-4] + ["--master_port", "29634", "-m", "pretrain.train"]
+    cache = tmp_path / "inductor"  # a fresh cache: inductor really compiled (no kernel is reused from elsewhere)
+    run_train(launcher, tmp_path / "run", demo_shards, *COMMON, "trainer.compile=true",
+              env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert len(list(cache.rglob("*.py"))) >= 3, "inductor wrote no kernels: the run was not compiled"
+    losses = train_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in baseline.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), (step, losses, baseline)
+
+
 def test_torch_linear_gives_deepspeed_s_memory_efficient_linear_losses(tmp_path, demo_shards, baseline):
     # conf/deepspeed/zero3.yaml keeps torch's F.linear (memory_efficient_linear: false); DeepSpeed's
     # default replaces it with its own autograd function. Both must train the same, step for step.
