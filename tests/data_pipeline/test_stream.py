@@ -145,14 +145,19 @@ def shards_copy(demo_shards, tmp_path) -> Path:
 
 
 
-def test_flipped_byte_names_the_shard_and_sample(shards_copy):
-    info = Manifest.load(shards_copy).splits["train"][3]
-    path = shards_copy / info.name
+def corrupt_payload(path: Path) -> str:
+    """Flips a byte inside the first member's payload (after its 512-byte header); returns its key."""
     with tarfile.open(path) as tar:
         key = tar.getmembers()[0].name.split(".")[0]
     data = bytearray(path.read_bytes())
-    data[512 + 100] ^= 0xFF  # inside the first member's payload (after its 512-byte header)
+    data[512 + 100] ^= 0xFF
     path.write_bytes(bytes(data))
+    return key
+
+
+def test_flipped_byte_names_the_shard_and_sample(shards_copy):
+    info = Manifest.load(shards_copy).splits["train"][3]
+    key = corrupt_payload(shards_copy / info.name)
     n = Manifest.load(shards_copy).samples("train")
     with pytest.raises(CorruptShardError, match=f"{info.name}: sample {key} fails its checksum"):
         take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
@@ -242,11 +247,7 @@ def test_a_corrupt_tar_header_loses_only_its_block_and_is_counted(shards_copy, c
 def test_a_corrupt_shard_in_a_loader_worker_is_named_on_the_error_line(shards_copy):
     info = Manifest.load(shards_copy).splits["train"][3]
     path = shards_copy / info.name
-    with tarfile.open(path) as tar:
-        key = tar.getmembers()[0].name.split(".")[0]
-    data = bytearray(path.read_bytes())
-    data[512 + 100] ^= 0xFF  # inside the first member's payload
-    path.write_bytes(bytes(data))
+    key = corrupt_payload(path)
     n = Manifest.load(shards_copy).samples("train")
     with pytest.raises(CorruptShardError) as e:
         take(stream(shards_copy, world=1, batch=4, workers=2), n // 4 + 8)

@@ -25,49 +25,48 @@ def baseline(tmp_path_factory, demo_shards):
     return train_losses(run_dir)
 
 
-def test_activation_checkpointing_under_zero3_gives_the_same_losses(tmp_path, demo_shards, baseline):
-    # Every 2nd block: checkpointed and plain blocks in one model (`full` is k=1 of the same code).
-    run_train(TORCHRUN, tmp_path / "run", demo_shards, *COMMON, "trainer.activation_checkpointing=2")
+def train_on_port(port: int, tmp_path, demo_shards, *overrides: str, env: dict | None = None) -> dict[int, float]:
+    """A 2-rank run of COMMON plus `overrides` on its own rendezvous port; its losses by step."""
+    launcher = TORCHRUN[:-4] + ["--master_port", str(port), "-m", "pretrain.train"]
+    run_train(launcher, tmp_path / "run", demo_shards, *COMMON, *overrides, env=env)
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def assert_same_losses(losses: dict[int, float], baseline: dict[int, float], rel: float = 1e-5,
+                       abs_tol: float | None = 1e-6) -> None:
     for step, loss in baseline.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, losses, baseline)
+        assert losses[step] == pytest.approx(loss, rel=rel, abs=abs_tol), (step, losses, baseline)
+
+
+def test_activation_checkpointing_under_zero3_gives_the_same_losses(tmp_path, demo_shards, baseline):
+    # Every 2nd block: checkpointed and plain blocks in one model (`full` is k=1 of the same code).
+    assert_same_losses(train_on_port(29631, tmp_path, demo_shards, "trainer.activation_checkpointing=2"), baseline)
 
 
 def test_compiled_blocks_and_loss_under_zero3_give_the_same_losses(tmp_path, demo_shards, baseline):
     # trainer.compile with inductor's CPU kernels (the GPU default path, here in fp32): each rank
     # compiles the block graph and the loss's two chunk functions once.
-    launcher = TORCHRUN[:-4] + ["--master_port", "29634", "-m", "pretrain.train"]
     cache = tmp_path / "inductor"  # a fresh cache: inductor really compiled (no kernel is reused from elsewhere)
-    run_train(launcher, tmp_path / "run", demo_shards, *COMMON, "trainer.compile=true",
-              env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    losses = train_on_port(29634, tmp_path, demo_shards, "trainer.compile=true",
+                            env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert len(list(cache.rglob("*.py"))) >= 3, "inductor wrote no kernels: the run was not compiled"
-    losses = train_losses(tmp_path / "run")
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, loss in baseline.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-4), (step, losses, baseline)
+    assert_same_losses(losses, baseline, rel=1e-4, abs_tol=None)
 
 
 def test_torch_linear_gives_deepspeed_s_memory_efficient_linear_losses(tmp_path, demo_shards, baseline):
     # conf/deepspeed/zero3.yaml keeps torch's F.linear (memory_efficient_linear: false); DeepSpeed's
     # default replaces it with its own autograd function. Both must train the same, step for step.
     assert deepspeed_config(compose_config([]), 1)["zero_optimization"]["memory_efficient_linear"] is False
-    launcher = TORCHRUN[:-4] + ["--master_port", "29633", "-m", "pretrain.train"]
-    run_train(launcher, tmp_path / "run", demo_shards, *COMMON,
-              "deepspeed.zero_optimization.memory_efficient_linear=true")
-    losses = train_losses(tmp_path / "run")
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, loss in baseline.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, losses, baseline)
+    losses = train_on_port(29633, tmp_path, demo_shards, "deepspeed.zero_optimization.memory_efficient_linear=true")
+    assert_same_losses(losses, baseline)
 
 
 def test_document_mask_trains_under_zero3(tmp_path, demo_shards, baseline):
     # The demo's documents (~2k tokens) span many 64-token windows, so most windows hold one document
     # and the losses stay near the baseline's; the mask's numerics are tested on the model itself.
-    launcher = TORCHRUN[:-4] + ["--master_port", "29632", "-m", "pretrain.train"]
-    run_train(launcher, tmp_path / "run", demo_shards, *COMMON, "model.document_mask=true", "trainer.eval_every=2")
-    losses = train_losses(tmp_path / "run")
-    assert sorted(losses) == list(range(1, STEPS + 1))
+    losses = train_on_port(29632, tmp_path, demo_shards, "model.document_mask=true", "trainer.eval_every=2")
     assert all(abs(losses[s] - baseline[s]) < 0.05 * baseline[s] for s in losses)
     # The periodic eval passes the documents and the masked rows through the engine's forward under ZeRO-3
     # (that the scores then stay within documents is tested in test_likelihood / test_evaluate).
