@@ -108,7 +108,7 @@ class Trainer:
         """Where documents begin (model.document_mask=true), cut to the batch's length."""
         return batch["doc_start"][:, :length].to(self.device) if "doc_start" in batch else None
 
-    def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
+    def micro_step(self, batch: dict, micro: int) -> None:
         # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
         m, step = self.run.mask, self.state.step
         cut_rng = torch.Generator().manual_seed(derived_seed("cut", self.run.seed, step, micro))
@@ -123,7 +123,6 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         self.window.add(loss.detach().float(), stats, x0.shape[1])
-        return loss.detach().float()
 
     def train(self) -> str:
         """Trains until max_steps / max_tokens ("done") or until a rank is asked to stop
@@ -181,11 +180,6 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         save_due, stop = flags.tolist()
         return bool(save_due), self.stop.agree(bool(stop))
-
-    def _sum_over_ranks(self, *values) -> list[float]:
-        totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
-        dist.all_reduce(totals)
-        return totals.tolist()
 
     def log_window(self, steps_this_process: int) -> None:
         stats = self.window.summarize(self.run.mask.normalize, self.world, self.flops_per_token, self.peak_tflops)
