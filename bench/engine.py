@@ -41,10 +41,10 @@ def time_steps(variant: str, steps: int) -> list[float]:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from pretrain import engine as E
-    from pretrain.config import compose_config
-    from pretrain.diffusion import forward_process, make_schedule, model_loss_and_stats
-    from pretrain.model import LLaDAModel
+    from pretrain.checks import compose_config
+    from pretrain.engine import build as E
+    from pretrain.model.transformer import LLaDAModel
+    from pretrain.objective.diffusion import forward_process, make_schedule, model_loss_and_stats
 
     run = compose_config(SHAPE + VARIANTS[variant])
     torch.set_num_threads(1)

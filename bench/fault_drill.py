@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data_pipeline.build import build  # noqa: E402
-from pretrain.zero_checkpoint import optimizer_tensors  # noqa: E402
+from pretrain.checkpoint.zero_files import optimizer_tensors  # noqa: E402
 from tests.conftest import TRAIN_ARGS, build_config, demo_data_config, free_port  # noqa: E402
 
 FAULTS = ("kill -9 rank", "SIGTERM rank", "SIGUSR1 launcher", "kill -9 launcher")

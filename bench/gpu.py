@@ -20,7 +20,7 @@ Cases (seq 4096, micro batch 4, 2 accumulation steps, bf16, compiled blocks, tor
 where the time goes (bench/gpu_profile.py); its tokens/s then carry the profiler's overhead.
 Each case runs in its own process (clean peak-memory counter, no leftovers); a case that fails
 prints its last error line and the others still run. Cases start only while the time budget lasts.
-MFU = tokens/s x FLOPs per token (pretrain/flops.py) / the card's dense bf16 peak.
+MFU = tokens/s x FLOPs per token (pretrain/model/flops.py) / the card's dense bf16 peak.
 The last line is one JSON object.
 """
 
@@ -72,7 +72,7 @@ WARMUP_STEPS = 3  # compile and allocator warm-up: excluded from tokens/s
 
 def configured(overrides: list[str]):
     """The run's config as pretrain.train resolves it (model.vocab_size=null: the shards' vocabulary)."""
-    from pretrain.config import compose_config, resolve_vocab
+    from pretrain.checks import compose_config, resolve_vocab
 
     run = compose_config(overrides)
     resolve_vocab(run)
@@ -105,8 +105,8 @@ def run_engine_case(overrides: list[str], run_dir: Path, profiler=None) -> dict:
 
 def run_model_case(overrides: list[str]) -> dict:
     """The bare model (no optimizer), forward + backward of the training loss, as many steps as the engine case."""
-    from pretrain.diffusion import forward_process, make_schedule, model_loss_and_stats
-    from pretrain.model import LLaDAModel, compile_blocks
+    from pretrain.model.transformer import LLaDAModel, compile_blocks
+    from pretrain.objective.diffusion import forward_process, make_schedule, model_loss_and_stats
 
     run = configured(overrides)
     t = run.trainer
@@ -145,7 +145,7 @@ def run_model_case(overrides: list[str]) -> dict:
 def run_numerics_case(overrides: list[str], backend: str) -> dict:
     """bf16 on the device: the training path (masked-only head, padded FFN, compiled blocks) against
     the plain formula (full logits, then cross-entropy of the masked rows); relative differences."""
-    from pretrain.model import LLaDAModel, compile_blocks
+    from pretrain.model.transformer import LLaDAModel, compile_blocks
 
     run = configured(overrides)
     device, dtype = torch.device(run.cluster.device), torch.bfloat16
@@ -186,7 +186,7 @@ def child(name: str, dry: bool, out: Path, profile: bool, trace_dir: Path | None
         result = {"engine": lambda: run_engine_case(overrides, Path(tmp) / "run", profiler),
                   "model": lambda: run_model_case(overrides),
                   "numerics": lambda: run_numerics_case(overrides, "aot_eager" if dry else "inductor")}[kind]()
-    from pretrain.flops import flops_per_token, matmul_params
+    from pretrain.model.flops import flops_per_token, matmul_params
 
     run = configured(overrides)
     result.update(kind=kind, peak_gb=peak_memory_gb(), flops_per_token=flops_per_token(run.model, run.trainer.seq_len),
@@ -199,7 +199,7 @@ def child(name: str, dry: bool, out: Path, profile: bool, trace_dir: Path | None
 
 def parent(dry: bool, budget_s: float, case_timeout_s: float, only: list[str] | None, extra: list[str]) -> None:
     from bench.gpu_profile import print_summary
-    from pretrain.flops import mfu, peak_tflops
+    from pretrain.model.flops import mfu, peak_tflops
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak_tflops(device)

@@ -5,7 +5,7 @@
 
 speed:        forward + backward tokens/s of our model and of transformers' LlamaModel (+ an untied
               head, the same loss) of the same shape with full bidirectional attention, alternated
-              in one run; ours trains through the masked-only head (pretrain/output_head.py), the
+              in one run; ours trains through the masked-only head (pretrain/model/output_head.py), the
               peer through full logits. Keys ours_tokens_per_s, peer_tokens_per_s, ratio.
 zero:         model=small under the real engine (DeepSpeed ZeRO-3, gloo) at 1, 2 and 4 CPU ranks:
               each rank's parameter shards + fp32 master + Adam moments (bytes held by its optimizer
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pretrain.config import compose_config  # noqa: E402
-from pretrain.model import LLaDAModel  # noqa: E402
+from pretrain.checks import compose_config  # noqa: E402
+from pretrain.model.transformer import LLaDAModel  # noqa: E402
 
 SHAPE = ["model=tiny", "model.n_layers=4", "model.d_model=256", "model.n_heads=8", "model.n_kv_heads=4",
          "model.mlp_hidden_size=704", "model.vocab_size=8192"]
@@ -109,8 +109,8 @@ def bench_speed(rounds: int = 6) -> dict:
 ZERO_CHILD = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, @REPO@)
-from pretrain.config import compose_config
-from pretrain.engine import build_engine, init_distributed, world_size_from_env
+from pretrain.checks import compose_config
+from pretrain.engine.build import build_engine, init_distributed, world_size_from_env
 world = world_size_from_env()
 run = compose_config(["model=small", "trainer.seq_len=64", "trainer.micro_batch_size=1",
                       f"trainer.global_batch_size={world}", "trainer.precision=fp32"], world_size=world)

@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 from data_pipeline.shards import Manifest  # noqa: E402
 from data_pipeline.stream import TokenStream  # noqa: E402
-from pretrain import checkpoint  # noqa: E402
-from pretrain.config import compose_config  # noqa: E402
-from pretrain.diffusion import diffusion_loss, forward_process, make_schedule, sample_times  # noqa: E402
-from pretrain.model import LLaDAModel  # noqa: E402
+from pretrain.checkpoint import store as checkpoint  # noqa: E402
+from pretrain.checks import compose_config  # noqa: E402
+from pretrain.model.transformer import LLaDAModel  # noqa: E402
+from pretrain.objective.diffusion import diffusion_loss, forward_process, make_schedule, sample_times  # noqa: E402
 
 TRAIN_ARGS = ["model=tiny", "optim=wsd_short", "trainer.max_steps=300", "trainer.eval_every=0", "trainer.log_every=50"]
 CASES = [("linear", "iid"), ("linear", "stratified"), ("linear", "antithetic"), ("cosine", "iid"),

@@ -24,7 +24,8 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config import ConfigError, RunConfig, SlurmConfig, load_config
+from pretrain.checks import load_config
+from pretrain.config import ConfigError, RunConfig, SlurmConfig
 
 TEMPLATE = Path(__file__).resolve().parent / "slurm" / "pretrain.sbatch"
 LAUNCHERS = ("deepspeed", "torchrun")

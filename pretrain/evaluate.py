@@ -6,7 +6,7 @@
 SOURCE is a run directory (its newest checkpoint, or --step N) or an exported folder. Without
 --choices it reads the windows of a built shard directory (default: the run's own, split `heldout`)
 in manifest order and prints the NELBO per token (nats), an upper bound on -log p per token, with its
-standard error, and the perplexity bound exp(NELBO); the estimator is pretrain/likelihood.py's, the
+standard error, and the perplexity bound exp(NELBO); the estimator is pretrain/objective/likelihood.py's, the
 one the periodic eval during training uses. SFT shards score the responses only (prompt never masked).
 
 --choices FILE.jsonl: one {"prompt": str, "choices": [str, ...], "answer": index or the right choice}
@@ -33,11 +33,11 @@ import torch
 
 from data_pipeline.shards import DataError, Manifest, read_blocks, token_dtype
 from data_pipeline.tokenizer import fingerprint
-from pretrain.generate import pick_device, pick_dtype
-from pretrain.hf_format import FormatError
-from pretrain.likelihood import NelboSums, answer_nll, nelbo_of_batch
-from pretrain.pretrained import Source, SourceError, load_model, open_source
-from pretrain.zero_checkpoint import CheckpointError
+from pretrain.checkpoint.zero_files import CheckpointError
+from pretrain.engine.device import pick_device, pick_dtype
+from pretrain.hf.format import FormatError
+from pretrain.hf.pretrained import Source, SourceError, load_model, open_source
+from pretrain.objective.likelihood import NelboSums, answer_nll, nelbo_of_batch
 
 
 class EvalError(ValueError):

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from data_pipeline.shards import DataError
 from data_pipeline.tokenizer import EOS, MASK
-from pretrain.hf_format import (
+from pretrain.checkpoint.zero_files import CheckpointError
+from pretrain.hf.format import (
     DTYPES,
     PUBLISHED_CODE_REPO,
     FormatError,
@@ -39,8 +40,7 @@ from pretrain.hf_format import (
     write_tokenizer,
     write_weights,
 )
-from pretrain.pretrained import SourceError, check_shapes, open_source
-from pretrain.zero_checkpoint import CheckpointError
+from pretrain.hf.pretrained import SourceError, check_shapes, open_source
 
 
 def export(source_path: str | Path, out_dir: str | Path, step: int | None = None, dtype: str = "bf16",

@@ -24,13 +24,13 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
 
-from pretrain.metrics import trim_jsonl
+from pretrain.config import FaultConfig
+from pretrain.monitor.metrics import trim_jsonl
 
 EXIT_CONFIG = 2  # a config or data error, found before any training
 EXIT_NON_FINITE = 3  # trainer.max_bad_steps consecutive non-finite steps
@@ -43,17 +43,6 @@ LAUNCHER_SCRIPTS = ("deepspeed", "torchrun", "launch.py", "runner.py", "run.py")
 LAUNCHER_MODULES = ("deepspeed.launcher.runner", "deepspeed.launcher.launch", "torch.distributed.run",
                     "torch.distributed.launch")
 PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class FaultConfig:
-    """Fault injection for tests and drills; all empty in conf/fault/none.yaml."""
-    nan_steps: list[int]  # steps whose loss is replaced by NaN (on the ranks below)
-    nan_ranks: list[int] | None  # null: every rank
-    sleep_at_step: int | None  # a rank sleeps (a hang in Python code) in this step...
-    sleep_s: float  # ...for this long
-    sleep_rank: int
-    record_samples: bool  # each rank writes the windows of every step to run_dir/samples/ (drills)
 
 
 class StopRequest:

@@ -1,7 +1,7 @@
 """The training loop: batches in, optimizer steps out, with logging, eval and checkpoints.
 
 It knows the engine only through forward / backward / step, so the model and the optimizer step
-stay in pretrain/model.py and DeepSpeed. Every rank runs the same number of forward passes and
+stay in pretrain/model/transformer.py and DeepSpeed. Every rank runs the same number of forward passes and
 collectives in the same order: the stream never runs dry, and stopping is decided from the step
 count, which all ranks share.
 """
@@ -17,15 +17,21 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.stream import TokenStream, make_loader
-from pretrain import checkpoint
+from pretrain.checkpoint import store as checkpoint
+from pretrain.checkpoint.resume_check import config_dict
 from pretrain.config import RunConfig
-from pretrain.diffusion import forward_process, make_schedule, model_loss_and_stats, random_length, sample_times
 from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
-from pretrain.flops import flops_per_token, peak_tflops
-from pretrain.likelihood import NelboSums, nelbo_of_batch
-from pretrain.metrics import MetricsLogger, console_line
-from pretrain.resume_check import config_dict
-from pretrain.train_stats import LogWindow, device_name
+from pretrain.model.flops import flops_per_token, peak_tflops
+from pretrain.monitor.metrics import MetricsLogger, console_line
+from pretrain.monitor.train_stats import LogWindow, device_name
+from pretrain.objective.diffusion import (
+    forward_process,
+    make_schedule,
+    model_loss_and_stats,
+    random_length,
+    sample_times,
+)
+from pretrain.objective.likelihood import NelboSums, nelbo_of_batch
 
 
 def derived_seed(*parts: int | str) -> int:
@@ -197,7 +203,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """The held-out negative ELBO per token (pretrain/likelihood.py, the estimator of python -m
+        """The held-out negative ELBO per token (pretrain/objective/likelihood.py, the estimator of python -m
         pretrain.evaluate): trainer.eval_mc_num stratified mask draws per sequence from a generator seeded
         the same at every eval, so evals differ only by the model. Every rank runs the same number of
         forward passes."""

@@ -13,7 +13,7 @@ Memory model (bytes; bf16 training; flash-style attention, so no L x L scores ar
                  the norm outputs, q/k/v, the attention output, the residual, the SwiGLU gate, up
                  and product; a checkpointed block keeps only its input (2 d) and one block's worth is
                  alive during its recompute
-  loss           one chunk of fp32 logits and its softmax gradient (pretrain/output_head.py), the
+  loss           one chunk of fp32 logits and its softmax gradient (pretrain/model/output_head.py), the
                  fp32 head-gradient accumulator, and the masked rows' hidden states
 Checked against bench/gpu.py on one H200 (BENCHMARKS.md): llada_8b with 8 layers at micro batch 4,
 64.5 GB measured without checkpointing and 48.5 GB with it.
@@ -26,11 +26,12 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 
-from pretrain.config import RunConfig, compose_config
-from pretrain.flops import flops_per_token, peak_tflops
-from pretrain.model import checkpoint_stride, padded_width
-from pretrain.output_head import CHUNK_ELEMENTS
-from pretrain.zero_sizes import block_params
+from pretrain.checks import compose_config
+from pretrain.config import RunConfig
+from pretrain.engine.zero_sizes import block_params
+from pretrain.model.flops import flops_per_token, peak_tflops
+from pretrain.model.output_head import CHUNK_ELEMENTS
+from pretrain.model.transformer import checkpoint_stride, padded_width
 
 GB = 1e9
 MASKED_SHARE = 0.5  # E[t] under the paper's t ~ U(0, 1): half the positions are masked on average

@@ -25,18 +25,20 @@ from data_pipeline.build import ensure_built
 from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain import checkpoint, run_lock
-from pretrain.ckpt_files import CheckpointError, CheckpointWriteError
-from pretrain.config import ConfigError, RunConfig, load_config, validate_data
-from pretrain.engine import build_engine, check_device, init_distributed, world_size_from_env
+from pretrain.checkpoint import run_lock
+from pretrain.checkpoint import store as checkpoint
+from pretrain.checkpoint.files import CheckpointError, CheckpointWriteError
+from pretrain.checkpoint.resume_check import compare, config_dict, reapply_optimizer_settings
+from pretrain.checkpoint.universal import load_dir_for
+from pretrain.checks import load_config, validate_data
+from pretrain.config import ConfigError, RunConfig
+from pretrain.engine.build import build_engine, check_device, init_distributed, world_size_from_env
+from pretrain.engine.lr_schedule import warmup_beyond_end
 from pretrain.faults import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, LauncherWatch, StopRequest
-from pretrain.generate import generate
 from pretrain.loop import NonFiniteError, Trainer, total_steps
-from pretrain.lr_schedule import warmup_beyond_end
-from pretrain.metrics import MetricsLogger
-from pretrain.model import count_params
-from pretrain.resume_check import compare, config_dict, reapply_optimizer_settings
-from pretrain.universal_ckpt import load_dir_for
+from pretrain.model.transformer import count_params
+from pretrain.monitor.metrics import MetricsLogger
+from pretrain.objective.sampler import generate
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:

@@ -90,7 +90,7 @@ def trained_run(tmp_path_factory, demo_shards) -> Path:
     return run_dir
 
 
-# A run with every monitoring option set, resumed once (tests/pretrain/test_metrics.py, test_report.py).
+# A run with every monitoring option set, resumed once (tests/pretrain/monitor/test_metrics.py, test_report.py).
 MONITOR_PEAK_TFLOPS = 0.5  # a CPU has no entry in the peak table: MFU needs cluster.peak_tflops
 MONITOR_ARGS = ["logging.group=monitor-test", "logging.tags=[cpu,tiny]", "logging.name=watched", "logging.t_buckets=4",
                 f"cluster.peak_tflops={MONITOR_PEAK_TFLOPS}", "trainer.eval_every=2"]

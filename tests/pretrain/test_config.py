@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from pretrain.config import ConfigError, compose_config
+from pretrain.checks import compose_config
+from pretrain.config import ConfigError
 from tests.conftest import REPO, child_env
 
 
@@ -81,7 +82,7 @@ def test_train_rejects_bad_config_before_any_work():
 def test_shards_that_do_not_fit_the_run_are_refused(demo_shards, tmp_path):
     from data_pipeline.shards import Manifest
     from data_pipeline.tokenizer import train_bpe
-    from pretrain.config import validate_data
+    from pretrain.checks import validate_data
 
     manifest = Manifest.load(demo_shards)
     base = ["model.vocab_size=1024", "trainer.seq_len=64", f"data.dir={demo_shards}"]
@@ -98,7 +99,7 @@ def test_shards_that_do_not_fit_the_run_are_refused(demo_shards, tmp_path):
 
 
 def test_model_vocabulary_comes_from_the_data_unless_fixed(demo_shards):
-    from pretrain.config import resolve_vocab
+    from pretrain.checks import resolve_vocab
 
     run = compose_config(["model=tiny", f"data.dir={demo_shards}", "trainer.seq_len=64"])
     assert run.model.vocab_size is None

@@ -9,8 +9,8 @@ import torch
 from data_pipeline.shards import Manifest
 from pretrain.evaluate import evaluate_nelbo, main, windows
 from pretrain.export import export
-from pretrain.likelihood import NelboSums, nelbo_of_batch
-from pretrain.pretrained import load_model, open_source
+from pretrain.hf.pretrained import load_model, open_source
+from pretrain.objective.likelihood import NelboSums, nelbo_of_batch
 
 
 def run(capsys, *argv) -> dict:

@@ -10,12 +10,13 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from data_pipeline.shards import Manifest
-from pretrain.config import ConfigError, compose_config
+from pretrain.checkpoint.zero_files import load_state_dict
+from pretrain.checks import compose_config
+from pretrain.config import ConfigError, ModelConfig
 from pretrain.export import export, main
-from pretrain.hf_format import HFWeights
-from pretrain.model import LLaDAModel, ModelConfig
-from pretrain.pretrained import load_model, open_source
-from pretrain.zero_checkpoint import load_state_dict
+from pretrain.hf.format import HFWeights
+from pretrain.hf.pretrained import load_model, open_source
+from pretrain.model.transformer import LLaDAModel
 from tests.conftest import BIN, TRAIN_ARGS, run_train
 
 # The keys of GSAI-ML/LLaDA-8B-Base's config.json (../shared/DESIGN.md and the published file).
@@ -188,7 +189,7 @@ def test_cli_errors(trained_run, exported, tmp_path, capsys):
 def test_import_refuses_shards_of_another_tokenizer(exported, demo_shards):
     import dataclasses
 
-    from pretrain.config import validate_data
+    from pretrain.checks import validate_data
 
     args = TRAIN_ARGS + [f"model.init_from={exported / 'fp32'}", f"data.dir={demo_shards}", "trainer.max_steps=1"]
     manifest = Manifest.load(demo_shards)

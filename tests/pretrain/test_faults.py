@@ -14,8 +14,8 @@ import psutil
 import pytest
 import torch
 
+from pretrain.checkpoint.zero_files import optimizer_tensors
 from pretrain.faults import EXIT_NON_FINITE, EXIT_PREEMPTED, is_launcher, launcher_ancestors
-from pretrain.zero_checkpoint import optimizer_tensors
 from tests.conftest import BIN, REPO, TRAIN_ARGS, child_env, free_port, read_metrics, run_train, train_losses
 
 PYTHON = [sys.executable, "-m", "pretrain.train"]

@@ -1,6 +1,6 @@
 import torch
 
-from pretrain.generate import generate, tokens_per_step
+from pretrain.objective.sampler import generate, tokens_per_step
 
 MASK = 0
 
@@ -48,7 +48,8 @@ import json  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pretrain.generate import GenerateError, main, num_transfer_tokens  # noqa: E402
+from pretrain.generate import main  # noqa: E402
+from pretrain.objective.sampler import GenerateError, num_transfer_tokens  # noqa: E402
 
 
 class Recorder:
@@ -156,7 +157,8 @@ def test_cli_errors(trained_run, tmp_path, capsys):
 
 
 def test_sample_at_end_settings_are_checked_before_training():
-    from pretrain.config import ConfigError, compose_config
+    from pretrain.checks import compose_config
+    from pretrain.config import ConfigError
 
     with pytest.raises(ConfigError, match="sample: gen_length=32, steps=0"):
         compose_config(["sample.at_end=true", "sample.steps=0"])

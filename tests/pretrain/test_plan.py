@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pretrain.config import compose_config
+from pretrain.checks import compose_config
 from pretrain.plan import make_plan, report
 from tests.conftest import REPO, child_env
 

@@ -34,7 +34,7 @@ def test_the_cpu_path_builds_no_cpp_op(single_run):
 
 
 def test_the_model_trains_in_the_precision_asked_for(single_run, tmp_path, demo_shards):
-    from pretrain.device import resolve_precision
+    from pretrain.engine.device import resolve_precision
 
     auto = resolve_precision("auto", "cpu")  # fp32 on this CPU unless it has native bf16
     setup = json.loads((single_run[0] / "setup.json").read_text())

@@ -1,0 +1,59 @@
+"""May this run continue that checkpoint? The checkpoint's manifest records the resolved config and
+the data's fingerprint; a resume whose model shape or data differs is refused with the list of
+differences, before the engine is built. Everything else - lr and its schedule, logging, eval and
+checkpoint cadence, max_steps / max_tokens, retention, batch sizes, worker counts, the mask
+schedule - may change between runs, and the changes are printed in one line.
+"""
+
+from __future__ import annotations
+
+# Keys that must match: the parameter shapes (the weights would not fit) and what fixes the data
+# order (the stream's resume state would not fit). model.attention (the kernel) and model.init_std
+# (used only before step 0) may change.
+MUST_MATCH = ("model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_heads", "model.mlp_hidden_size",
+              "model.vocab_size", "model.max_sequence_length", "model.rope_theta", "model.rms_norm_eps",
+              "trainer.seq_len", "seed", "data.shuffle_buffer")
+# Where the run is and what it logs; not worth a line.
+IGNORED_PREFIXES = ("run_dir", "logging.", "resume", "sample.", "deepspeed.checkpoint")
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def compare(saved: dict, current: dict, saved_data: str | None, current_data: str) -> tuple[list[str], list[str]]:
+    """(refusing differences, allowed changes), each as 'key: old -> new'."""
+    old, new = flatten(saved), flatten(current)
+    refused = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in MUST_MATCH if old.get(k) != new.get(k)]
+    if saved_data is not None and saved_data != current_data:
+        refused.append(f"data fingerprint: {saved_data} -> {current_data} (other shards in data.dir)")
+    allowed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if k not in MUST_MATCH and old.get(k) != new.get(k) and not k.startswith(IGNORED_PREFIXES)]
+    return refused, allowed
+
+
+def config_dict(run) -> dict:
+    """A RunConfig as the JSON the manifest holds (so that a saved and a current config compare equal)."""
+    import json
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(run), default=str))
+
+
+def reapply_optimizer_settings(engine, optim) -> None:
+    """DeepSpeed's load restores the optimizer's hyperparameters and the lr scheduler's base lr from
+    the checkpoint, so a changed optim.lr (or betas, eps, weight decay) would be silently ignored on a
+    resume. The current config's values are put back; the schedule's position is the checkpoint's.
+    Groups are [decayed, not decayed], as pretrain/engine/build.py makes them."""
+    sched, groups = engine.lr_scheduler, engine.optimizer.param_groups
+    sched.base_lrs = [optim.lr for _ in groups]
+    lrs = [base * fraction(sched.last_epoch) for base, fraction in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+    for group, decay, lr in zip(groups, (optim.weight_decay, 0.0), lrs, strict=True):
+        group.update(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=decay)
+    sched._last_lr = lrs

@@ -1,0 +1,86 @@
+"""Resuming at another world size: DeepSpeed's ZeRO files are cut per rank, so a checkpoint written by
+N ranks is first converted to DeepSpeed's universal form (one folder per parameter, with its fp32
+weights and optimizer moments whole) and loaded with `checkpoint: {load_universal: true}`.
+
+Rank 0 runs the conversion (`python -m deepspeed.checkpoint.ds_to_universal`, in a subprocess: the
+tool starts its own worker pools) into checkpoints/universal/<tag>.partial and renames it when done;
+the other ranks poll the file system for the outcome rather than wait in a collective, since a large
+model's conversion can outlast the process group's timeout. A finished conversion is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from pretrain.checkpoint.files import CheckpointError, read_json, write_atomic
+from pretrain.checkpoint.store import PARTIAL, Resume, ckpt_dir, config_hash
+
+DONE = "converted.json"
+
+
+def load_dir_for(resume: Resume, run_dir: str, deepspeed_section: dict) -> tuple[Path, dict]:
+    """Where the engine loads `resume` from at this run's world size, and the DeepSpeed config
+    section to build the engine with (with load_universal set when a conversion was needed)."""
+    world = dist.get_world_size()
+    if resume.world_size == world:
+        return ckpt_dir(run_dir), deepspeed_section
+    root = ckpt_dir(run_dir) / "universal"
+    if dist.get_rank() == 0:
+        (root / f"{resume.tag}.error").unlink(missing_ok=True)  # from an earlier attempt
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print(f"checkpoint {resume.tag} was written by {resume.world_size} ranks, this run has {world}: "
+              f"loading DeepSpeed's universal form from {root / resume.tag}", flush=True)
+        _convert(resume, root)
+    else:
+        _wait_for(resume, root)
+    section = {**deepspeed_section, "checkpoint": {**deepspeed_section.get("checkpoint", {}), "load_universal": True}}
+    return root, section
+
+
+def _source_id(resume: Resume) -> str:
+    return config_hash(resume.manifest["files"])  # changes when the source checkpoint is replaced
+
+
+def _is_done(resume: Resume, root: Path) -> bool:
+    marker = root / resume.tag / DONE
+    return marker.is_file() and read_json(marker, "the conversion record").get("source") == _source_id(resume)
+
+
+def _convert(resume: Resume, root: Path) -> None:
+    error_file = root / f"{resume.tag}.error"
+    if _is_done(resume, root):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    out, final = root / (resume.tag + PARTIAL), root / resume.tag
+    shutil.rmtree(out, ignore_errors=True)
+    workers = str(max(1, min(4, (os.cpu_count() or 2) // 2)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(resume.directory),
+           "--output_folder", str(out), "--num_extract_workers", workers, "--num_merge_workers", workers]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        message = f"{resume.directory}: conversion to DeepSpeed's universal checkpoint failed ({tail})"
+        write_atomic(error_file, message)
+        shutil.rmtree(out, ignore_errors=True)
+        raise CheckpointError(message)
+    write_atomic(out / DONE, json.dumps({"source": _source_id(resume), "from_world_size": resume.world_size}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(out, final)
+
+
+def _wait_for(resume: Resume, root: Path, poll_s: float = 0.5) -> None:
+    error_file = root / f"{resume.tag}.error"
+    while not _is_done(resume, root):
+        if error_file.is_file():
+            raise CheckpointError(error_file.read_text().strip())
+        time.sleep(poll_s)

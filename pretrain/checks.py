@@ -1,0 +1,106 @@
+"""Every start-up check of a run, in one place: a composed config in, a validated RunConfig out.
+
+Each domain owns its checks (the model's shapes, the mask schedule, the engine's DeepSpeed section,
+the sampler's settings, init_from against its folder); this module runs them all, after
+pretrain/config.py's structure and plain values, before any expensive work. `validate_data` then
+checks the shards a run will read against its model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from data_pipeline.config import compose
+from data_pipeline.piece import pad_vocab
+from data_pipeline.shards import Manifest
+from data_pipeline.tokenizer import fingerprint, load_tokenizer
+from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require
+from pretrain.engine import ds_config
+from pretrain.engine.device import resolve_precision
+from pretrain.engine.zero_sizes import resolve_zero_sizes
+from pretrain.hf.format import FormatError, read_config
+from pretrain.hf.pretrained import check_init_from
+from pretrain.model import transformer
+from pretrain.objective import diffusion
+from pretrain.objective.sampler import GenerateError, check_settings
+
+
+def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
+    """Hydra's composed config -> a validated RunConfig (precision resolved for this machine)."""
+    run = parse_config(cfg)
+    run.deepspeed = resolve_zero_sizes(run.deepspeed, run.model)
+    check_run(run, world_size)
+    run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
+    return run
+
+
+def compose_config(overrides: list[str], world_size: int = 1) -> RunConfig:
+    """The validated config a `python -m pretrain.train OVERRIDES...` run would get (for tools and tests)."""
+    return load_config(compose(overrides), world_size)
+
+
+def check_run(run: RunConfig, world_size: int) -> None:
+    check_values(run, world_size)
+    transformer.check_config(run.model, run.trainer.seq_len, run.trainer.activation_checkpointing)
+    if run.model.init_from:
+        try:
+            check_init_from(run.model.init_from, run.model)
+        except FormatError as e:
+            raise ConfigError(f"model.init_from={run.model.init_from}: {e}") from None
+    diffusion.check_config(run.mask, run.trainer.seq_len)
+    ds_config.check_config(run)
+    if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
+        s = run.sample
+        try:
+            check_settings(s.gen_length, s.steps, None, "low_confidence", 0.0, s.temperature)
+        except GenerateError as e:
+            raise ConfigError(f"sample: {e}") from None
+
+
+def resolve_vocab(run: RunConfig, manifest=None) -> None:
+    """model.vocab_size=null takes the shards' vocabulary (padded to a multiple of 128 by the build):
+    the manifest's when the shards exist, else what a build of data= would produce."""
+    if run.model.vocab_size is not None:
+        return
+    if manifest is None and (Path(run.data.dir) / "manifest.json").is_file():
+        manifest = Manifest.load(run.data.dir)
+    if manifest is not None:
+        run.model.vocab_size = manifest.vocab_size
+        return
+    if run.data.tokenizer:
+        run.model.vocab_size = pad_vocab(load_tokenizer(run.data.tokenizer).get_vocab_size())
+    else:
+        run.model.vocab_size = pad_vocab(run.data.vocab_size)
+
+
+def validate_data(run: RunConfig, manifest: Manifest) -> None:
+    """The shards in data.dir must fit this run's model and sequence length."""
+    resolve_vocab(run, manifest)
+    where = f"{run.data.dir}/manifest.json"
+    require(manifest.seq_len == run.trainer.seq_len,
+            f"{where}: seq_len={manifest.seq_len} but trainer.seq_len={run.trainer.seq_len}; rebuild the "
+            f"shards or point data.dir elsewhere")
+    require(manifest.vocab_size <= run.model.vocab_size,
+            f"{where}: vocab_size={manifest.vocab_size} exceeds model.vocab_size={run.model.vocab_size} "
+            f"(model={run.model.name})")
+    if run.data.tokenizer:
+        require(fingerprint(load_tokenizer(run.data.tokenizer)) == manifest.tokenizer_fingerprint,
+                f"{where}: the shards were tokenized with another tokenizer than data.tokenizer={run.data.tokenizer}")
+    if run.model.init_from:
+        hf = read_config(run.model.init_from)
+        require(hf.get("mask_token_id") == manifest.mask_id,
+                f"model.init_from={run.model.init_from}: mask_token_id={hf.get('mask_token_id')}, but {where} has "
+                f"mask_id={manifest.mask_id} (another tokenizer)")
+        require(hf.get("vocab_size") == run.model.vocab_size,
+                f"model.init_from={run.model.init_from}: vocab_size={hf.get('vocab_size')}, but model.vocab_size="
+                f"{run.model.vocab_size}")
+    m = run.mask
+    if m.conditional:
+        require(manifest.format == "sft" or m.prompt_len is not None,
+                f"{where}: format={manifest.format} shards carry no prompt lengths; mask.conditional=true needs "
+                f"shards built with data.format=sft, or mask.prompt_len")
+        require(manifest.max_prompt_len < run.trainer.seq_len,
+                f"{where}: max_prompt_len={manifest.max_prompt_len} is not below trainer.seq_len="
+                f"{run.trainer.seq_len}")

@@ -1,0 +1,173 @@
+"""A trained model, from a run directory (its newest or a given checkpoint) or from an exported Hugging
+Face folder: what evaluate, generate and export read, and what `model.init_from` copies into training.
+
+A run directory is recognized by its config.yaml, an exported folder by its config.json. From a run,
+the tokenizer and the EOS/MASK ids come from the run's shard directory (data.dir in config.yaml).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer
+
+from data_pipeline.shards import DataError, Manifest
+from data_pipeline.tokenizer import load_tokenizer
+from pretrain.checkpoint import store as checkpoint
+from pretrain.checkpoint.zero_files import open_checkpoint
+from pretrain.config import ModelConfig
+from pretrain.hf.format import FormatError, HFWeights, model_config, model_config_from_hf, read_config
+from pretrain.model.transformer import LLaDAModel
+
+
+class SourceError(ValueError):
+    """A path that is neither a usable run directory nor an exported folder."""
+
+
+@dataclass
+class Source:
+    path: Path
+    model: ModelConfig
+    eos_id: int
+    mask_id: int
+    tokenizer_path: Path
+    data_dir: Path | None  # a run's shard directory (its held-out split is the default eval set)
+    checkpoint_dir: Path | None  # a run's checkpoint tag directory
+    step: int | None
+
+    @property
+    def is_run(self) -> bool:
+        return self.checkpoint_dir is not None
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.tokenizer_path)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) one parameter at a time: fp32 from a checkpoint, the stored dtype from a folder."""
+        if self.is_run:
+            yield from open_checkpoint(self.checkpoint_dir).tensors()
+        else:
+            yield from HFWeights.open(self.path).tensors()
+
+    def shapes(self) -> dict[str, torch.Size]:
+        if self.is_run:
+            return open_checkpoint(self.checkpoint_dir).shapes
+        return HFWeights.open(self.path).shapes()
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {name: p.shape for name, p in LLaDAModel(cfg).named_parameters()}
+
+
+def check_shapes(found: dict[str, torch.Size], cfg: ModelConfig, where: str) -> None:
+    expected = expected_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in found:
+            raise SourceError(f"{where}: no parameter {name}")
+        if tuple(found[name]) != tuple(shape):
+            raise SourceError(f"{where}: {name} has shape {list(found[name])}, model config gives {list(shape)}")
+    extra = [n for n in found if n not in expected]
+    if extra:
+        raise SourceError(f"{where}: {extra[0]} is not a parameter of the model")
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    """Steps that have a checkpoint tag directory with DeepSpeed's model states (for error messages)."""
+    root = checkpoint.ckpt_dir(str(run_dir))
+    steps = []
+    for d in sorted(root.glob("step*")) if root.is_dir() else []:
+        if d.name[4:].isdigit() and any(d.glob("*_model_states.pt")):
+            steps.append(int(d.name[4:]))
+    return steps
+
+
+def _run_source(run_dir: Path, step: int | None) -> Source:
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    model = model_config(OmegaConf.to_container(cfg.model, resolve=True))
+    if step is None:
+        tag = checkpoint.latest(str(run_dir))
+        if tag is None:
+            raise SourceError(f"{run_dir}: no complete checkpoint in {checkpoint.ckpt_dir(str(run_dir))}")
+    else:
+        tag = checkpoint.tag(step)
+        if not any((checkpoint.ckpt_dir(str(run_dir)) / tag).glob("*_model_states.pt")):
+            raise SourceError(f"{run_dir}: no checkpoint at --step {step} (checkpoints at steps: "
+                              f"{complete_steps(run_dir) or 'none'})")
+    data_dir = Path(cfg.data.dir)
+    try:
+        manifest = Manifest.load(data_dir)
+    except DataError as e:
+        raise SourceError(f"{run_dir}: the run's data.dir={data_dir} (tokenizer and special ids) is unreadable: "
+                          f"{e}") from None
+    return Source(run_dir, model, manifest.eos_id, manifest.mask_id, data_dir / "tokenizer.json", data_dir,
+                  checkpoint.ckpt_dir(str(run_dir)) / tag, int(tag[4:]) if tag[4:].isdigit() else None)
+
+
+def _folder_source(folder: Path) -> Source:
+    config = read_config(folder)
+    model = model_config_from_hf(config, str(folder))
+    for key in ("eos_token_id", "mask_token_id"):
+        if key not in config:
+            raise FormatError(f"{folder}/config.json has no {key!r}")
+    return Source(folder, model, config["eos_token_id"], config["mask_token_id"], folder / "tokenizer.json",
+                  None, None, None)
+
+
+def open_source(path: str | Path, step: int | None = None) -> Source:
+    path = Path(path)
+    if (path / "config.json").is_file():
+        if step is not None:
+            raise SourceError(f"--step {step}: {path} is an exported folder, it has one set of weights")
+        return _folder_source(path)
+    if (path / "config.yaml").is_file():
+        return _run_source(path, step)
+    raise SourceError(f"{path} is neither a run directory (config.yaml, checkpoints/) nor an exported "
+                      f"Hugging Face folder (config.json)")
+
+
+def load_model(source: Source, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LLaDAModel:
+    """The whole model on one device, weights cast to `dtype` (each tensor once: no second copy)."""
+    with torch.device("meta"):
+        model = LLaDAModel(source.model)
+    state = {}
+    for name, tensor in source.tensors():
+        state[name] = tensor.to(device=device, dtype=dtype)
+    check_shapes({n: t.shape for n, t in state.items()}, source.model, str(source.path))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# -- model.init_from: an exported folder into a (possibly ZeRO-3 partitioned) model -------------------
+def check_init_from(folder: str, expected: ModelConfig) -> dict:
+    """The folder's config.json against the run's model= config; returns the config (cheap, before any work)."""
+    from pretrain.hf.format import check_matches
+
+    config = read_config(folder)
+    check_matches(model_config_from_hf(config, folder), expected, folder)
+    return config
+
+
+def copy_weights_into(model: torch.nn.Module, folder: str) -> None:
+    """Copies an exported folder's tensors into `model`, one parameter at a time. Under ZeRO-3 each
+    parameter is gathered, rank 0 fills it from the file, and DeepSpeed re-partitions it from rank 0's
+    values; so no rank ever holds more than one whole parameter beyond its own shard."""
+    import deepspeed
+    import torch.distributed as dist
+
+    weights = HFWeights.open(folder)
+    shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters()}
+    weights.check_names(shapes)
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if hasattr(p, "ds_id"):  # partitioned by ZeRO-3
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if writer:
+                        p.data.copy_(weights.get(name))
+            else:
+                p.data.copy_(weights.get(name))

@@ -1,0 +1,54 @@
+"""FLOPs per token and the accelerators' peak throughput: the two numbers behind MFU.
+
+FLOPs per token of training = 6 x (every matmul parameter: the blocks' projections and the untied
+output head; the input embedding is a lookup, not a matmul) + 12 x layers x d_model x seq_len for
+bidirectional attention (QK^T and AV, forward and backward; not halved, since there is no causal mask).
+"""
+
+from __future__ import annotations
+
+from pretrain.config import ModelConfig
+
+# Dense bf16 tensor-core peak in TFLOP/s (no sparsity), from the vendors' data sheets. Matched
+# against torch.cuda.get_device_name() by substring, first match wins, so more specific names go first.
+PEAK_TFLOPS_BF16 = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),   # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("H800", 989.0),   # SXM; the LLaDA paper's card
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 125.0),
+    ("MI300X", 1307.0),
+    ("MI325X", 1307.0),
+)
+
+
+def matmul_params(m: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: attention and SwiGLU projections and the head."""
+    d, hd = m.d_model, m.head_dim
+    attn = d * m.n_heads * hd * 2 + d * m.n_kv_heads * hd * 2  # q, attn_out; k, v
+    ffn = 3 * d * m.mlp_hidden_size  # ff_proj (gate), up_proj, ff_out
+    return m.n_layers * (attn + ffn) + d * m.vocab_size
+
+
+def flops_per_token(m: ModelConfig, seq_len: int) -> int:
+    return 6 * matmul_params(m) + 12 * m.n_layers * m.d_model * seq_len
+
+
+def peak_tflops(device_name: str, override: float | None = None) -> float | None:
+    """The device's dense bf16 peak, `override` (cluster.peak_tflops) when set; None when unknown (no MFU)."""
+    if override:
+        return float(override)
+    for key, tflops in PEAK_TFLOPS_BF16:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def mfu(tokens_per_s_per_device: float, flops_token: int, peak: float | None) -> float | None:
+    return None if not peak else tokens_per_s_per_device * flops_token / (peak * 1e12)

@@ -1,0 +1,230 @@
+"""LLaDA's mask predictor: a Llama-style transformer without a causal mask.
+
+Pure torch. Parameter names follow the published Hugging Face checkpoint (GSAI-ML/LLaDA-8B-Base)
+with its leading "model." removed, so export and import are a prefix, not a rename table:
+
+    transformer.wte.weight, transformer.blocks.{i}.{attn_norm,ff_norm}.weight,
+    transformer.blocks.{i}.{q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out}.weight,
+    transformer.ln_f.weight, transformer.ff_out.weight
+
+Speed without changing what is stored: an FFN width that is not a multiple of 64 (LLaDA 1B's 5634)
+is padded with zero rows/columns inside the forward only (aligned tensor-core kernels; exact, since
+a padded unit outputs silu(0) * 0 = 0), so names, shapes, counts and checkpoints keep the configured
+width. Activation checkpointing (`set_activation_checkpointing`) and regional torch.compile
+(`compile_blocks`) are switched on by the engine from trainer.*.
+
+`check_config` is the model's start-up check (run by pretrain/checks.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from pretrain.config import ConfigError, ModelConfig, require
+from pretrain.model.attention import select_attention
+from pretrain.model.output_head import OutputHead
+
+HF_PREFIX = "model."
+
+
+# Each layer draws its own initial weights inside its own __init__. Under deepspeed.zero.Init a
+# module's parameters are partitioned as soon as its constructor returns, so an init pass over the
+# finished model (model.apply) would only see empty shards.
+class Linear(nn.Linear):
+    def __init__(self, d_in: int, d_out: int, std: float):
+        super().__init__(d_in, d_out, bias=False)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, n: int, d: int, std: float):
+        super().__init__(n, d)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class RMSNorm(nn.Module):
+    """Normalizes in fp32 whatever the compute dtype: bf16 sums of squares lose too much."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight.to(x.dtype)
+
+
+FFN_ALIGN = 64
+
+
+def padded_width(n: int, multiple: int = FFN_ALIGN) -> int:
+    return -(-n // multiple) * multiple
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [L, D] in fp32, the frequencies repeated over both halves (rotate-half form)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D]; rotates pairs (i, i + D/2), as LLaDA and Llama do."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Under ZeRO-3 the engine makes each block a leaf module: its pre-forward hook gathers all of
+    the block's weights at once, so forward may use them directly (the padded FFN) and may be
+    compiled as one region with no ZeRO hooks inside."""
+
+    def __init__(self, cfg: ModelConfig, attention):
+        super().__init__()
+        d, hd, std = cfg.d_model, cfg.head_dim, cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers)  # residual writers: keeps the stream's variance flat in depth
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.ffn_pad = padded_width(cfg.mlp_hidden_size) - cfg.mlp_hidden_size
+        self.attention = attention
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = Linear(d, cfg.n_heads * hd, std)
+        self.k_proj = Linear(d, cfg.n_kv_heads * hd, std)
+        self.v_proj = Linear(d, cfg.n_kv_heads * hd, std)
+        self.attn_out = Linear(cfg.n_heads * hd, d, out_std)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = Linear(d, cfg.mlp_hidden_size, std)  # the SwiGLU gate
+        self.up_proj = Linear(d, cfg.mlp_hidden_size, std)
+        self.ff_out = Linear(cfg.mlp_hidden_size, d, out_std)
+
+    def ffn(self, m: torch.Tensor) -> torch.Tensor:
+        gate, up, out = self.ff_proj.weight, self.up_proj.weight, self.ff_out.weight
+        if self.ffn_pad:  # zero units: silu(0) * 0 = 0 in, zero columns out; their gradients are cut off by the pad
+            gate, up = F.pad(gate, (0, 0, 0, self.ffn_pad)), F.pad(up, (0, 0, 0, self.ffn_pad))
+            out = F.pad(out, (0, self.ffn_pad))
+        return F.linear(F.silu(F.linear(m, gate)) * F.linear(m, up), out)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None) -> torch.Tensor:
+        B, L, _ = x.shape
+        n = self.attn_norm(x)
+        q = apply_rope(self.q_proj(n).view(B, L, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(n).view(B, L, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(n).view(B, L, self.n_kv_heads, self.head_dim)
+        h = x + self.attn_out(self.attention(q, k, v, docs).reshape(B, L, -1))
+        return h + self.ffn(self.ff_norm(h))
+
+
+def checkpoint_stride(spec: str | int) -> int:
+    """trainer.activation_checkpointing -> k: every k-th block (0, k, 2k, ...) recomputes its
+    activations in the backward; 0 = none, 1 = every block (`full`)."""
+    spec = str(spec).strip().lower()
+    if spec == "none":
+        return 0
+    if spec == "full":
+        return 1
+    if spec.isdigit() and int(spec) >= 1:
+        return int(spec)
+    raise ValueError(f"trainer.activation_checkpointing={spec!r} is not none, full or a positive integer k")
+
+
+def check_config(m: ModelConfig, seq_len: int, activation_checkpointing: str | int) -> None:
+    """model.* and the trainer keys the model reads, before any work."""
+    require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    require(m.n_heads % m.n_kv_heads == 0,
+            f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    require(m.head_dim % 2 == 0, f"model head dim d_model/n_heads={m.head_dim} must be even for RoPE")
+    require(m.attention in ("auto", "sdpa", "flash"),
+            f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
+    for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
+        require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive (or null)")
+    require(0 < seq_len <= m.max_sequence_length,
+            f"trainer.seq_len={seq_len} is outside 1..model.max_sequence_length={m.max_sequence_length} "
+            f"(model={m.name})")
+    try:
+        checkpoint_stride(activation_checkpointing)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+class LLaDAModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attention = select_attention(cfg.attention)
+        self.transformer = nn.ModuleDict(dict(
+            wte=Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std),
+            blocks=nn.ModuleList(Block(cfg, self.attention) for _ in range(cfg.n_layers)),
+            ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+            ff_out=OutputHead(cfg.d_model, cfg.vocab_size, cfg.init_std),  # untied output head
+        ))
+        self.checkpoint_every = 0
+        self._rope: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_activation_checkpointing(self, spec: str | int) -> None:
+        self.checkpoint_every = checkpoint_stride(spec)
+
+    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for this length on this device, computed once (not per forward, not per block)."""
+        key = (seq_len, str(device))
+        if key not in self._rope:
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable by autograd later
+                self._rope[key] = rope_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+        return self._rope[key]
+
+    def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm)."""
+        t = self.transformer
+        x = t.wte(input_ids)
+        cos, sin = self.rope(input_ids.shape[1], input_ids.device)
+        docs = self.attention.documents(doc_start) if doc_start is not None else None
+        k = self.checkpoint_every
+        for i, block in enumerate(t.blocks):
+            if k and i % k == 0 and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, docs, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, docs)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, masked: torch.Tensor | None = None):
+        """input_ids [B, L] -> logits [B, L, vocab]. No time input: the mask ratio is read off the input.
+        With `targets` [B, L] and `masked` [B, L] bool (training): the head and cross-entropy on the
+        masked positions only -> (cross-entropy, argmax == target), one per masked position in
+        row-major order (the order of `logits[masked]`); the full logits never exist.
+        `doc_start` [B, L] bool: attend only within each document (model.document_mask)."""
+        t = self.transformer
+        x = self.hidden(input_ids, doc_start)
+        if targets is None:
+            return t.ff_out(t.ln_f(x))
+        return t.ff_out(t.ln_f(x[masked]), targets[masked])
+
+
+def compile_blocks(model: LLaDAModel, backend: str = "inductor") -> None:
+    """Regional torch.compile: each block's forward is compiled (the blocks share one graph, since
+    they are alike), which fuses the elementwise work around the matmuls (RMSNorm and RoPE in fp32,
+    SwiGLU, dtype casts). Module hooks (ZeRO-3's) stay outside the compiled region. The training
+    loss's elementwise work is compiled too (OutputHead.compile_loss)."""
+    for block in model.transformer.blocks:
+        block.forward = torch.compile(block.forward, backend=backend)
+    model.transformer.ff_out.compile_loss(backend)
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Total parameters and non-embedding parameters (without the input embedding and output head,
+    as the LLaDA paper counts them for its 6ND FLOPs)."""
+    def numel(p):  # ZeRO-3 leaves an empty placeholder in place of each partitioned parameter
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(numel(p) for p in model.parameters())
+    embedding = numel(model.transformer.wte.weight) + numel(model.transformer.ff_out.weight)
+    return {"params": total, "non_embedding_params": total - embedding}

@@ -1,0 +1,80 @@
+"""`python -m pretrain.report` on real run directories: PNGs written, non-blank, holding the runs' curves."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import matplotlib.pyplot as plt
+import pytest
+
+from pretrain.monitor.report import PANELS, draw, load_run, main
+from tests.conftest import MONITOR_ARGS, REPO, child_env, read_metrics, run_train
+
+PYTHON = [sys.executable, "-m", "pretrain.train"]
+
+ALL_PNGS = {f"{p.file}.png" for p in PANELS} | {"overview.png"}
+
+
+@pytest.fixture(scope="session")
+def other_run(tmp_path_factory, demo_shards):
+    run_dir = tmp_path_factory.mktemp("monitor") / "other"
+    run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=3", "seed=1", *MONITOR_ARGS)
+    return run_dir
+
+
+def report(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.report", *map(str, args)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_pictures(folder, names) -> None:
+    assert {p.name for p in folder.glob("*.png")} == names
+    for name in names:
+        image = matplotlib.image.imread(folder / name)
+        assert image.shape[0] > 300 and image.shape[1] > 500, name
+        assert image[..., :3].std() > 0.05, f"{name} is blank"
+
+
+def test_report_of_one_run(resumed_run):
+    run_dir, _ = resumed_run
+    proc = report(run_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert_pictures(run_dir / "report", ALL_PNGS)
+    assert {Path(p).name for p in proc.stdout.split()} == ALL_PNGS  # the paths written, one a line
+
+
+def test_report_of_two_runs_draws_both_on_the_same_axes(resumed_run, other_run, tmp_path):
+    run_dir, _ = resumed_run
+    # in this process, to save the start of two more (matplotlib's import is slow on a loaded machine)
+    assert main([str(run_dir), str(other_run), "--out", str(tmp_path / "cmp")]) == 0
+    assert_pictures(tmp_path / "cmp", ALL_PNGS)
+    # without --out: into the first run's report/compare/
+    assert main([str(run_dir), str(other_run)]) == 0
+    assert_pictures(run_dir / "report" / "compare", ALL_PNGS)
+
+    runs = [load_run(run_dir, "watched"), load_run(other_run, "other")]
+    loss = next(p for p in PANELS if p.key == "loss")
+    fig, ax = plt.subplots()
+    assert draw(ax, loss, runs, "step")
+    lines = {line.get_label(): line for line in ax.lines}
+    assert set(lines) == {"watched", "other"}
+    for label, run in (("watched", run_dir), ("other", other_run)):
+        expected = [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+        assert list(zip(lines[label].get_xdata(), lines[label].get_ydata(), strict=True)) == expected
+    plt.close(fig)
+
+    by_t = next(p for p in PANELS if p.key == "loss_by_t/")
+    fig, ax = plt.subplots()
+    draw(ax, by_t, runs, "tokens")
+    styles = {line.get_linestyle() for line in ax.lines if len(line.get_xdata())}
+    assert styles == {"-", "--"}  # one line style per run, one colour per t bucket
+    plt.close(fig)
+
+
+def test_report_refuses_a_directory_without_metrics(tmp_path, resumed_run, capsys):
+    run_dir, _ = resumed_run
+    assert main([str(run_dir), str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nothing' / 'metrics.jsonl'}: not found " \
+                                              f"(is {tmp_path / 'nothing'} a run directory?)"
+    assert not (tmp_path / "out").exists()
