@@ -17,7 +17,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, total_steps
 from pretrain.engine.lr_schedule import lr_fraction, step_to_position
 from pretrain.model.transformer import Block, LLaDAModel, compile_blocks
 
@@ -143,9 +143,9 @@ def make_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimi
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
     tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
-    sched = run.optim.schedule
+    sched, last = run.optim.schedule, total_steps(run.trainer)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_fraction(sched.points, step_to_position(step, sched.unit, tokens_per_step)))
+        optimizer, lambda step: lr_fraction(sched.points, step_to_position(step, sched.unit, tokens_per_step, last)))
 
 
 def build_engine(run: RunConfig, world_size: int):
