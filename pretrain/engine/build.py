@@ -8,13 +8,16 @@ CPU, and trainer.* switch activation checkpointing and regional torch.compile on
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import socket
 import warnings
+from pathlib import Path
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from pretrain.config import RunConfig, total_steps
@@ -148,6 +151,17 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.opti
         optimizer, lambda step: lr_fraction(sched.points, step_to_position(step, sched.unit, tokens_per_step, last)))
 
 
+def report_init_from(model: torch.nn.Module, folder: str) -> None:
+    """One line on rank 0: which weights the run starts from (a wrong folder shows at once)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    origin = Path(folder) / "export.json"  # written by python -m pretrain.export
+    info = json.loads(origin.read_text()) if origin.is_file() else {}
+    step = f"step {info['step']} of {info['source']}" if info.get("step") is not None else "step unknown"
+    print(f"init_from: loaded {params:,} parameters from {folder} ({step})", flush=True)
+
+
 def build_engine(run: RunConfig, world_size: int):
     """The model, built shard by shard under ZeRO-3 (an 8B model is never whole on one rank), wrapped
     in a DeepSpeed engine with its optimizer and lr schedule."""
@@ -162,6 +176,7 @@ def build_engine(run: RunConfig, world_size: int):
         from pretrain.hf.pretrained import copy_weights_into
 
         copy_weights_into(model, run.model.init_from)
+        report_init_from(model, run.model.init_from)
     if stage != 3:
         model.to(PRECISIONS[run.trainer.precision])
     # A block is one ZeRO-3 unit: its weights are gathered together before its forward (and again

@@ -120,6 +120,7 @@ def test_config_error_leaves_no_run_dir_behind(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", "trainer.log_every=0", f"run_dir={run_dir}"],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "trainer.log_every=0 must be positive" in proc.stderr
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr  # DeepSpeed's CPU-fallback notice, muted
     assert not run_dir.exists()
 
 

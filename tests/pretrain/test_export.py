@@ -151,11 +151,16 @@ def test_export_import_export_on_two_ranks_gives_the_same_tensors(exported, demo
     # its updates below fp32 resolution; and the next export
     # must give back the very tensors (loaded by rank 0, re-partitioned, consolidated from both shards).
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29651", "-m", "pretrain.train"]
-    run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=1e-30",
+    proc = run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=1e-30",
               "logging.mode=disabled",
               f"model.init_from={exported / 'fp32'}",
               "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
     assert len(list((tmp_path / "cont" / "checkpoints" / "step00000001").glob("*optim_states.pt"))) == 2
+    params = sum(t.numel() for _, t in HFWeights.open(exported / "fp32").tensors())
+    origin = json.loads((exported / "fp32" / "export.json").read_text())
+    assert origin["step"] == 30 and proc.stdout.count("init_from:") == 1  # rank 0 only
+    assert (f"init_from: loaded {params:,} parameters from {exported / 'fp32'} (step {origin['step']} of "
+            f"{origin['source']})") in proc.stdout
     export(tmp_path / "cont", tmp_path / "again", dtype="fp32")
     first, again = dict(HFWeights.open(exported / "fp32").tensors()), dict(HFWeights.open(tmp_path / "again").tensors())
     assert list(first) == list(again) and all(torch.equal(first[k], again[k]) for k in first)
