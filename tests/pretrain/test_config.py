@@ -25,6 +25,7 @@ from tests.conftest import REPO, child_env
     (["trainer.precision=fp16"], 1, "trainer.precision='fp16' is not one of auto, bf16, fp32"),
     (["mask.eps=0"], 1, "mask.eps=0.0 must be in (0, 1)"),
     (["optim.schedule.points=[[10,1],[0,0]]"], 1, "positions must not decrease"),
+    (["sample.at_end=true", "sample.block_length=5"], 1, "sample: gen_length=32 is not divisible by block_length=5"),
     (["optim=wsd_short", "optim.schedule.points=[[0,0],[20,1]]"], 1,
      "with optim.schedule.unit=fraction positions are in [0, 1]"),
     (["mask.schedule=quadratic"], 1, "mask.schedule='quadratic' is not one of linear, cosine, polynomial, loglinear"),
@@ -135,3 +136,11 @@ def test_shards_already_built_need_no_inputs(demo_shards, tmp_path):
     assert run.model.vocab_size == 1024  # read from the manifest
     with pytest.raises(DataError, match=f"data.dir={tmp_path} has no manifest.json: build the shards first"):
         check_prebuilt_data(compose_config(["data=files", f"data.dir={tmp_path}", "trainer.seq_len=64"]))
+
+
+def test_the_demo_preset_composes_and_trains_in_fp32():
+    """make demo's settings (conf/experiment/demo.yaml) pass every check, and fp32 whatever the CPU."""
+    run = compose_config(["experiment=demo"])
+    assert run.trainer.precision == "fp32" and run.trainer.seq_len == run.data.seq_len == 64
+    assert run.optim.schedule.unit == "fraction" and run.sample.at_end and run.sample.block_length == 4
+    assert run.run_dir == "outputs/demo"
