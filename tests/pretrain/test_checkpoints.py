@@ -8,6 +8,7 @@ import pytest
 from pretrain.checkpoints import list_checkpoints, main
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
 def test_lists_complete_damaged_and_partial_checkpoints(trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run / "checkpoints", run / "checkpoints")  # a copy: the session's run stays intact
