@@ -8,8 +8,9 @@
 2. Autoregressive: the same network (same config, weights initialised alike) with causal attention and
    the next-token loss, trained in a plain torch loop on the same train windows (random batches of the
    same shape), with the same AdamW settings and the same warmup-stable-decay schedule in fractions of
-   its run, for the same training time (its step count is set from its first 20 steps' speed), fp32,
-   in this process with torch's default threads, like the demo.
+   its run, for the same training time (its step count is set from its first 20 steps' speed), or with
+   --match steps for the same number of steps (the same compute: a step of either costs about the
+   same), fp32, in this process.
 3. Both on every window of the held-out split: LLaDA's NELBO (pretrain/objective/likelihood.py, 16 mask
    draws per window) and the autoregressive model's next-token cross-entropy (tokens 2..L of each window:
    the first has no context). Both are nats per token and bound -log p from above (the NELBO) or
@@ -82,7 +83,8 @@ def train_demo(run_dir: Path, extra: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def train_autoregressive(source, run_cfg: dict, train: torch.Tensor, budget_s: float, seed: int):
+def train_autoregressive(source, run_cfg: dict, train: torch.Tensor, budget_s: float, seed: int,
+                         fixed_steps: int | None = None):
     torch.manual_seed(seed)  # the demo's seed: the same initial weights as LLaDA's
     model = LLaDAModel(source.model).float()
     for block in model.transformer.blocks:
@@ -96,7 +98,7 @@ def train_autoregressive(source, run_cfg: dict, train: torch.Tensor, budget_s: f
     assert unit == "fraction", f"the demo's schedule is in fractions of the run, not {unit}"
     g = torch.Generator().manual_seed(seed)
     batch = t["global_batch_size"]
-    steps, step, elapsed = None, 0, 0.0
+    steps, step, elapsed = fixed_steps, 0, 0.0
     while steps is None or step < steps:
         step += 1
         for group in opt.param_groups:
@@ -109,9 +111,9 @@ def train_autoregressive(source, run_cfg: dict, train: torch.Tensor, budget_s: f
         torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
         opt.step()
         elapsed += time.perf_counter() - start
-        if step == 20:  # fits the run to the budget; its warmup so far was measured against a far end
+        if step == 20 and fixed_steps is None:  # fits the run to the budget (its warmup so far: against a far end)
             steps = max(20, int(budget_s / (elapsed / 20)))
-        if step % 200 == 0:
+        if step % 200 == 0 or step == 20:
             print(f"autoregressive step {step}/{steps} loss {loss.item():.4f} {elapsed:.0f}s", flush=True)
     return model.eval(), step, elapsed
 
@@ -131,7 +133,13 @@ def main() -> None:
     p.add_argument("--run-dir", type=Path, default=ROOT / "outputs" / "bench" / "demo")
     p.add_argument("--demo-args", nargs="*", default=[], help="more overrides for the demo run")
     p.add_argument("--mc-num", type=int, default=16)
+    p.add_argument("--match", choices=("time", "steps"), default="time",
+                   help="give the autoregressive model the demo's training time, or its number of steps (the "
+                        "same compute: a step of either costs about the same; for a machine shared with other jobs)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads here (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train_demo(args.run_dir, args.demo_args)
     run_cfg = OmegaConf.to_container(OmegaConf.load(args.run_dir / "config.yaml"), resolve=True)
     source = open_source(args.run_dir)
@@ -141,7 +149,8 @@ def main() -> None:
 
     llada = load_model(source)
     nelbo = evaluate_nelbo(llada, source, data_dir, "heldout", len(held), args.mc_num, 64, 0, "cpu")
-    ar, ar_steps, ar_s = train_autoregressive(source, run_cfg, train, budget, run_cfg["seed"])
+    ar, ar_steps, ar_s = train_autoregressive(source, run_cfg, train, budget, run_cfg["seed"],
+                                              demo_steps if args.match == "steps" else None)
     ar_ce = next_token_ce(ar, held)
 
     rows = [("LLaDA (experiment=demo)", demo_steps, budget, nelbo["nelbo"], nelbo["se"]),
