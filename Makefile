@@ -22,9 +22,7 @@ $(VENV)/.installed: setup.py
 
 demo: install
 	rm -rf outputs/demo
-	$(PY) -m pretrain.train model=tiny optim=wsd_short trainer.max_steps=300 trainer.log_every=20 \
-		trainer.eval_every=100 sample.at_end=true sample.gen_length=48 sample.steps=48 sample.temperature=0.8 \
-		run_dir=outputs/demo
+	$(PY) -m pretrain.train experiment=demo   # conf/experiment/demo.yaml: its settings and why
 	$(PY) -m pretrain.report outputs/demo
 
 # The SLURM launch tests start a two-node cluster on loopback (launch/local_cluster.py): Debian's slurm-wlm,

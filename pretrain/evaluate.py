@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,8 @@ from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.format import FormatError
 from pretrain.hf.pretrained import Source, SourceError, load_model, open_source
 from pretrain.objective.likelihood import NelboSums, answer_nll, nelbo_of_batch
+
+MIN_SEQUENCES_FOR_SE = 10  # below this the standard error over sequences is itself too uncertain to read
 
 
 class EvalError(ValueError):
@@ -84,6 +87,10 @@ def evaluate_nelbo(model, source: Source, directory: Path, split: str, max_seque
         sums.sums += nelbo_of_batch(model, x0, source.mask_id, mc_num, generator, prompt_len, batch_size,
                                     doc_start).sums
     est = sums.estimate()
+    if est.sequences < MIN_SEQUENCES_FOR_SE:
+        print(f"warning: {directory} split {split!r} gave {est.sequences} sequence(s) of {manifest.seq_len} tokens: "
+              f"too few for a standard error ({'none' if est.sequences < 2 else 'a rough one'}); a larger split "
+              f"(data.heldout_fraction when building) or --max-sequences gives one", file=sys.stderr, flush=True)
     return {"nelbo": est.nelbo, "se": est.se, "mc_se": est.mc_se, "perplexity_bound": est.perplexity_bound,
             "tokens": est.tokens, "sequences": est.sequences, "data": str(directory), "split": split,
             "mc_num": mc_num}
@@ -178,7 +185,19 @@ def main(argv: list[str]) -> None:
     except (EvalError, DataError, FormatError, SourceError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({"source": str(source.checkpoint_dir or source.path), **result}), flush=True)
+    print(json.dumps(finite_or_null({"source": str(source.checkpoint_dir or source.path), **result}), allow_nan=False),
+          flush=True)
+
+
+def finite_or_null(value):
+    """NaN and infinities are not JSON: an undefined number (the se of one sequence) is printed as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

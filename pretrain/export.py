@@ -69,6 +69,10 @@ def export(source_path: str | Path, out_dir: str | Path, step: int | None = None
         config = hf_config(source.model, source.eos_id, source.mask_id, DTYPES[dtype], code_repo)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_tokenizer(tmp, tokenizer.to_str(), EOS, MASK, source.model.max_sequence_length)
+        # Where the weights came from, beside config.json (which keeps exactly the published keys):
+        # model.init_from prints it when a run starts from this folder.
+        (tmp / "export.json").write_text(json.dumps({"source": str(source.checkpoint_dir or source.path),
+                                                     "step": source.step, "dtype": dtype}, indent=1) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.replace(tmp, out_dir)

@@ -40,6 +40,15 @@ def test_nelbo_from_a_run_and_from_its_export(trained_run, demo_shards, tmp_path
     assert earlier["source"].endswith("step00000015") and earlier["nelbo"] != a["nelbo"]
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
+def test_one_sequence_gives_json_with_a_null_se_and_a_warning(trained_run, capsys):
+    main([str(trained_run), "--max-sequences", "1", "--mc-num", "2", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    result = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert result["sequences"] == 1 and result["se"] is None and math.isfinite(result["nelbo"])
+    assert "gave 1 sequence(s) of 64 tokens: too few for a standard error (none)" in err
+
+
 def test_multiple_choice_accuracy(trained_run, tmp_path, capsys):
     items = [{"prompt": "The module", "choices": [" defines", " zq xv"], "answer": 0},
              {"prompt": "Return the", "choices": [" value", " of", " qqq"], "answer": " value"},

@@ -155,11 +155,16 @@ def test_export_import_export_on_two_ranks_gives_the_same_tensors(exported, trai
     # is the import rounded to bf16, i.e. the bf16 export.
     precision = run_precision(trained_run)
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29651", "-m", "pretrain.train"]
-    run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=1e-30",
-              "logging.mode=disabled", f"trainer.precision={precision}",
-              f"model.init_from={exported / 'fp32'}",
-              "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
+    proc = run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=1e-30",
+                     "logging.mode=disabled", f"trainer.precision={precision}",
+                     f"model.init_from={exported / 'fp32'}",
+                     "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
     assert len(optim_files(tmp_path / "cont" / "checkpoints" / "step00000001")) == 2
+    params = sum(t.numel() for _, t in HFWeights.open(exported / "fp32").tensors())
+    origin = json.loads((exported / "fp32" / "export.json").read_text())
+    assert origin["step"] == 30 and proc.stdout.count("init_from:") == 1  # rank 0 only
+    assert (f"init_from: loaded {params:,} parameters from {exported / 'fp32'} (step {origin['step']} of "
+            f"{origin['source']})") in proc.stdout
     export(tmp_path / "cont", tmp_path / "again", dtype="fp32")
     expected = exported / ("fp32" if precision == "fp32" else "bf16")
     first = {k: v.float() for k, v in HFWeights.open(expected).tensors()}
