@@ -89,9 +89,10 @@ def main(argv: list[str]) -> None:
     except (GenerateError, DataError, FormatError, SourceError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    settings = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length or args.gen_length,
-                "temperature": args.temperature, "cfg_scale": args.cfg_scale, "remasking": args.remasking,
-                "stop": args.stop, "batch_size": args.batch_size, "dtype": str(dtype).removeprefix("torch."),
+    settings = {"gen_length": args.gen_length, "steps": args.steps,
+                "block_length": args.block_length or args.gen_length, "temperature": args.temperature,
+                "cfg_scale": args.cfg_scale, "remasking": args.remasking, "stop": args.stop,
+                "batch_size": args.batch_size, "dtype": str(dtype).removeprefix("torch."),
                 "source": str(source.checkpoint_dir or source.path), "step": source.step}
     for lo in range(0, len(prompts), args.batch_size):
         batch = encoded[lo: lo + args.batch_size]

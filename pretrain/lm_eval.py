@@ -8,7 +8,8 @@
 SOURCE is a run directory (its newest checkpoint; `--model_args step=N` for another) or an exported
 folder. This registers the model `llada` (pretrain/hf/harness.py, where each request type's estimator
 is described) and runs lm-eval's command line with `--model llada`, SOURCE as the model arg `source`,
-and `--batch_size 32` unless given. Model args: mc_num (128), batch_size (sequences per forward
+`--batch_size 32` and `--device auto` (CUDA when there is one; under torchrun each process's own GPU)
+unless given. Model args: mc_num (128), batch_size (sequences per forward
 pass), seed (0), check_greedy (true), gen_length, steps, block_length, cfg, remasking, temperature
 (the generation defaults a task's gen_kwargs override), dtype (auto|bf16|fp32). Needs the `hf` extra
 (`pip install -e '.[hf]'`: lm-eval).
@@ -32,8 +33,10 @@ def lm_eval_argv(argv: list[str]) -> list[str]:
     if not any(a.split("=")[0] in ("--tasks", "-t") for a in rest):
         raise ValueError("give --tasks (lm-eval's task names, or the names in an --include_path folder's YAMLs)")
     model = [] if any(a.split("=")[0] == "--model" for a in rest) else ["--model", "llada"]
-    batch = [] if any(a.split("=")[0] in ("--batch_size", "-b") for a in rest) else ["--batch_size", "32"]
-    return ["run", *model, *batch, *rest, "--model_args", json.dumps({"source": source})]
+    given = {a.split("=")[0] for a in rest}
+    batch = [] if given & {"--batch_size", "-b"} else ["--batch_size", "32"]
+    device = [] if "--device" in given else ["--device", "auto"]  # lm-eval's default is cuda:0, even without CUDA
+    return ["run", *model, *batch, *device, *rest, "--model_args", json.dumps({"source": source})]
 
 
 def main(argv: list[str]) -> None:

@@ -38,7 +38,11 @@ class LLaDAConfig(PretrainedConfig):
         self.max_sequence_length, self.rope_theta, self.rms_norm_eps = max_sequence_length, rope_theta, rms_norm_eps
         self.init_std = init_std
         self.include_qkv_bias, self.qk_norm, self.weight_tying = include_qkv_bias, qk_norm, weight_tying
-        self.rope_scaling, self.shift_prediction = rope_scaling, shift_prediction
+        self.shift_prediction = shift_prediction
+        if isinstance(getattr(type(self), "rope_scaling", None), property):
+            self.rope_parameters = rope_scaling  # transformers 5: rope_scaling is a (deprecated) alias of this
+        else:
+            self.rope_scaling = rope_scaling
         self.mask_token_id, self.use_cache = mask_token_id, use_cache
         # The output head is tied (or not) by the model itself: transformers' own tying stays off.
         kwargs["tie_word_embeddings"] = False
