@@ -24,22 +24,22 @@ from tests.pretrain.hf.venvs import transformers_venv
 TRANSFORMERS_VERSIONS = ("4.57.6", "5.24.0")
 
 LOAD = """
-import importlib.util, json, sys
+import importlib.util, sys
 import torch, transformers
 from transformers import AutoModel, AutoModelForCausalLM
 # only torch and transformers (and their own requirements): neither this project nor its dependencies
 assert all(importlib.util.find_spec(m) is None for m in ("pretrain", "deepspeed", "data_pipeline", "omegaconf"))
-folder, ids_file, out_file = sys.argv[1:]
+ids_file, out_file, *folders = sys.argv[1:]
 ids = torch.load(ids_file)
 out = {"version": transformers.__version__}
-for cls in (AutoModel, AutoModelForCausalLM):
-    kwargs = {"dtype": "auto"} if transformers.__version__ >= "5" else {"torch_dtype": "auto"}
-    model = cls.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
-    with torch.no_grad():
-        out[cls.__name__] = model(ids).logits
-        mask = torch.ones_like(ids)
-        out[cls.__name__ + "_masked"] = model(ids, attention_mask=mask).logits
-    out[cls.__name__ + "_class"] = type(model).__name__
+dtype = {"dtype": "auto"} if transformers.__version__ >= "5" else {"torch_dtype": "auto"}  # config.json's
+for folder in folders:
+    for cls in (AutoModel, AutoModelForCausalLM):
+        model = cls.from_pretrained(folder, trust_remote_code=True, **dtype).eval()
+        with torch.no_grad():
+            out[folder, cls.__name__] = model(ids).logits
+            out[folder, cls.__name__, "masked"] = model(ids, attention_mask=torch.ones_like(ids)).logits
+        out[folder, cls.__name__, "class"] = type(model).__name__
 torch.save(out, out_file)
 """
 
@@ -52,6 +52,7 @@ def exports(trained_run, tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # both export dtypes come from it
 @pytest.mark.parametrize("version", TRANSFORMERS_VERSIONS)
 def test_an_export_loads_offline_in_a_venv_with_only_torch_and_transformers(version, exports, trained_run, tmp_path):
     python = transformers_venv(version)
@@ -63,21 +64,22 @@ def test_an_export_loads_offline_in_a_venv_with_only_torch_and_transformers(vers
     with torch.no_grad():
         want = {"fp32": load_model(open_source(trained_run))(ids),
                 "bf16": load_model(open_source(trained_run), dtype=torch.bfloat16)(ids)}
-    for dtype in ("fp32", "bf16"):
-        proc = subprocess.run([str(python), str(tmp_path / "load.py"), str(exports / dtype), str(tmp_path / "ids.pt"),
-                               str(tmp_path / f"{dtype}.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        got = torch.load(tmp_path / f"{dtype}.pt", weights_only=True)
-        assert got["version"] == version
+    folders = {dtype: str(exports / dtype) for dtype in want}
+    proc = subprocess.run([str(python), str(tmp_path / "load.py"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"),
+                           *folders.values()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["version"] == version
+    for dtype, folder in folders.items():
         for cls in ("AutoModel", "AutoModelForCausalLM"):
-            assert got[cls + "_class"] == "LLaDAModelLM"
-            assert got[cls].dtype == want[dtype].dtype  # torch_dtype from config.json
-            assert torch.equal(got[cls], got[cls + "_masked"])  # an all-ones mask changes nothing
+            logits = got[folder, cls]
+            assert got[folder, cls, "class"] == "LLaDAModelLM"
+            assert logits.dtype == want[dtype].dtype  # torch_dtype from config.json
+            assert torch.equal(logits, got[folder, cls, "masked"])  # an all-ones mask changes nothing
             if dtype == "fp32":
-                assert (got[cls] - want[dtype]).abs().max() <= 1e-5
+                assert (logits - want[dtype]).abs().max() <= 1e-5
             else:  # the same bf16 weights; bf16 roundings may differ (our FFN is padded to a multiple of 64)
-                assert (got[cls].float() - want[dtype].float()).abs().max() <= 0.05 * want[dtype].abs().max()
+                assert (logits.float() - want[dtype].float()).abs().max() <= 0.05 * want[dtype].abs().max()
 
 
 # -- the keys of the warm-start issue, against a reference --------------------------------------------
@@ -226,6 +228,7 @@ def test_a_config_it_cannot_build_is_refused(key, value, message):
         LLaDAModelLM(LLaDAConfig(**SMALL, **{key: value}))
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)
 def test_config_round_trips_the_published_keys(exports):
     config = json.loads((exports / "fp32" / "config.json").read_text())
     loaded = LLaDAConfig.from_pretrained(exports / "fp32")
