@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import defaultdict
 
 import torch
@@ -138,6 +139,10 @@ class LLaDAHarness(LM):
         return context[-room:]
 
     # -- requests -----------------------------------------------------------------------------------
+    def announce(self, requests, kind: str) -> None:
+        print(f"llada rank {self._rank}/{self._world_size}: {len(requests)} {kind} requests", file=sys.stderr,
+              flush=True)
+
     def nll(self, context: list[int], continuation: list[int], item: int, choice: int) -> float:
         generator = torch.Generator().manual_seed(draw_seed(self.seed, item, choice))
         return answer_nll(self.model, context, continuation, self.source.mask_id, self.mc_num, generator,
@@ -159,6 +164,7 @@ class LLaDAHarness(LM):
         return x[0, len(context):].tolist() == continuation
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self.announce(requests, "loglikelihood")
         out = []
         for req in requests:
             context, continuation = req.args
@@ -171,6 +177,7 @@ class LLaDAHarness(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        self.announce(requests, "loglikelihood_rolling")
         out = []
         for req in requests:
             (text,) = req.args
@@ -197,6 +204,7 @@ class LLaDAHarness(LM):
         return s
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        self.announce(requests, "generate_until")
         jobs = defaultdict(list)  # (settings, prompt length) -> request indices: batched without padding
         prepared = []
         for i, req in enumerate(requests):
