@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 
 import pytest
@@ -19,6 +20,7 @@ from pretrain.export import export
 from pretrain.hf.modeling.configuration_llada import LLaDAConfig
 from pretrain.hf.modeling.modeling_llada import LLaDAModelLM, inverse_frequencies
 from pretrain.hf.pretrained import load_model, open_source
+from tests.conftest import REPO
 from tests.pretrain.hf.venvs import transformers_venv
 
 TRANSFORMERS_VERSIONS = ("4.57.6", "5.24.0")
@@ -29,17 +31,19 @@ import torch, transformers
 from transformers import AutoModel, AutoModelForCausalLM
 # only torch and transformers (and their own requirements): neither this project nor its dependencies
 assert all(importlib.util.find_spec(m) is None for m in ("pretrain", "deepspeed", "data_pipeline", "omegaconf"))
-ids_file, out_file, *folders = sys.argv[1:]
+ids_file, out_file, readme_file, *folders = sys.argv[1:]
 ids = torch.load(ids_file)
 out = {"version": transformers.__version__}
-dtype = {"dtype": "auto"} if transformers.__version__ >= "5" else {"torch_dtype": "auto"}  # config.json's
 for folder in folders:
     for cls in (AutoModel, AutoModelForCausalLM):
-        model = cls.from_pretrained(folder, trust_remote_code=True, **dtype).eval()
+        model = cls.from_pretrained(folder, trust_remote_code=True, dtype="auto").eval()  # config.json's dtype
         with torch.no_grad():
             out[folder, cls.__name__] = model(ids).logits
             out[folder, cls.__name__, "masked"] = model(ids, attention_mask=torch.ones_like(ids)).logits
         out[folder, cls.__name__, "class"] = type(model).__name__
+readme = {}
+exec(open(readme_file).read(), readme)  # the README's example, as written but for the folder
+out["readme"] = readme["ids"], readme["logits"].detach()
 torch.save(out, out_file)
 """
 
@@ -65,8 +69,11 @@ def test_an_export_loads_offline_in_a_venv_with_only_torch_and_transformers(vers
         want = {"fp32": load_model(open_source(trained_run))(ids),
                 "bf16": load_model(open_source(trained_run), dtype=torch.bfloat16)(ids)}
     folders = {dtype: str(exports / dtype) for dtype in want}
+    readme = re.search(r"## Using a trained model\n.*?```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    (tmp_path / "readme.py").write_text(readme.group(1).replace('"outputs/demo-hf"', repr(folders["fp32"])))
     proc = subprocess.run([str(python), str(tmp_path / "load.py"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"),
-                           *folders.values()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "readme.py"), *folders.values()], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["version"] == version
@@ -80,6 +87,10 @@ def test_an_export_loads_offline_in_a_venv_with_only_torch_and_transformers(vers
                 assert (logits - want[dtype]).abs().max() <= 1e-5
             else:  # the same bf16 weights; bf16 roundings may differ (our FFN is padded to a multiple of 64)
                 assert (logits.float() - want[dtype].float()).abs().max() <= 0.05 * want[dtype].abs().max()
+    readme_ids, readme_logits = got["readme"]
+    assert readme_ids.tolist() == [open_source(trained_run).tokenizer().encode("The module").ids]
+    with torch.no_grad():
+        assert (readme_logits - load_model(open_source(trained_run))(readme_ids)).abs().max() <= 1e-5
 
 
 # -- the keys of the warm-start issue, against a reference --------------------------------------------
