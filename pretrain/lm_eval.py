@@ -39,11 +39,17 @@ def lm_eval_argv(argv: list[str]) -> list[str]:
     return ["run", *model, *batch, *device, *rest, "--model_args", json.dumps({"source": source})]
 
 
+USAGE = "usage: python -m pretrain.lm_eval SOURCE --tasks TASK[,TASK...] [lm-eval's flags]"
+
+
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE + "\n\n" + __doc__.strip() + "\n\nlm-eval's flags: python -m lm_eval run --help")
+        return
     try:
         args = lm_eval_argv(argv)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{USAGE}\nerror: {e}", file=sys.stderr)
         sys.exit(2)
     try:
         from lm_eval.__main__ import cli_evaluate
