@@ -35,6 +35,7 @@ from data_pipeline.tokenizer import EOS, MASK
 from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.hf.format import (
     DTYPES,
+    PUBLISHED_CODE_REPO,
     FormatError,
     hf_config,
     parse_size,
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this size")
     code = parser.add_mutually_exclusive_group()
     code.add_argument("--code-repo", default=None, help="point auto_map at this Hub repository's "
-                      "configuration_llada.py/modeling_llada.py (e.g. GSAI-ML/LLaDA-8B-Base) instead of the copies")
+                      f"configuration_llada.py/modeling_llada.py (e.g. {PUBLISHED_CODE_REPO}) instead of the copies")
     code.add_argument("--local-code", action="store_true", help="auto_map names the copies in OUT_DIR (the default)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
