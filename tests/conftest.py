@@ -73,6 +73,13 @@ def run_train(launcher: list[str], run_dir: Path, data_dir: Path, *overrides: st
     return proc
 
 
+def rss_growth_mb(script: str, timeout: int = 300) -> float:
+    """Runs `script` (which prints one number: its resident memory growth in MB) in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -1,12 +1,9 @@
 """The output head's bucketed row count: the bf16 CPU memory growth it ended, and that it is exact."""
 
-import subprocess
-import sys
-
 import torch
 
 from pretrain.model.output_head import OutputHead, chunk_grad, chunk_stats
-from tests.conftest import REPO, child_env
+from tests.conftest import rss_growth_mb
 
 
 def test_masked_rows_reach_the_matmuls_in_a_few_shapes_only_and_the_padding_is_exact():
@@ -54,7 +51,5 @@ print((rss[-1] - rss[14]) / 2**20)
 
 
 def test_bf16_head_memory_stays_flat_as_the_masked_row_count_varies():
-    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=300, check=True)
-    growth_mb = float(proc.stdout.strip().splitlines()[-1])
+    growth_mb = rss_growth_mb(PROBE)
     assert growth_mb < 30, f"the bf16 output head grew the process by {growth_mb:.0f} MB in 65 steps"
