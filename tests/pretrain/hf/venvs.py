@@ -65,7 +65,9 @@ def torch_links() -> Path:
 
 def transformers_venv(version: str) -> Path:
     """The python of a venv with torch and transformers==version only (created once, then cached)."""
-    venv = CACHE / f"transformers-{version}"
+    import torch
+
+    venv = CACHE / f"transformers-{version}-torch-{torch.__version__}"  # linked to this torch: a new one, a new venv
     python = venv / "bin" / "python"
     if (venv / ".ready").exists():
         return python
@@ -73,8 +75,6 @@ def transformers_venv(version: str) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     (venv / "lib" / PY / "site-packages" / "torch-only.pth").write_text(f"{links}\n")
-    import torch
-
     pin = venv / "torch-pin.txt"  # pip must never replace the linked torch
     pin.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
     proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(pin),
