@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # with your CUDA index, or create the venv with torch already in it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install system-deps demo test lint clean
+.PHONY: install install-hf system-deps demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,13 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# The hf extra (transformers, lm-eval): using a trained model, not training; the tests need it.
+install-hf: $(VENV)/.installed-hf
+
+$(VENV)/.installed-hf: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,hf]"
 	touch $@
 
 demo: install
@@ -32,7 +39,7 @@ system-deps:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q slurm-wlm; }
 
-test: install system-deps
+test: install install-hf system-deps
 	$(PY) -m pytest -q --durations=20 tests
 
 lint: install

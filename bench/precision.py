@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/precision.py [--steps 300] [--window 50] [--precisions fp32,bf16] [-- OVERRIDES]
 
-Trains the demo (`make demo`'s preset, conf/experiment/demo.yaml, same seed) once per precision with the real entry point,
-one after the other, and reads each run's metrics.jsonl. Prints per window of steps: the mean training
-loss of each precision and their difference, and each run's `mem/rss_gb` at the window's end; then the
-held-out loss of each. The last line is one JSON object. bf16 is native only where lscpu lists
-avx512_bf16 or amx_bf16 (elsewhere oneDNN emulates it, ~8x slower): the host's flags are printed.
+Trains the demo (`make demo`'s preset, conf/experiment/demo.yaml, same seed) once per precision with
+the real entry point, one after the other, and reads each run's metrics.jsonl. Prints per window of
+steps: the mean training loss of each precision and their difference, and each run's `mem/rss_gb` at
+the window's end; then the held-out loss of each. The last line is one JSON object. bf16 is native
+only where lscpu lists avx512_bf16 or amx_bf16 (elsewhere oneDNN emulates it, ~8x slower): the host's
+flags are printed.
 """
 
 from __future__ import annotations

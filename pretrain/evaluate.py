@@ -14,7 +14,8 @@ per line; each choice is scored by the paper's conditional likelihood -log p(cho
 (Monte Carlo over masks of the choice, the prompt never masked, --mc-num draws, batched by
 --batch-size), the lowest wins, and the accuracy is printed. Prompt and choices are tokenized
 separately, the choice's tokens appended to the prompt's (put a leading space in the choices where
-the tokenizer needs one).
+the tokenizer needs one). `nll` holds each choice's estimate (nats), `nll_se` its Monte Carlo standard
+error (the draws' spread / sqrt(mc_num); null with --mc-num 1).
 
 Output: one JSON line on stdout.
 """
@@ -38,7 +39,7 @@ from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.format import FormatError
 from pretrain.hf.pretrained import Source, SourceError, load_model, open_source
-from pretrain.objective.likelihood import NelboSums, answer_nll, nelbo_of_batch
+from pretrain.objective.likelihood import NelboSums, answer_nll, draw_seed, nelbo_of_batch
 
 MIN_SEQUENCES_FOR_SE = 10  # below this the standard error over sequences is itself too uncertain to read
 
@@ -136,17 +137,20 @@ def evaluate_choices(model, source: Source, items: list[dict], mc_num: int, batc
         if any(not c for c in choices):
             raise EvalError(f"item {n}: a choice encodes to no tokens")
         encoded.append((prompt, choices))
-    correct, scores = 0, []
+    correct, scores, errors = 0, [], []
     for n, (prompt, choices) in enumerate(encoded):
-        nll = []
+        nll, se = [], []
         for j, choice in enumerate(choices):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + n * 1009 + j)  # order-independent draws
-            nll.append(answer_nll(model, prompt, choice, source.mask_id, mc_num, generator, batch_size, device)[0])
+            generator = torch.Generator().manual_seed(draw_seed(seed, n, j))  # order-independent draws
+            mean, err = answer_nll(model, prompt, choice, source.mask_id, mc_num, generator, batch_size, device)
+            nll.append(mean)
+            se.append(err if math.isfinite(err) else None)  # one draw: no spread to measure
         pick = int(np.argmin(nll))
         correct += pick == items[n]["answer"]
         scores.append(nll)
+        errors.append(se)
     return {"accuracy": correct / len(items), "correct": correct, "items": len(items), "mc_num": mc_num,
-            "nll": scores}
+            "nll": scores, "nll_se": errors}
 
 
 def main(argv: list[str]) -> None:

@@ -10,7 +10,7 @@ from data_pipeline.shards import Manifest
 from pretrain.evaluate import evaluate_nelbo, main, windows
 from pretrain.export import export
 from pretrain.hf.pretrained import load_model, open_source
-from pretrain.objective.likelihood import NelboSums, nelbo_of_batch
+from pretrain.objective.likelihood import NelboSums, draw_seed, elbo_terms, nelbo_of_batch
 
 
 def run(capsys, *argv) -> dict:
@@ -59,6 +59,20 @@ def test_multiple_choice_accuracy(trained_run, tmp_path, capsys):
     picks = [min(range(len(s)), key=s.__getitem__) for s in out["nll"]]
     assert out["correct"] == sum(p == a for p, a in zip(picks, [0, 0, 1], strict=True))
     assert out["accuracy"] == out["correct"] / 3 and all(v > 0 for s in out["nll"] for v in s)
+    # each choice's Monte Carlo standard error: the spread of its draws / sqrt(mc_num), the draws of item 0's
+    # choice 0 redone here
+    assert [len(s) for s in out["nll_se"]] == [2, 3, 2]
+    source = open_source(trained_run)
+    tok = source.tokenizer()
+    prompt, choice = tok.encode("The module").ids, tok.encode(" defines").ids
+    x0 = torch.tensor([prompt + choice])
+    maskable = torch.arange(x0.shape[1])[None] >= len(prompt)
+    terms = elbo_terms(load_model(source), x0, maskable, source.mask_id, 4,
+                       torch.Generator().manual_seed(draw_seed(0, 0, 0)), 16)[0]
+    assert out["nll"][0][0] == pytest.approx(terms.mean().item()) and terms.std() > 0
+    assert out["nll_se"][0][0] == pytest.approx(terms.std().item() / 2)
+    one = run(capsys, trained_run, "--choices", tmp_path / "mc.jsonl", "--mc-num", 1, "--device", "cpu")
+    assert all(e is None for s in one["nll_se"] for e in s)  # one draw: no spread to measure
 
 
 @pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
