@@ -69,7 +69,7 @@ class Plan:
 def activation_bytes(run: RunConfig, stride: int) -> float:
     m, t = run.model, run.trainer
     tokens = t.micro_batch_size * t.seq_len
-    per_block = 2 * (6 * m.d_model + 2 * m.n_kv_heads * m.head_dim + 3 * padded_width(m.mlp_hidden_size)) * tokens
+    per_block = 2 * (6 * m.d_model + 2 * m.n_kv_heads * m.head_size + 3 * padded_width(m.mlp_hidden_size)) * tokens
     if stride == 0:
         return m.n_layers * per_block
     checkpointed = math.ceil(m.n_layers / stride)

@@ -17,7 +17,7 @@ from pretrain.config import ModelConfig
 
 
 def block_params(m: ModelConfig) -> int:
-    d, hd = m.d_model, m.head_dim
+    d, hd = m.d_model, m.head_size
     return 2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd + 3 * d * m.mlp_hidden_size + 2 * d
 
 

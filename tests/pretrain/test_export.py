@@ -12,9 +12,9 @@ from tokenizers import Tokenizer
 from data_pipeline.shards import Manifest
 from pretrain.checkpoint.zero_files import load_state_dict
 from pretrain.checks import compose_config
-from pretrain.config import ConfigError, ModelConfig
+from pretrain.config import ConfigError
 from pretrain.export import export, main
-from pretrain.hf.format import HFWeights
+from pretrain.hf.format import HFWeights, model_config
 from pretrain.hf.pretrained import load_model, open_source
 from pretrain.model.transformer import LLaDAModel
 from tests.conftest import BIN, TRAIN_ARGS, run_train
@@ -45,12 +45,12 @@ def build_like_the_published_loader(folder) -> LLaDAModel:
     assert cfg["rope"] and not cfg["include_bias"] and not cfg["weight_tying"] and not cfg["alibi"]
     assert not cfg["scale_logits"] and not cfg["input_emb_norm"]
     d = cfg["d_model"]
-    model_cfg = ModelConfig(
+    model_cfg = model_config(dict(
         name="published", n_layers=cfg["n_layers"], d_model=d, n_heads=cfg["n_heads"],
         n_kv_heads=cfg["n_kv_heads"] or cfg["n_heads"], mlp_hidden_size=cfg["mlp_hidden_size"] or cfg["mlp_ratio"] * d,
         vocab_size=cfg["embedding_size"] or cfg["vocab_size"], max_sequence_length=cfg["max_sequence_length"],
         rope_theta=cfg["rope_theta"], rms_norm_eps=cfg["rms_norm_eps"], init_std=0.02, attention="sdpa",
-        document_mask=False, init_from=None)
+        document_mask=False, init_from=None))
     index = folder / "model.safetensors.index.json"
     files = ({folder / f for f in json.loads(index.read_text())["weight_map"].values()} if index.exists()
              else {folder / "model.safetensors"})
