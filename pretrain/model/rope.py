@@ -25,7 +25,7 @@ def check_scaling(scaling: dict | None, where: str = "model.rope_scaling") -> No
     kind = scaling.get("rope_type", scaling.get("type"))
     require(kind in ROPE_TYPES, f"{where}: rope_type={kind!r} is not supported (only {', '.join(ROPE_TYPES)} or null)")
     missing = [k for k in LLAMA3_KEYS if k not in scaling]
-    require(not missing, f"{where}: rope_type=llama3 needs {missing[0]!r}")
+    require(not missing, f"{where}: rope_type=llama3 needs {missing[:1]}")
     require(scaling["high_freq_factor"] > scaling["low_freq_factor"],
             f"{where}: high_freq_factor={scaling['high_freq_factor']} must exceed low_freq_factor="
             f"{scaling['low_freq_factor']}")
