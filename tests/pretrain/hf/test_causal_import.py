@@ -33,10 +33,12 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
 #          an added mask in Qwen's padded rows with q/k/v biases (qwen2), an added mask in a grown embedding
 #          and head with q/k norms and a head_dim apart from d_model / n_heads (qwen3).
 SOURCES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                                                  "<|reserved_special_token_1|>"], 0,
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+               "<|reserved_special_token_1|>"], 0,
               dict(rope_theta=500000.0, tie_word_embeddings=True, rope_scaling=LLAMA3_SCALING)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", ["<|endoftext|>"], 30, dict(rope_theta=1e6, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", ["<|endoftext|>"], 30,
+              dict(rope_theta=1e6, tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", ["<|endoftext|>"], 0,
               dict(rope_theta=1e6, tie_word_embeddings=False, head_dim=32)),
 }
