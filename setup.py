@@ -25,6 +25,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],
+        "hf": ["transformers>=4.57,<5"],  # the shipped modeling code, warm-start tests and bench/warm_start.py
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     },
 )

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_pipeline.build import build
@@ -23,8 +24,6 @@ from pretrain.hf.format import model_config, read_config
 from pretrain.hf.pretrained import load_model, open_source
 from pretrain.model.transformer import LLaDAModel
 from tests.conftest import BIN, build_config, data_config, free_port, run_train, train_losses
-
-transformers = pytest.importorskip("transformers")  # the [hf] extra
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
