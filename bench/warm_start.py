@@ -1,7 +1,7 @@
 """What a warm start from an autoregressive model buys: held-out NELBO at equal steps, from scratch vs
 from a Llama trained autoregressively on the same corpus.
 
-    .venv/bin/python bench/warm_start.py [--ar-steps 600] [--steps 200] [--eval-every 50] [--out outputs/bench/warm]
+    .venv/bin/python bench/warm_start.py [--ar-steps 400] [--steps 200] [--eval-every 50] [--out outputs/bench/warm]
 
 1. A byte-level BPE (vocabulary 1024) with Llama 3's special tokens (<|end_of_text|>, reserved tokens: the
    mask token is a reserved one) is trained on the demo corpus, and the corpus is built into 64-token shards.
@@ -10,7 +10,9 @@ from a Llama trained autoregressively on the same corpus.
 3. Two diffusion runs of python -m pretrain.train, same shapes, data, seed and steps: one from scratch,
    one with model.init_from=the source (bidirectional from step 0). Both evaluate the held-out NELBO
    (the same estimator and draws) every --eval-every steps.
-Prints both curves side by side with their ratio; the last line is one JSON object.
+Prints both curves side by side with their ratio; the last line is one JSON object. Everything runs on
+one thread (OMP_NUM_THREADS=1): on a shared 2-core machine two threads per process spin against each
+other (a tiny Llama step took 5-14 s with 2 threads, 0.4 s with 1); the figures do not depend on it.
 Needs transformers (pip install '.[hf]').
 """
 
@@ -120,8 +122,10 @@ def diffusion_run(run_dir: Path, shards: Path, tokenizer: Path, model: list[str]
 
 
 def main() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"  # the training subprocesses
+    torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ar-steps", type=int, default=600)
+    p.add_argument("--ar-steps", type=int, default=400)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
