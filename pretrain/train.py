@@ -33,6 +33,7 @@ from pretrain.checkpoint.universal import load_dir_for
 from pretrain.checks import load_config, validate_data
 from pretrain.config import ConfigError, RunConfig
 from pretrain.engine.build import build_engine, check_device, init_distributed, world_size_from_env
+from pretrain.engine.device import bound_cpu_kernel_caches
 from pretrain.engine.lr_schedule import warmup_beyond_end
 from pretrain.faults import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, LauncherWatch, StopRequest
 from pretrain.loop import NonFiniteError, Trainer, total_steps
@@ -136,6 +137,8 @@ def check_prebuilt_data(run: RunConfig) -> None:
 
 def train(cfg: DictConfig) -> None:
     run = load_config(cfg, world_size_from_env())  # every config error before any work
+    if run.cluster.device == "cpu":
+        bound_cpu_kernel_caches()
     check_prebuilt_data(run)
     if run.resume == "never" and checkpoint.latest(run.run_dir):
         raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"

@@ -73,6 +73,13 @@ def run_train(launcher: list[str], run_dir: Path, data_dir: Path, *overrides: st
     return proc
 
 
+def rss_growth_mb(script: str, timeout: int = 300) -> float:
+    """Runs `script` (which prints one number: its resident memory growth in MB) in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -81,13 +88,26 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, demo_shards) -> Path:
-    """A tiny model trained 30 steps on the demo shards, one process (for export, evaluate, generate)."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
+# Every GPU run trains in bf16, and so does `auto` on a CPU with native bf16; CI's CPU may have none
+# (auto = fp32 there). Tests that write or read checkpoints force each precision, whatever the host.
+PRECISIONS = ("fp32", "bf16")
+
+
+@pytest.fixture(scope="session", params=PRECISIONS)
+def trained_run(request, tmp_path_factory, demo_shards) -> Path:
+    """A tiny model trained 30 steps on the demo shards, one process, in each precision (for export,
+    evaluate, generate); its precision is `trainer.precision` in the run's config.yaml."""
+    run_dir = tmp_path_factory.mktemp(f"trained-{request.param}") / "run"
     run_train([sys.executable, "-m", "pretrain.train"], run_dir, demo_shards, "trainer.max_steps=30",
-              "trainer.ckpt_every=15", "logging.mode=disabled")
+              "trainer.ckpt_every=15", "logging.mode=disabled", f"trainer.precision={request.param}")
     return run_dir
+
+
+def run_precision(run_dir: Path) -> str:
+    """The precision a run trained in ("fp32" or "bf16"), from its config.yaml."""
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["precision"]
 
 
 # A run with every monitoring option set, resumed once (tests/pretrain/monitor/test_metrics.py, test_report.py).

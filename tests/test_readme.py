@@ -1,5 +1,6 @@
 """The README's commands, run as a new user would type them."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -54,5 +55,6 @@ def test_the_after_training_section_runs_as_written(tmp_path, trained_run):
                               text=True, timeout=600)
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         outputs.append(proc.stdout)
-    assert (tmp_path / "outputs" / "demo-hf" / "config.json").is_file()
+    # The export's default is bf16, whatever the run trained in (fp32 on request: tests/pretrain/test_export.py).
+    assert json.loads((tmp_path / "outputs" / "demo-hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert '"nelbo"' in outputs[1] and '"completion"' in outputs[2]

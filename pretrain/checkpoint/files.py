@@ -13,6 +13,8 @@ import os
 import re
 from pathlib import Path
 
+from pretrain.checkpoint import ds_names
+
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
 
@@ -62,15 +64,16 @@ def digest(path: Path, sync: bool = False) -> dict:
     return {"size": size, "sha256": h.hexdigest()}
 
 
-_RANK_IN_NAME = (re.compile(r"(?:^|_)pp_rank_(\d+)_"), re.compile(r"^trainer_state_rank(\d+)\.json$"))
+_OUR_RANK_FILE = re.compile(r"^trainer_state_rank(\d+)\.json$")
 
 
 def owner_rank(name: str) -> int:
     """The rank that wrote a file of DeepSpeed's layout (zero_pp_rank_R_..., bf16_zero_pp_rank_R_...)
     or ours (trainer_state_rankR.json); files with no rank in their name are rank 0's."""
-    for pattern in _RANK_IN_NAME:
-        if m := pattern.search(name):
-            return int(m.group(1))
+    if (rank := ds_names.rank_of(name)) is not None:
+        return rank
+    if m := _OUR_RANK_FILE.match(name):
+        return int(m.group(1))
     return 0
 
 

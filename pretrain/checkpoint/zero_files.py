@@ -1,8 +1,8 @@
 """Whole parameters out of a DeepSpeed checkpoint, one at a time, on the CPU.
 
 A ZeRO-3 checkpoint keeps the fp32 master weights in the optimizer files, one per rank
-(`zero_pp_rank_R_mp_rank_00_optim_states.pt`): per parameter group a flat vector holding, parameter
-after parameter in the order of `param_shapes` (in the model-state files), rank R's slice of
+(`[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`, names in ds_names.py): per parameter group a flat
+vector holding, parameter after parameter in the order of `param_shapes` (in the model-state files), rank R's slice of
 ceil(numel / world) elements (the last rank's slice zero-padded). A parameter is whole again by
 concatenating its slice from every rank and dropping the padding.
 
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint import ds_names
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing files or does not add up."""
@@ -49,10 +51,6 @@ def load_engine_file(path: Path) -> dict:
     """One of DeepSpeed's checkpoint files, without unpickling anything but tensors and two DeepSpeed enums."""
     with _deepspeed_globals():
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def _rank_of(path: Path) -> int:
-    return int(path.name.split("_")[3])  # zero_pp_rank_R_mp_rank_00_...
 
 
 @dataclass
@@ -90,14 +88,14 @@ class ZeroCheckpoint:
 def open_checkpoint(directory: str | Path) -> ZeroCheckpoint:
     """Reads the layout of a DeepSpeed checkpoint tag directory (the tensors stay mapped on disk)."""
     directory = Path(directory)
-    model_files = sorted(directory.glob("*_model_states.pt"))
+    model_files = ds_names.model_files(directory)
     if not model_files:
         raise CheckpointError(f"{directory}: no *_model_states.pt (not a DeepSpeed checkpoint directory)")
     states = load_engine_file(model_files[0])
     param_shapes = states["param_shapes"]
     if isinstance(param_shapes, dict):
         param_shapes = [param_shapes]
-    optim_files = sorted(directory.glob("*_optim_states.pt"), key=_rank_of)
+    optim_files = ds_names.optim_files(directory)
     stage = 0
     if optim_files:
         first = load_engine_file(optim_files[0])["optimizer_state_dict"]
@@ -129,7 +127,7 @@ def optimizer_tensors(directory: str | Path) -> list[torch.Tensor]:
     """Every rank's fp32 master weights and Adam moments, in rank order: what two checkpoints must share
     to count as the same training state (the fault drills and tests compare them)."""
     tensors = []
-    for path in sorted(Path(directory).glob("*optim_states.pt")):
+    for path in ds_names.optim_files(directory):
         state = load_engine_file(path)["optimizer_state_dict"]
         tensors += list(state["fp32_flat_groups"])
         for s in state["optimizer_state_dict"]["state"].values():

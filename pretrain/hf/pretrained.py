@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.shards import DataError, Manifest
 from data_pipeline.tokenizer import load_tokenizer
+from pretrain.checkpoint import ds_names
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.zero_files import open_checkpoint
 from pretrain.config import ModelConfig
@@ -81,7 +82,7 @@ def complete_steps(run_dir: Path) -> list[int]:
     root = checkpoint.ckpt_dir(str(run_dir))
     steps = []
     for d in sorted(root.glob("step*")) if root.is_dir() else []:
-        if d.name[4:].isdigit() and any(d.glob("*_model_states.pt")):
+        if d.name[4:].isdigit() and ds_names.has_model_states(d):
             steps.append(int(d.name[4:]))
     return steps
 
@@ -95,7 +96,7 @@ def _run_source(run_dir: Path, step: int | None) -> Source:
             raise SourceError(f"{run_dir}: no complete checkpoint in {checkpoint.ckpt_dir(str(run_dir))}")
     else:
         tag = checkpoint.tag(step)
-        if not any((checkpoint.ckpt_dir(str(run_dir)) / tag).glob("*_model_states.pt")):
+        if not ds_names.has_model_states(checkpoint.ckpt_dir(str(run_dir)) / tag):
             raise SourceError(f"{run_dir}: no checkpoint at --step {step} (checkpoints at steps: "
                               f"{complete_steps(run_dir) or 'none'})")
     data_dir = Path(cfg.data.dir)

@@ -52,6 +52,7 @@ def test_multiple_choice_accuracy(trained_run, tmp_path, capsys):
     assert out["accuracy"] == out["correct"] / 3 and all(v > 0 for s in out["nll"] for v in s)
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
 def test_cli_errors(trained_run, demo_shards, tmp_path, capsys):
     export(trained_run, tmp_path / "hf", dtype="bf16")
     assert "give --data SHARD_DIR" in fails(capsys, tmp_path / "hf")
@@ -65,6 +66,7 @@ def test_cli_errors(trained_run, demo_shards, tmp_path, capsys):
     assert "no checkpoint at --step 3" in fails(capsys, trained_run, "--step", 3)
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
 def test_a_model_trained_with_a_document_mask_is_scored_within_documents(trained_run, demo_shards):
     # As if the run had trained with model.document_mask=true: the held-out windows are scored with
     # attention kept inside each document. Reference: the same estimator with the documents found

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from data_pipeline.shards import Manifest
+from pretrain.checkpoint.ds_names import optim_files
 from pretrain.checkpoint.zero_files import load_state_dict
 from pretrain.checks import compose_config
 from pretrain.config import ConfigError
@@ -17,7 +18,7 @@ from pretrain.export import export, main
 from pretrain.hf.format import HFWeights, model_config
 from pretrain.hf.pretrained import load_model, open_source
 from pretrain.model.transformer import LLaDAModel
-from tests.conftest import BIN, TRAIN_ARGS, run_train
+from tests.conftest import BIN, TRAIN_ARGS, run_precision, run_train
 
 # The keys of GSAI-ML/LLaDA-8B-Base's config.json (../shared/DESIGN.md and the published file).
 PUBLISHED_KEYS = [
@@ -146,25 +147,31 @@ def test_import_names_the_first_difference_from_model(exported):
     assert run.model.vocab_size is None
 
 
-def test_export_import_export_on_two_ranks_gives_the_same_tensors(exported, demo_shards, tmp_path):
+def test_export_import_export_on_two_ranks_gives_the_same_tensors(exported, trained_run, demo_shards, tmp_path):
     # Two ZeRO-3 ranks start from the export; lr 1e-30 (optim.lr must be > 0) leaves the weights as loaded,
     # its updates below fp32 resolution; and the next export
     # must give back the very tensors (loaded by rank 0, re-partitioned, consolidated from both shards).
+    # A bf16 run holds its weights in bf16 and its fp32 master copy is made from them: what comes back
+    # is the import rounded to bf16, i.e. the bf16 export.
+    precision = run_precision(trained_run)
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29651", "-m", "pretrain.train"]
     run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=1e-30",
-              "logging.mode=disabled",
+              "logging.mode=disabled", f"trainer.precision={precision}",
               f"model.init_from={exported / 'fp32'}",
               "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
-    assert len(list((tmp_path / "cont" / "checkpoints" / "step00000001").glob("*optim_states.pt"))) == 2
+    assert len(optim_files(tmp_path / "cont" / "checkpoints" / "step00000001")) == 2
     export(tmp_path / "cont", tmp_path / "again", dtype="fp32")
-    first, again = dict(HFWeights.open(exported / "fp32").tensors()), dict(HFWeights.open(tmp_path / "again").tensors())
-    assert list(first) == list(again) and all(torch.equal(first[k], again[k]) for k in first)
+    expected = exported / ("fp32" if precision == "fp32" else "bf16")
+    first = {k: v.float() for k, v in HFWeights.open(expected).tensors()}
+    again = dict(HFWeights.open(tmp_path / "again").tensors())
+    assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
     ids = tokens(seed=1)
     with torch.no_grad():
         imported = load_model(open_source(tmp_path / "cont"))(ids)
-        assert torch.equal(imported, load_model(open_source(exported / "fp32"))(ids))
+        assert torch.equal(imported, load_model(open_source(expected))(ids))
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
 def test_cli_errors(trained_run, exported, tmp_path, capsys):
     def fails(*argv) -> str:
         with pytest.raises(SystemExit) as e:

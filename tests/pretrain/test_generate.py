@@ -140,6 +140,7 @@ def test_cli_from_a_run_and_from_its_export_agree(trained_run, tmp_path, capsys)
     assert [o["prompt"] for o in outputs[0]] == ["x", "The", "A long prompt about the module"]
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
 def test_cli_errors(trained_run, tmp_path, capsys):
     def fails(*argv) -> str:
         with pytest.raises(SystemExit) as e:

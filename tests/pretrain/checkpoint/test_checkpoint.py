@@ -13,10 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.checkpoint import ds_names
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.files import MANIFEST
 from pretrain.checkpoint.zero_files import load_engine_file
-from tests.conftest import BIN, REPO, TRAIN_ARGS, child_env, read_metrics, run_train, train_losses
+from tests.conftest import (
+    BIN,
+    PRECISIONS,
+    REPO,
+    TRAIN_ARGS,
+    child_env,
+    read_metrics,
+    run_precision,
+    run_train,
+    train_losses,
+)
 
 PYTHON = [sys.executable, "-m", "pretrain.train"]
 # global 12 = micro 2 x accumulation 3 x 2 ranks = 2 x 6 x 1 = 2 x 2 x 3: worlds 1, 2 and 3 all fit.
@@ -51,7 +62,7 @@ def tags(run_dir: Path) -> list[str]:
 def fp32_weights(ckpt: Path) -> list[torch.Tensor]:
     """The fp32 master weights of every rank."""
     out = []
-    for f in sorted(ckpt.glob("*optim_states.pt")):
+    for f in ds_names.optim_files(ckpt):
         out += load_engine_file(f)["optimizer_state_dict"]["fp32_flat_groups"]
     return out
 
@@ -82,22 +93,34 @@ def file_hashes(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def optim_name(rank: int, precision: str) -> str:
+    """DeepSpeed's name for a rank's optimizer file, spelt out here as a check on pretrain/checkpoint/ds_names.py."""
+    return f"{'bf16_' if precision == 'bf16' else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+# Every test that writes or reads checkpoints runs in both precisions, whatever the host's auto picks.
+@pytest.fixture(scope="module", params=PRECISIONS)
+def precision(request) -> str:
+    return request.param
+
+
 # -- two ranks: the uninterrupted reference, kill -9 and a full disk during a save -----------------------
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, demo_shards):
-    run_dir = tmp_path_factory.mktemp("ckpt") / "reference"
+def reference(tmp_path_factory, demo_shards, precision):
+    run_dir = tmp_path_factory.mktemp(f"ckpt-{precision}") / "reference"
     run_ranks(2, 29621, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
-              "trainer.keep_last=0", "fault.record_samples=true")
+              "trainer.keep_last=0", "fault.record_samples=true", f"trainer.precision={precision}")
     return run_dir
 
 
-def test_manifest_records_every_file_and_the_run(reference):
+def test_manifest_records_every_file_and_the_run(reference, precision):
     step3 = reference / "checkpoints" / "step00000003"
     manifest = json.loads((step3 / MANIFEST).read_text())
     on_disk = {p.name for p in step3.iterdir()} - {MANIFEST}
     assert set(manifest["files"]) == on_disk
-    assert {"trainer_state_rank0.json", "trainer_state_rank1.json", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} \
-        <= on_disk
+    assert {"trainer_state_rank0.json", "trainer_state_rank1.json", optim_name(1, precision)} <= on_disk
+    assert ds_names.optim_files(step3) == [step3 / optim_name(r, precision) for r in range(2)]
+    assert manifest["config"]["trainer"]["precision"] == precision
     assert manifest["step"] == 3 and manifest["world_size"] == 2 and manifest["tokens"] == 3 * 12 * 64
     assert manifest["config"]["model"]["n_layers"] == 4 and len(manifest["config_hash"]) == 16
     assert manifest["data_fingerprint"] and manifest["code_version"] != "unknown"
@@ -110,22 +133,23 @@ def test_manifest_records_every_file_and_the_run(reference):
     assert not (reference / "run.lock").exists()
 
 
-def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, demo_shards, reference):
+def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, demo_shards, reference, precision):
     run_dir = tmp_path / "killed"
     cmd = [*torchrun(2, 29622, [str(REPO / "tests" / "pretrain" / "slow_save.py")]), *TRAIN_ARGS, *SHAPE,
            f"data.dir={demo_shards}", f"run_dir={run_dir}", "trainer.max_steps=6", "trainer.ckpt_every=3",
-           "trainer.keep_last=0", "fault.record_samples=true"]
+           "trainer.keep_last=0", "fault.record_samples=true", f"trainer.precision={precision}"]
     env = {**child_env(), "SLOW_SAVE_MATCH": "step00000006", "SLOW_SAVE_S": "300"}
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            start_new_session=True)
     try:
         partial = run_dir / "checkpoints" / "step00000006.partial"
         deadline = time.monotonic() + 240
-        while not (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file():
+        while not (partial / optim_name(0, precision)).is_file():
             assert job.poll() is None and time.monotonic() < deadline, "the job never reached its second save"
             time.sleep(0.2)
         # While it hangs in the save, a second job on the same run_dir is refused.
-        second = run_train(PYTHON, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", check=False)
+        second = run_train(PYTHON, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6",
+                           f"trainer.precision={precision}", check=False)
         assert second.returncode == 2 and "run_dir is in use by pid" in second.stderr
         kill_job(job)
     finally:
@@ -133,7 +157,7 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, demo_
     assert checkpoint.latest(str(run_dir)) == "step00000003" and "step00000006" not in tags(run_dir)
 
     proc = run_ranks(2, 29623, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
-                     "trainer.keep_last=0", "fault.record_samples=true")
+                     "trainer.keep_last=0", "fault.record_samples=true", f"trainer.precision={precision}")
     assert "taking over" in proc.stdout and "not running" in proc.stdout  # the killed job's lock
     assert "ignoring" in proc.stdout and "resumed from" in proc.stdout and "at step 3" in proc.stdout
     assert train_losses(run_dir) == train_losses(reference)
@@ -160,11 +184,11 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_shards, reference):
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_shards, reference, precision):
     run_dir = small_disk / "run"
     # One checkpoint of this model on 2 ranks takes ~12 MB: the second does not fit in 20 MB.
     proc = run_ranks(2, 29624, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
-                     "trainer.keep_last=0", check=False)
+                     "trainer.keep_last=0", f"trainer.precision={precision}", check=False)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2
@@ -174,7 +198,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     proc = run_ranks(2, 29625, run_dir, demo_shards, *SHAPE, "trainer.max_steps=6", "trainer.ckpt_every=3",
-                     "trainer.keep_last=0")
+                     "trainer.keep_last=0", f"trainer.precision={precision}")
     assert "at step 3" in proc.stdout
     assert file_hashes(run_dir / "checkpoints" / "step00000003") == intact
     assert train_losses(run_dir) == train_losses(reference)
@@ -190,11 +214,12 @@ def full_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("world,port", [(1, 29626), (3, 29627)])
-def test_resume_at_another_world_size(tmp_path, demo_shards, reference, world, port):
+def test_resume_at_another_world_size(tmp_path, demo_shards, reference, precision, world, port):
     run_dir = tmp_path / f"world{world}"
     shutil.copytree(reference / "checkpoints" / "step00000003", run_dir / "checkpoints" / "step00000003")
     # lr 1e-30: a step changes no fp32 weight, so the weights after it are exactly the ones loaded.
-    args = (*SHAPE, "trainer.max_steps=4", "optim.lr=1e-30", "fault.record_samples=true")
+    args = (*SHAPE, "trainer.max_steps=4", "optim.lr=1e-30", "fault.record_samples=true",
+            f"trainer.precision={precision}")
     if world == 1:
         proc = run_train(PYTHON, run_dir, demo_shards, *args)
     else:
@@ -223,10 +248,11 @@ def samples_of(run_dir: Path, rank: int, steps: tuple[int, ...]) -> list[list[in
 
 # -- one process: damaged checkpoints, retention, refusals -------------------------------------------------
 @pytest.fixture(scope="module")
-def two_checkpoints(tmp_path_factory, demo_shards):
+def two_checkpoints(tmp_path_factory, demo_shards, precision):
     """A single-process run with complete checkpoints at steps 2 and 4."""
-    run_dir = tmp_path_factory.mktemp("ckpt1") / "run"
-    run_train(PYTHON, run_dir, demo_shards, "logging.mode=disabled", "trainer.max_steps=4", "trainer.ckpt_every=2")
+    run_dir = tmp_path_factory.mktemp(f"ckpt1-{precision}") / "run"
+    run_train(PYTHON, run_dir, demo_shards, "logging.mode=disabled", "trainer.max_steps=4", "trainer.ckpt_every=2",
+              f"trainer.precision={precision}")
     assert tags(run_dir) == ["step00000002", "step00000004"]
     return run_dir
 
@@ -239,11 +265,15 @@ def run_copy(two_checkpoints, tmp_path):
 
 
 def rerun(run_dir: Path, data: Path, *overrides: str, steps: int = 4, check: bool = True):
-    return run_train(PYTHON, run_dir, data, "logging.mode=disabled", f"trainer.max_steps={steps}", *overrides,
+    """The same command again, in the precision the run trained in."""
+    return run_train(PYTHON, run_dir, data, "logging.mode=disabled", f"trainer.max_steps={steps}",
+                     f"trainer.precision={run_precision(run_dir)}", *overrides,
                      check=check)
 
 
-OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+def optim_file(run_dir: Path, step: int) -> Path:
+    """Rank 0's optimizer file of a checkpoint (bf16_zero_pp_rank_0_... in a bf16 run)."""
+    return ds_names.optim_files(run_dir / "checkpoints" / checkpoint.tag(step))[0]
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -253,23 +283,25 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 def test_flipped_byte_falls_back_to_the_previous_checkpoint(run_copy, demo_shards):
-    damaged = run_copy / "checkpoints" / "step00000004" / OPTIM
+    damaged = optim_file(run_copy, 4)
     flip_byte(damaged, damaged.stat().st_size // 2)  # inside a weight tensor: torch.load would not notice
     proc = rerun(run_copy, demo_shards)
     assert f"skipping checkpoint step00000004: {damaged}: content differs" in proc.stdout
     assert "at step 2" in proc.stdout and sorted(train_losses(run_copy)) == [1, 2, 3, 4]
     assert checkpoint.latest(str(run_copy)) == "step00000004"  # re-written, now whole
-    assert json.loads((run_copy / "checkpoints" / "step00000004" / MANIFEST).read_text())["files"][OPTIM]["sha256"]
+    manifest = json.loads((run_copy / "checkpoints" / "step00000004" / MANIFEST).read_text())
+    assert manifest["files"][damaged.name]["sha256"]
 
 
 def test_no_usable_checkpoint_is_one_error_and_changes_nothing(run_copy, demo_shards):
-    for step in ("step00000002", "step00000004"):
-        flip_byte(run_copy / "checkpoints" / step / OPTIM, 1000)
+    for step in (2, 4):
+        flip_byte(optim_file(run_copy, step), 1000)
     before = file_hashes(run_copy)
     proc = rerun(run_copy, demo_shards, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1
-    assert "no usable checkpoint" in errors[0] and f"step00000004/{OPTIM}: content differs" in errors[0]
+    assert "no usable checkpoint" in errors[0]
+    assert f"step00000004/{optim_file(run_copy, 4).name}: content differs" in errors[0]
     assert "step " not in proc.stdout  # no training
     after = file_hashes(run_copy)
     assert {k: v for k, v in after.items() if k != "run.lock"} == before
@@ -277,10 +309,11 @@ def test_no_usable_checkpoint_is_one_error_and_changes_nothing(run_copy, demo_sh
 
 def test_truncated_file_bad_json_and_bad_manifest_are_named(run_copy, demo_shards):
     step2, step4 = run_copy / "checkpoints" / "step00000002", run_copy / "checkpoints" / "step00000004"
-    with open(step4 / OPTIM, "r+b") as f:
+    optim = optim_file(run_copy, 4)
+    with open(optim, "r+b") as f:
         f.truncate(1000)
     proc = rerun(run_copy, demo_shards)
-    assert f"skipping checkpoint step00000004: {step4 / OPTIM}: 1000 bytes, the manifest says" in proc.stdout
+    assert f"skipping checkpoint step00000004: {optim}: 1000 bytes, the manifest says" in proc.stdout
     assert "at step 2" in proc.stdout
     # A trainer state that does not parse (same size, so only the checksum tells) and a manifest that
     # does not parse: no usable checkpoint is left, and each is named.
