@@ -100,7 +100,6 @@ def source_fields(config: dict, where: str) -> dict:
 def mask_choice(folder: str | Path, data_tokenizer: str | None, rows: int) -> dict:
     """{token, id, origin, new_rows, mean_of}: the mask token of a run from `folder` on data tokenized with
     `data_tokenizer`; `new_rows`: the ids whose rows are set to the mean of rows [0, mean_of)."""
-    from data_pipeline.shards import DataError
     from data_pipeline.tokenizer import load_tokenizer
 
     folder = Path(folder)
@@ -113,7 +112,7 @@ def mask_choice(folder: str | Path, data_tokenizer: str | None, rows: int) -> di
     try:
         raw = Tokenizer.from_file(str(source))
         data = load_tokenizer(data_tokenizer)
-    except (DataError, Exception) as e:
+    except Exception as e:  # DataError, or tokenizers' bare Exception for a malformed file
         raise FormatError(f"{source}: unreadable tokenizer ({e})") from None
     ours = ensure_special_tokens(Tokenizer.from_file(str(source)))
     if fingerprint(data) != fingerprint(ours):
