@@ -110,8 +110,8 @@ def model_overrides(folder: Path) -> list[str]:
 def diffusion_run(run_dir: Path, shards: Path, tokenizer: Path, model: list[str], args) -> dict[int, float]:
     if not (run_dir / "metrics.jsonl").is_file():
         cmd = [sys.executable, "-m", "pretrain.train", "model=tiny", *model, f"data.dir={shards}",
-               f"data.tokenizer={tokenizer}", "data.vocab_size=1024", f"trainer.seq_len={SEQ}", "trainer.micro_batch_size=16",
-               "trainer.global_batch_size=16", f"trainer.max_steps={args.steps}",
+               f"data.tokenizer={tokenizer}", "data.vocab_size=1024", f"trainer.seq_len={SEQ}",
+               "trainer.micro_batch_size=16", "trainer.global_batch_size=16", f"trainer.max_steps={args.steps}",
                f"trainer.eval_every={args.eval_every}",
                "trainer.eval_batches=8", "trainer.log_every=50", "trainer.ckpt_every=0", "trainer.precision=fp32",
                "optim.lr=3e-3", "optim.schedule.unit=steps", "optim.schedule.points=[[0,0.1],[20,1.0]]",
