@@ -73,8 +73,9 @@ def train_autoregressive(out: Path, shards: Path, steps: int, seed: int) -> tupl
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = out / "llama-ar"
-    if (folder / "model.safetensors").is_file():
-        return folder, float("nan"), 0.0
+    if (folder / "ar.json").is_file():  # trained by an earlier call
+        done = json.loads((folder / "ar.json").read_text())
+        return folder, done["final_loss"], done["seconds"]
     manifest = Manifest.load(shards)
     data = torch.from_numpy(np.stack([w.astype(np.int64) for w, _, _ in windows(shards, manifest, "train")]))
     torch.manual_seed(seed)
@@ -97,6 +98,7 @@ def train_autoregressive(out: Path, shards: Path, steps: int, seed: int) -> tupl
     seconds = time.perf_counter() - start
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "tokenizer.json").write_text((out / "tokenizer.json").read_text())
+    (folder / "ar.json").write_text(json.dumps({"final_loss": loss.item(), "seconds": seconds}))
     return folder, loss.item(), seconds
 
 
