@@ -15,6 +15,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_pipeline.build import build
+from data_pipeline.shards import Manifest
 from data_pipeline.sources import demo_documents
 from pretrain.checks import compose_config
 from pretrain.config import ConfigError
@@ -59,16 +60,20 @@ def source_tokenizer(specials: list[str]) -> Tokenizer:
 def sources(tmp_path_factory) -> dict:
     """kind -> (source folder, shard directory built with its tokenizer)."""
     root = tmp_path_factory.mktemp("causal")
-    out = {}
+    out, built = {}, {}  # built: the special tokens -> (tokenizer, shards), shared by qwen2 and qwen3
     for kind, (config_cls, model_cls, specials, pad_rows, extra) in SOURCES.items():
         folder = root / kind
-        tok = source_tokenizer(specials)
+        if tuple(specials) not in built:
+            tok = source_tokenizer(specials)
+            tok.save(str(root / f"{kind}-tokenizer.json"))
+            shards = root / f"{kind}-shards"
+            build(data_config(shards, tokenizer=str(root / f"{kind}-tokenizer.json")), build_config())
+            built[tuple(specials)] = tok, shards
+        tok, shards = built[tuple(specials)]
         torch.manual_seed(0)
         config = getattr(transformers, config_cls)(vocab_size=tok.get_vocab_size() + pad_rows, **SHAPES, **extra)
         getattr(transformers, model_cls)(config).save_pretrained(folder)
         tok.save(str(folder / "tokenizer.json"))
-        shards = root / f"{kind}-shards"
-        build(data_config(shards, tokenizer=str(folder / "tokenizer.json")), build_config())
         out[kind] = (folder, shards)
     return out
 
@@ -83,7 +88,8 @@ def overrides(folder, shards) -> list[str]:
     fields = source_fields(read_config(folder), str(folder))
     fields["vocab_size"] = None
     return ([f"model.{k}={value(v)}" for k, v in fields.items()]
-            + [f"model.init_from={folder}", f"data.tokenizer={folder / 'tokenizer.json'}", f"data.dir={shards}"])
+            + [f"model.init_from={folder}", f"data.dir={shards}",  # the tokenizer the shards were built with:
+               f"data.tokenizer={Manifest.load(shards).build_config['tokenizer']}"])  # the source's, copied
 
 
 ARGS = ["model=tiny", "trainer.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
