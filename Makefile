@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # with your CUDA index, or create the venv with torch already in it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install system-deps demo test lint clean
+.PHONY: install install-hf system-deps demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -17,14 +17,19 @@ $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# The hf extra (transformers, lm-eval): using a trained model, not training; the tests need it.
+install-hf: $(VENV)/.installed-hf
+
+$(VENV)/.installed-hf: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev,hf]"
 	touch $@
 
 demo: install
 	rm -rf outputs/demo
-	$(PY) -m pretrain.train model=tiny optim=wsd_short trainer.max_steps=300 trainer.log_every=20 \
-		trainer.eval_every=100 sample.at_end=true sample.gen_length=48 sample.steps=48 sample.temperature=0.8 \
-		run_dir=outputs/demo
+	$(PY) -m pretrain.train experiment=demo   # conf/experiment/demo.yaml: its settings and why
 	$(PY) -m pretrain.report outputs/demo
 
 # The SLURM launch tests start a two-node cluster on loopback (launch/local_cluster.py): Debian's slurm-wlm,
@@ -34,7 +39,7 @@ system-deps:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q slurm-wlm; }
 
-test: install system-deps
+test: install install-hf system-deps
 	$(PY) -m pytest -q --durations=20 tests
 
 lint: install

@@ -25,7 +25,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],
-        "hf": ["transformers>=4.57,<5"],  # the shipped modeling code, warm-start tests and bench/warm_start.py
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # Using a trained model: AutoModel loading of exports (their modeling code is shipped with each) and
+        # lm-evaluation-harness (python -m pretrain.lm_eval). Not needed to train.
+        "hf": ["transformers>=4.57,<5", "lm-eval>=0.4.13,<0.5"],
     },
 )

@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/precision.py [--steps 300] [--window 50] [--precisions fp32,bf16] [-- OVERRIDES]
 
-Trains the demo (`make demo`'s model and data, same seed) once per precision with the real entry point,
-one after the other, and reads each run's metrics.jsonl. Prints per window of steps: the mean training
-loss of each precision and their difference, and each run's `mem/rss_gb` at the window's end; then the
-held-out loss of each. The last line is one JSON object. bf16 is native only where lscpu lists
-avx512_bf16 or amx_bf16 (elsewhere oneDNN emulates it, ~8x slower): the host's flags are printed.
+Trains the demo (`make demo`'s preset, conf/experiment/demo.yaml, same seed) once per precision with
+the real entry point, one after the other, and reads each run's metrics.jsonl. Prints per window of
+steps: the mean training loss of each precision and their difference, and each run's `mem/rss_gb` at
+the window's end; then the held-out loss of each. The last line is one JSON object. bf16 is native
+only where lscpu lists avx512_bf16 or amx_bf16 (elsewhere oneDNN emulates it, ~8x slower): the host's
+flags are printed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# `make demo`'s settings, less the sample; the precision and the step count come from the command line.
-DEMO = ["model=tiny", "optim=wsd_short", "logging.mode=disabled", "trainer.log_every=10"]
+# `make demo`'s preset, less the sample; the precision and the step count come from the command line.
+DEMO = ["experiment=demo", "sample.at_end=false", "logging.mode=disabled", "trainer.log_every=10"]
 
 
 def cpu_flags() -> str:

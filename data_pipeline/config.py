@@ -16,9 +16,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def path_slug(text: str, limit: int = 96) -> str:
-    """A string made safe as one directory name: `/` and other odd characters become `_`, and a long
-    one is cut and given a hash of the whole, so distinct inputs stay distinct."""
-    slug = re.sub(r"[^A-Za-z0-9=,.+_-]+", "_", text).strip("._") or "default"
+    """A string made safe as one directory name that needs no shell quoting: `/`, `=`, `,` and other odd
+    characters become `_`, and a long one is cut and given a hash of the whole, so distinct inputs stay
+    distinct."""
+    slug = re.sub(r"[^A-Za-z0-9.+_-]+", "_", text).strip("._") or "default"
     if len(slug) > limit:
         slug = f"{slug[:limit - 9]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     return slug
@@ -39,9 +40,14 @@ def swept_keys(argv: list[str]) -> set[str]:
     return {o.get_key_element() for o in overrides if o.is_sweep_override()}
 
 
+def run_name(overrides: list[str]) -> str:
+    """`mask=cosine seed=2` -> `mask-cosine+seed-2`: readable, and a path a shell takes unquoted."""
+    return path_slug("+".join(o.replace("=", "-", 1) for o in overrides))
+
+
 def run_slug(task_overrides, argv: list[str] | None = None) -> str:
-    """The default run directory's name. A single run: all its overrides (`model=tiny,seed=2`). A job of
-    a sweep: `<the overrides the jobs share>/<the ones that differ>`, e.g. `model=tiny/mask=cosine,seed=2`,
+    """The default run directory's name. A single run: all its overrides (`model-tiny+seed-2`). A job of
+    a sweep: `<the overrides the jobs share>/<the ones that differ>`, e.g. `model-tiny/mask-cosine+seed-2`,
     so each job's directory (and W&B run name) says what it varies."""
     import sys
 
@@ -49,10 +55,10 @@ def run_slug(task_overrides, argv: list[str] | None = None) -> str:
                    and not o.startswith("hydra."))
     swept = swept_keys(sys.argv[1:] if argv is None else argv)
     if not swept:
-        return path_slug(",".join(pairs))
+        return run_name(pairs)
     varied = [o for o in pairs if o.split("=", 1)[0].lstrip("+~") in swept]
     shared = [o for o in pairs if o not in varied]
-    return f"{path_slug(','.join(shared)) if shared else 'sweep'}/{path_slug(','.join(varied))}"
+    return f"{run_name(shared) if shared else 'sweep'}/{run_name(varied)}"
 
 
 # conf/config.yaml names the default run directory after the command-line overrides.

@@ -29,7 +29,21 @@ COMPRESSIONS = ("", ".gz", ".zst")
 def demo_documents() -> list[str]:
     from pydoc_data.topics import topics
 
-    return [topics[name] for name in sorted(topics)]
+    return [unwrap(topics[name]) for name in sorted(topics)]
+
+
+def unwrap(text: str) -> str:
+    """Joins the hard-wrapped lines of each prose paragraph into one line. The pydoc text breaks
+    lines at ~70 characters, so a newline follows every ~12th word; a tiny model then spends its
+    capacity on where the newlines go, and its samples are mostly newlines. Indented paragraphs (code,
+    grammar) and headings (a line of *, = or -) keep their lines."""
+    paragraphs = text.split("\n\n")
+    out = []
+    for p in paragraphs:
+        lines = p.split("\n")
+        verbatim = any(line[:1].isspace() or (line and set(line) <= set("*=-")) for line in lines)
+        out.append(p if verbatim else " ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
 
 
 def _known(path: str) -> bool:

@@ -8,3 +8,17 @@
 
 Entry points (`python -m pretrain.X`): train, evaluate, generate, export, report, plan, model.
 """
+
+import logging as _logging
+
+
+class _QuietCpuFallback(_logging.Filter):
+    """DeepSpeed warns "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable
+    to detect it." at import, on every CPU machine and every entry point (--help included). Here that is
+    the expected outcome, not news; a GPU run that finds no GPU fails in pretrain.engine.build.check_device."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU.")
+
+
+_logging.getLogger("DeepSpeed").addFilter(_QuietCpuFallback())  # the logger deepspeed.utils.logger is

@@ -54,7 +54,7 @@ def check_run(run: RunConfig, world_size: int) -> None:
     if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
         s = run.sample
         try:
-            check_settings(s.gen_length, s.steps, None, "low_confidence", 0.0, s.temperature)
+            check_settings(s.gen_length, s.steps, s.block_length, "low_confidence", 0.0, s.temperature)
         except GenerateError as e:
             raise ConfigError(f"sample: {e}") from None
 

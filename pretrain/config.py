@@ -170,6 +170,7 @@ class SampleConfig:
     prompt: str
     gen_length: int
     steps: int
+    block_length: int | None  # semi-autoregressive blocks of this many tokens; null: one block of gen_length
     temperature: float
 
 
@@ -216,13 +217,21 @@ def check_optim(o: OptimConfig) -> None:
     require(finite(o.eps) and o.eps > 0, f"optim.eps={o.eps} must be a positive number")
     require(finite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     require(finite(o.grad_clip) and o.grad_clip > 0, f"optim.grad_clip={o.grad_clip} must be a positive number")
-    require(o.schedule.unit in ("steps", "tokens"),
-            f"optim.schedule.unit={o.schedule.unit!r} is not one of steps, tokens")
+    require(o.schedule.unit in ("steps", "tokens", "fraction"),
+            f"optim.schedule.unit={o.schedule.unit!r} is not one of steps, tokens, fraction")
     points = o.schedule.points
     require(len(points) > 0 and all(isinstance(p, list) and len(p) == 2 for p in points),
             f"optim.schedule.points={points} must be a non-empty list of [position, lr_fraction]")
     positions = [p[0] for p in points]
     require(positions == sorted(positions), f"optim.schedule.points={points} positions must not decrease")
+    require(o.schedule.unit != "fraction" or all(0 <= x <= 1 for x in positions),
+            f"optim.schedule.points={points}: with optim.schedule.unit=fraction positions are in [0, 1]")
+
+
+def total_steps(t: TrainerConfig) -> int:
+    """The step the run ends at: the first of max_steps and max_tokens."""
+    by_tokens = -(-t.max_tokens // (t.global_batch_size * t.seq_len)) if t.max_tokens is not None else None
+    return min(s for s in (t.max_steps, by_tokens) if s is not None)
 
 
 def check_trainer(t: TrainerConfig, world_size: int) -> None:

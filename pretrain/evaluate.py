@@ -14,7 +14,8 @@ per line; each choice is scored by the paper's conditional likelihood -log p(cho
 (Monte Carlo over masks of the choice, the prompt never masked, --mc-num draws, batched by
 --batch-size), the lowest wins, and the accuracy is printed. Prompt and choices are tokenized
 separately, the choice's tokens appended to the prompt's (put a leading space in the choices where
-the tokenizer needs one).
+the tokenizer needs one). `nll` holds each choice's estimate (nats), `nll_se` its Monte Carlo standard
+error (the draws' spread / sqrt(mc_num); null with --mc-num 1).
 
 Output: one JSON line on stdout.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,9 @@ from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.format import FormatError
 from pretrain.hf.pretrained import Source, SourceError, load_model, open_source
-from pretrain.objective.likelihood import NelboSums, answer_nll, nelbo_of_batch
+from pretrain.objective.likelihood import NelboSums, answer_nll, draw_seed, nelbo_of_batch
+
+MIN_SEQUENCES_FOR_SE = 10  # below this the standard error over sequences is itself too uncertain to read
 
 
 class EvalError(ValueError):
@@ -86,6 +90,10 @@ def evaluate_nelbo(model, source: Source, directory: Path, split: str, max_seque
         sums.sums += nelbo_of_batch(model, x0, source.mask_id, mc_num, generator, prompt_len, batch_size,
                                     doc_start).sums
     est = sums.estimate()
+    if est.sequences < MIN_SEQUENCES_FOR_SE:
+        print(f"warning: {directory} split {split!r} gave {est.sequences} sequence(s) of {manifest.seq_len} tokens: "
+              f"too few for a standard error ({'none' if est.sequences < 2 else 'a rough one'}); a larger split "
+              f"(data.heldout_fraction when building) or --max-sequences gives one", file=sys.stderr, flush=True)
     return {"nelbo": est.nelbo, "se": est.se, "mc_se": est.mc_se, "perplexity_bound": est.perplexity_bound,
             "tokens": est.tokens, "sequences": est.sequences, "data": str(directory), "split": split,
             "mc_num": mc_num}
@@ -131,17 +139,20 @@ def evaluate_choices(model, source: Source, items: list[dict], mc_num: int, batc
         if any(not c for c in choices):
             raise EvalError(f"item {n}: a choice encodes to no tokens")
         encoded.append((prompt, choices))
-    correct, scores = 0, []
+    correct, scores, errors = 0, [], []
     for n, (prompt, choices) in enumerate(encoded):
-        nll = []
+        nll, se = [], []
         for j, choice in enumerate(choices):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + n * 1009 + j)  # order-independent draws
-            nll.append(answer_nll(model, prompt, choice, source.mask_id, mc_num, generator, batch_size, device)[0])
+            generator = torch.Generator().manual_seed(draw_seed(seed, n, j))  # order-independent draws
+            mean, err = answer_nll(model, prompt, choice, source.mask_id, mc_num, generator, batch_size, device)
+            nll.append(mean)
+            se.append(err if math.isfinite(err) else None)  # one draw: no spread to measure
         pick = int(np.argmin(nll))
         correct += pick == items[n]["answer"]
         scores.append(nll)
+        errors.append(se)
     return {"accuracy": correct / len(items), "correct": correct, "items": len(items), "mc_num": mc_num,
-            "nll": scores}
+            "nll": scores, "nll_se": errors}
 
 
 def main(argv: list[str]) -> None:
@@ -180,7 +191,19 @@ def main(argv: list[str]) -> None:
     except (EvalError, DataError, FormatError, SourceError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({"source": str(source.checkpoint_dir or source.path), **result}), flush=True)
+    print(json.dumps(finite_or_null({"source": str(source.checkpoint_dir or source.path), **result}), allow_nan=False),
+          flush=True)
+
+
+def finite_or_null(value):
+    """NaN and infinities are not JSON: an undefined number (the se of one sequence) is printed as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

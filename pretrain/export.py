@@ -1,14 +1,16 @@
 """Export a run's checkpoint as a Hugging Face folder in LLaDA's published format.
 
     python -m pretrain.export RUN_DIR OUT_DIR [--step N] [--dtype bf16|fp32] [--max-shard-size 5GB]
-                              [--code-repo GSAI-ML/LLaDA-8B-Base | --local-code]
+                              [--code-repo GSAI-ML/LLaDA-8B-Base]
 
 OUT_DIR gets config.json (every key of GSAI-ML/LLaDA-8B-Base's), the weights as safetensors (named
-model.transformer..., one file, or several with model.safetensors.index.json above --max-shard-size)
-and tokenizer.json, tokenizer_config.json, special_tokens_map.json. Load it with
-`AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True)`: by default auto_map points at the
-published modeling code on the Hub (--code-repo); with --local-code it names configuration_llada.py /
-modeling_llada.py in OUT_DIR, to copy there yourself (offline use).
+model.transformer..., one file, or several with model.safetensors.index.json above --max-shard-size),
+tokenizer.json, tokenizer_config.json, special_tokens_map.json, and this project's modeling code,
+configuration_llada.py and modeling_llada.py (pretrain/hf/modeling/), which config.json's auto_map
+names: `AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True)` (or AutoModelForCausalLM) loads
+it offline with only torch and transformers installed. --code-repo REPO points auto_map at a Hub
+repository's modeling code instead (the published one: GSAI-ML/LLaDA-8B-Base); the files are still
+copied. --local-code (the default) is kept for old command lines.
 
 Runs on the CPU without a GPU and without DeepSpeed's process group. Peak memory: one parameter.
 The ZeRO-3 shards are memory-mapped (never loaded whole; the pages read stay in the page cache, which
@@ -40,11 +42,12 @@ from pretrain.hf.format import (
     write_tokenizer,
     write_weights,
 )
+from pretrain.hf.modeling import MODELING_DIR, MODELING_FILES
 from pretrain.hf.pretrained import SourceError, check_shapes, open_source
 
 
 def export(source_path: str | Path, out_dir: str | Path, step: int | None = None, dtype: str = "bf16",
-           max_shard_size: str | int = "5GB", code_repo: str | None = PUBLISHED_CODE_REPO) -> dict:
+           max_shard_size: str | int = "5GB", code_repo: str | None = None) -> dict:
     out_dir = Path(out_dir)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}")
@@ -70,6 +73,12 @@ def export(source_path: str | Path, out_dir: str | Path, step: int | None = None
         config = hf_config(source.model, source.eos_id, source.mask_id, DTYPES[dtype], code_repo)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_tokenizer(tmp, tokenizer.to_str(), eos, mask, source.model.max_sequence_length)
+        # Where the weights came from, beside config.json (which keeps exactly the published keys):
+        # model.init_from prints it when a run starts from this folder.
+        (tmp / "export.json").write_text(json.dumps({"source": str(source.checkpoint_dir or source.path),
+                                                     "step": source.step, "dtype": dtype}, indent=1) + "\n")
+        for name in MODELING_FILES:
+            shutil.copyfile(MODELING_DIR / name, tmp / name)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.replace(tmp, out_dir)
@@ -88,9 +97,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this size")
     code = parser.add_mutually_exclusive_group()
-    code.add_argument("--code-repo", default=PUBLISHED_CODE_REPO,
-                      help="Hub repository whose configuration_llada.py/modeling_llada.py auto_map points to")
-    code.add_argument("--local-code", action="store_true", help="auto_map names files in OUT_DIR instead")
+    code.add_argument("--code-repo", default=None, help="point auto_map at this Hub repository's "
+                      f"configuration_llada.py/modeling_llada.py (e.g. {PUBLISHED_CODE_REPO}) instead of the copies")
+    code.add_argument("--local-code", action="store_true", help="auto_map names the copies in OUT_DIR (the default)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:

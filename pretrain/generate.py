@@ -3,13 +3,20 @@
     python -m pretrain.generate SOURCE --prompt "The" [--prompt ...] [--prompts-file FILE]
         [--gen-length 128] [--steps 128] [--block-length 128] [--temperature 0] [--cfg-scale 0]
         [--remasking low_confidence|random] [--batch-size 8] [--seed 0] [--device auto] [--dtype auto]
+        [--stop STRING ...] [--output jsonl|text]
 
 SOURCE is a run directory (its newest checkpoint, or --step N) or an exported folder. The reverse
 process and the meaning of each setting: pretrain/objective/sampler.py.
 
 Prompts of a batch are left-padded with EOS (the model has no attention mask; it saw EOS between
-documents in training); `--batch-size 1` avoids padding. Output: one JSON line per prompt,
-{"prompt", "completion"}, the completion cut at the first EOS.
+documents in training); `--batch-size 1` avoids padding. The completion is cut at the first EOS and
+before the first `--stop` string (repeatable; e.g. --stop $'\\n\\n').
+
+--output jsonl (default): one JSON line per prompt: "prompt", "completion" (text), "prompt_ids",
+"completion_ids" (the tokens kept, up to the one that completes a stop string), "finish" ("eos",
+"stop" or "length"), and "settings" (the sampler's settings, the batch's seed, the source and step),
+so a line says how it was made. --output text: each prompt followed by its completion, then an
+empty line.
 """
 
 
@@ -27,7 +34,7 @@ from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.format import FormatError
 from pretrain.hf.pretrained import SourceError, load_model, open_source
-from pretrain.objective.sampler import REMASKING, GenerateError, check_settings, generate
+from pretrain.objective.sampler import REMASKING, GenerateError, check_settings, cut_completion, generate
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -59,6 +66,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--stop", action="append", default=[], help="cut the completion before this string (repeat)")
+    parser.add_argument("--output", default="jsonl", choices=("jsonl", "text"))
     args = parser.parse_args(argv)
     try:
         check_settings(args.gen_length, args.steps, args.block_length, args.remasking, args.cfg_scale,
@@ -75,10 +84,16 @@ def main(argv: list[str]) -> None:
                 raise GenerateError(f"prompt {i + 1} ({prompts[i][:40]!r}...) has {len(ids)} tokens; with "
                                     f"--gen-length {args.gen_length} that exceeds the model's maximum {limit}")
         device = pick_device(args.device)
-        model = load_model(source, device, pick_dtype(args.dtype, device))
+        dtype = pick_dtype(args.dtype, device)
+        model = load_model(source, device, dtype)
     except (GenerateError, DataError, FormatError, SourceError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    settings = {"gen_length": args.gen_length, "steps": args.steps,
+                "block_length": args.block_length or args.gen_length, "temperature": args.temperature,
+                "cfg_scale": args.cfg_scale, "remasking": args.remasking, "stop": args.stop,
+                "batch_size": args.batch_size, "dtype": str(dtype).removeprefix("torch."),
+                "source": str(source.checkpoint_dir or source.path), "step": source.step}
     for lo in range(0, len(prompts), args.batch_size):
         batch = encoded[lo: lo + args.batch_size]
         width = max(len(ids) for ids in batch)
@@ -86,10 +101,13 @@ def main(argv: list[str]) -> None:
         out = generate(model, padded, args.gen_length, args.steps, source.mask_id, args.block_length,
                        args.temperature, args.cfg_scale, args.remasking, args.seed + lo)
         for i, row in enumerate(out[:, width:].tolist()):
-            if source.eos_id in row:
-                row = row[: row.index(source.eos_id)]
-            print(json.dumps({"prompt": prompts[lo + i], "completion": tok.decode(row)}), flush=True)
-
+            ids, text, finish = cut_completion(row, tok.decode, source.eos_id, args.stop)
+            if args.output == "text":
+                print(f"{prompts[lo + i]}{text}\n", flush=True)
+                continue
+            print(json.dumps({"prompt": prompts[lo + i], "completion": text, "prompt_ids": batch[i],
+                              "completion_ids": ids, "finish": finish,
+                              "settings": {**settings, "seed": args.seed + lo}}), flush=True)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from data_pipeline.stream import TokenStream, make_loader
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.resume_check import config_dict
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, total_steps
 from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
 from pretrain.model.flops import flops_per_token, peak_tflops
 from pretrain.monitor.metrics import MetricsLogger, console_line
@@ -240,12 +240,6 @@ class Trainer:
         self.saved_step = self.state.step
         self.save_clock.reset()
         self.watchdog.kick()
-
-
-def total_steps(t) -> int:
-    """The step the run ends at: the first of max_steps and max_tokens."""
-    by_tokens = -(-t.max_tokens // (t.global_batch_size * t.seq_len)) if t.max_tokens is not None else None
-    return min(s for s in (t.max_steps, by_tokens) if s is not None)
 
 
 def format_duration(seconds: float) -> str:

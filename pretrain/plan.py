@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from pretrain.checks import compose_config
-from pretrain.config import RunConfig
+from pretrain.config import ConfigError, RunConfig
 from pretrain.engine.zero_sizes import block_params
 from pretrain.model.flops import flops_per_token, peak_tflops
 from pretrain.model.output_head import CHUNK_ELEMENTS
@@ -159,16 +159,36 @@ def main(argv: list[str]) -> Plan:
     options, overrides, it = {"--mfu": "0.4", "--gpu": "H100"}, [], iter(argv)
     for arg in it:
         key, _, value = arg.partition("=")
+        if key in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
         if key in options:
-            options[key] = value or next(it)
+            options[key] = value or next(it, "")
+        elif arg.startswith("-"):
+            fail(f"unknown option {arg}: the options are {', '.join(options)} and -h/--help; the rest are Hydra "
+                 f"overrides (key=value)")
         else:
             overrides.append(arg)
-    probe = compose_config(overrides, world_size=1)  # the cluster's size, then validate for it
-    run = compose_config(overrides, world_size=probe.cluster.nodes * probe.cluster.gpus_per_node)
-    plan = make_plan(run, float(options["--mfu"]), options["--gpu"])
+    try:
+        mfu = float(options["--mfu"])
+        if not 0 < mfu <= 1:
+            raise ValueError
+    except ValueError:
+        fail(f"--mfu={options['--mfu']} must be a number in (0, 1]")
+    try:
+        probe = compose_config(overrides, world_size=1)  # the cluster's size, then validate for it
+        run = compose_config(overrides, world_size=probe.cluster.nodes * probe.cluster.gpus_per_node)
+    except ConfigError as e:
+        fail(str(e))
+    plan = make_plan(run, mfu, options["--gpu"])
     print(report(plan, run))
     print(json.dumps(asdict(plan)))
     return plan
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,12 @@ from pretrain.checkpoint.files import CheckpointError, CheckpointWriteError
 from pretrain.checkpoint.resume_check import compare, config_dict, reapply_optimizer_settings
 from pretrain.checkpoint.universal import load_dir_for
 from pretrain.checks import load_config, validate_data
-from pretrain.config import ConfigError, RunConfig
+from pretrain.config import ConfigError, RunConfig, total_steps
 from pretrain.engine.build import build_engine, check_device, init_distributed, world_size_from_env
 from pretrain.engine.device import bound_cpu_kernel_caches
-from pretrain.engine.lr_schedule import warmup_beyond_end
+from pretrain.engine.lr_schedule import decay_beyond_end, warmup_beyond_end
 from pretrain.faults import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, LauncherWatch, StopRequest
-from pretrain.loop import NonFiniteError, Trainer, total_steps
+from pretrain.loop import NonFiniteError, Trainer
 from pretrain.model.transformer import count_params
 from pretrain.monitor.metrics import MetricsLogger
 from pretrain.objective.sampler import generate
@@ -119,7 +119,7 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
     prompt = torch.tensor([tok.encode(run.sample.prompt).ids], device=engine.device)
     engine.eval()
     out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
-                   temperature=run.sample.temperature, seed=run.seed)
+                   block_length=run.sample.block_length, temperature=run.sample.temperature, seed=run.seed)
     if dist.get_rank() == 0:
         print(f"sample: {tok.decode(out[0].tolist())!r}", flush=True)  # repr: whitespace stays visible
 
@@ -129,6 +129,9 @@ def check_prebuilt_data(run: RunConfig) -> None:
     demo corpus is a cache rebuilt when missing or of an older format: then it is checked once built."""
     path = Path(run.data.dir) / "manifest.json"
     if not path.is_file():
+        if run.data.inputs != ["demo"]:  # only the demo corpus is built by training; the rest beforehand
+            raise DataError(f"data.dir={run.data.dir} has no manifest.json: build the shards first, with python -m "
+                            f"data_pipeline.build data=files data.inputs=[...] data.dir={run.data.dir}")
         return
     if run.data.inputs == ["demo"] and json.loads(path.read_text()).get("format_version") != FORMAT_VERSION:
         return
@@ -143,8 +146,9 @@ def train(cfg: DictConfig) -> None:
     if run.resume == "never" and checkpoint.latest(run.run_dir):
         raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"
                           f" resume=auto continues that run, or choose another run_dir")
-    warning = warmup_beyond_end(run.optim.schedule.points, run.optim.schedule.unit,
-                                run.trainer.global_batch_size * run.trainer.seq_len, total_steps(run.trainer))
+    schedule = (run.optim.schedule.points, run.optim.schedule.unit, run.trainer.global_batch_size * run.trainer.seq_len,
+                total_steps(run.trainer))
+    warning = warmup_beyond_end(*schedule) or decay_beyond_end(*schedule)
     stop = StopRequest()
     stop.install()  # from here on a SIGTERM/SIGUSR1 ends in a checkpoint, not a lost run
     rank, world = init_distributed(timeout_s=run.cluster.timeout_s,

@@ -58,3 +58,19 @@ def test_the_after_training_section_runs_as_written(tmp_path, trained_run):
     # The export's default is bf16, whatever the run trained in (fp32 on request: tests/pretrain/test_export.py).
     assert json.loads((tmp_path / "outputs" / "demo-hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert '"nelbo"' in outputs[1] and '"completion"' in outputs[2]
+
+
+def test_the_venv_is_activated_before_the_first_bare_python():
+    """The README's commands are bare `python -m ...`: it says how to get the venv's python first."""
+    text = (REPO / "README.md").read_text()
+    first_bare = text.index("\npython -m ")
+    assert text.index("source .venv/bin/activate") < first_bare and text.index(".venv/bin/python") < first_bare
+
+
+def test_the_data_section_is_sized_for_a_cpu_and_says_how_long_it_takes():
+    text = (REPO / "README.md").read_text()
+    settings = dict(a.split("=", 1) for cmd in data_section_commands() for a in cmd if "=" in a)
+    assert int(settings["data.vocab_size"]) <= 4096 and int(settings["trainer.seq_len"]) <= 256
+    train = data_section_commands()[-1]
+    assert not any(a.startswith("data.inputs=") for a in train)  # data.dir alone: the manifest says the rest
+    assert re.search(r"300 steps in about \d+ minutes on 2 cores", text)

@@ -8,16 +8,19 @@ CPU, and trainer.* switch activation checkpointing and regional torch.compile on
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import socket
 import warnings
+from pathlib import Path
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, total_steps
 from pretrain.engine.lr_schedule import lr_fraction, step_to_position
 from pretrain.model.transformer import Block, LLaDAModel, compile_blocks
 
@@ -143,9 +146,20 @@ def make_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.Optimi
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
     tokens_per_step = run.trainer.global_batch_size * run.trainer.seq_len
-    sched = run.optim.schedule
+    sched, last = run.optim.schedule, total_steps(run.trainer)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_fraction(sched.points, step_to_position(step, sched.unit, tokens_per_step)))
+        optimizer, lambda step: lr_fraction(sched.points, step_to_position(step, sched.unit, tokens_per_step, last)))
+
+
+def report_init_from(model: torch.nn.Module, folder: str) -> None:
+    """One line on rank 0: which weights the run starts from (a wrong folder shows at once)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    origin = Path(folder) / "export.json"  # written by python -m pretrain.export
+    info = json.loads(origin.read_text()) if origin.is_file() else {}
+    step = f"step {info['step']} of {info['source']}" if info.get("step") is not None else "step unknown"
+    print(f"init_from: loaded {params:,} parameters from {folder} ({step})", flush=True)
 
 
 def build_engine(run: RunConfig, world_size: int):
@@ -162,6 +176,7 @@ def build_engine(run: RunConfig, world_size: int):
         from pretrain.hf.pretrained import copy_weights_into
 
         copy_weights_into(model, run.model.init_from)
+        report_init_from(model, run.model.init_from)
     if stage != 3:
         model.to(PRECISIONS[run.trainer.precision])
     # A block is one ZeRO-3 unit: its weights are gathered together before its forward (and again

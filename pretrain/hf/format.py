@@ -37,6 +37,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # config.json's "precision": the weights' dtype
 PUBLISHED_CODE_REPO = "GSAI-ML/LLaDA-8B-Base"
 
 # The keys of the published config.json that fix the architecture to the one pretrain/model/transformer.py builds.
@@ -68,8 +69,9 @@ class FormatError(ValueError):
 
 
 def auto_map(code_repo: str | None) -> dict[str, str]:
-    """The published auto_map; with `code_repo`, the classes are fetched from that Hub repository
-    (transformers' "repo--module.Class" form), so the folder needs no copy of the modeling code."""
+    """The published auto_map. Without `code_repo` it names the modeling files every export carries
+    (pretrain/hf/modeling/), so the folder loads offline; with `code_repo` the classes are fetched from
+    that Hub repository instead (transformers' "repo--module.Class" form)."""
     prefix = f"{code_repo}--" if code_repo else ""
     return {"AutoConfig": f"{prefix}configuration_llada.LLaDAConfig",
             "AutoModelForCausalLM": f"{prefix}modeling_llada.LLaDAModelLM",
@@ -85,11 +87,24 @@ def hf_config(m: ModelConfig, eos_id: int, mask_id: int, dtype: torch.dtype, cod
         "mlp_ratio": round(m.mlp_hidden_size / m.d_model, 4), "init_std": m.init_std,
         "alibi_bias_max": 8.0, "attention_dropout": 0.0, "attention_layer_norm_with_affine": True,
         "embedding_dropout": 0.0, "residual_dropout": 0.0, "flash_attention": False, "init_cutoff_factor": None,
-        "init_device": "meta", "init_fn": "mitchell", "precision": "amp_bf16", "use_cache": False,
-        "transformers_version": "4.46.3", "torch_dtype": TORCH_DTYPE_NAMES[dtype],
+        "init_device": "meta", "init_fn": "mitchell", "precision": PRECISION_NAMES[dtype], "use_cache": False,
+        "torch_dtype": TORCH_DTYPE_NAMES[dtype],
     }
+    version = installed_transformers()
+    if version:  # the published file names the version that wrote it; we write none rather than a false one
+        config["transformers_version"] = version
     config.update(warm_start_keys(m))
     return dict(sorted(config.items()))
+
+
+def installed_transformers() -> str | None:
+    """The installed transformers' version, read from its metadata (no import: the export does not need it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
 
 
 def warm_start_keys(m: ModelConfig) -> dict:

@@ -13,6 +13,7 @@ import netrc
 import os
 import secrets
 import string
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -75,8 +76,8 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with self.path.open("a") as f:  # a wall-clock time in each row (W&B keeps its own _timestamp)
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

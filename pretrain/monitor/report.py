@@ -27,7 +27,7 @@ class Panel:
     key: str  # metrics.jsonl key, or a prefix ending in "/" for one curve per bucket
     log_y: bool = False
     percent: bool = False
-    focus: bool = False  # y range from the points after the first tenth of the run: the start's drop goes off the top
+    focus: bool = False  # the whole range, and an inset zoomed on the points after the first tenth of the run
 
 
 PANELS = (
@@ -117,26 +117,37 @@ def draw(ax, panel: Panel, runs: list[Run], x: str) -> bool:
         ax.yaxis.set_minor_formatter(plain)
     if x == "step":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if panel.focus:
-        focus_y(ax)
     ax.grid(True, alpha=0.3)
     if drawn and (len(runs) > 1 or panel.key.endswith("/")):
-        ax.legend(fontsize=7, ncol=2 if panel.key.endswith("/") else 1)
+        ax.legend(fontsize=7, ncol=2 if panel.key.endswith("/") else 1, loc="lower left")
+    if panel.focus:
+        zoom_inset(ax)
     return drawn
 
 
-def focus_y(ax) -> None:
-    """Fits the y axis to the points past the first tenth of the x range, when there are enough of them:
-    a loss starts far above where it spends the run, and a scale set by the start flattens the rest."""
+def zoom_inset(ax) -> None:
+    """The main axes keep the whole range (the first losses, 8.3 at ln 4096, are part of the story); an
+    inset shows the points past the first tenth of the x range on their own scale, when there are
+    enough of them and they span less than half the whole: there a scale set by the start would
+    flatten the rest of the run."""
     lines = [line for line in ax.lines if len(line.get_xdata())]
     if not lines:
         return
     x_max = max(max(line.get_xdata()) for line in lines)
     later = [y for line in lines for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True) if x >= x_max / 10]
-    if len(later) >= 5 * len(lines):
-        low, high = min(later), max(later)
-        margin = 0.08 * (high - low) or 0.1
-        ax.set_ylim(low - margin, high + margin)
+    everything = [y for line in lines for y in line.get_ydata()]
+    if len(later) < 5 * len(lines) or max(later) - min(later) >= 0.5 * (max(everything) - min(everything)):
+        return
+    inset = ax.inset_axes([0.5, 0.42, 0.47, 0.5])
+    for line in lines:
+        inset.plot(line.get_xdata(), line.get_ydata(), line.get_linestyle(), color=line.get_color(), lw=1)
+    low, high = min(later), max(later)
+    margin = 0.08 * (high - low) or 0.1
+    inset.set_xlim(x_max / 10, x_max)
+    inset.set_ylim(low - margin, high + margin)
+    inset.tick_params(labelsize=7)
+    inset.set_title("after the first tenth", fontsize=7)
+    inset.grid(True, alpha=0.3)
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None, x: str = "step") -> list[Path]:

@@ -144,6 +144,12 @@ def nelbo_of_batch(forward: Forward, x0: torch.Tensor, mask_id: int, mc_num: int
     return sums
 
 
+def draw_seed(seed: int, item: int, choice: int) -> int:
+    """The mask draws' seed for one (item, choice) pair: the same whatever the order or the process that
+    scores it (pretrain.evaluate --choices and the lm-eval adapter both use it)."""
+    return seed * 1_000_003 + item * 1009 + choice
+
+
 def answer_nll(forward: Forward, prompt: list[int], answer: list[int], mask_id: int, mc_num: int,
                generator: torch.Generator, batch_size: int | None = None, device="cpu") -> tuple[float, float]:
     """The paper's conditional likelihood: an estimate of -log p(answer | prompt) (nats, summed over the

@@ -13,7 +13,7 @@ masked. One difference from the published code, on purpose: the mask token itsel
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -100,3 +100,21 @@ def generate(forward: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tens
                     reveal[b, score[b].topk(k).indices] = True
             x = torch.where(reveal, prediction.to(x.dtype), x)
     return x
+
+
+def cut_completion(ids: list[int], decode: Callable[[list[int]], str], eos_id: int,
+                   stops: Sequence[str] = ()) -> tuple[list[int], str, str]:
+    """A completion cut at its first EOS, then before the earliest of the `stops` strings (the published
+    evaluation's `until`): (ids, text, finish), finish "eos", "stop" or "length" (neither met). With a
+    stop, the text ends where it begins, and ids end with the token that completes it (a stop string
+    may end inside a token)."""
+    finish = "length"
+    if eos_id in ids:
+        ids, finish = ids[: ids.index(eos_id)], "eos"
+    text = decode(ids)
+    starts = [text.find(s) for s in stops if s and s in text]
+    if starts:
+        text = text[: min(starts)]
+        k = next(k for k in range(1, len(ids) + 1) if any(s and s in decode(ids[:k]) for s in stops))
+        ids, finish = ids[:k], "stop"
+    return ids, text, finish

@@ -25,6 +25,9 @@ from tests.conftest import REPO, child_env
     (["trainer.precision=fp16"], 1, "trainer.precision='fp16' is not one of auto, bf16, fp32"),
     (["mask.eps=0"], 1, "mask.eps=0.0 must be in (0, 1)"),
     (["optim.schedule.points=[[10,1],[0,0]]"], 1, "positions must not decrease"),
+    (["sample.at_end=true", "sample.block_length=5"], 1, "sample: gen_length=32 is not divisible by block_length=5"),
+    (["optim=wsd_short", "optim.schedule.points=[[0,0],[20,1]]"], 1,
+     "with optim.schedule.unit=fraction positions are in [0, 1]"),
     (["mask.schedule=quadratic"], 1, "mask.schedule='quadratic' is not one of linear, cosine, polynomial, loglinear"),
     (["mask=polynomial", "mask.exponent=0"], 1, "mask.exponent=0.0 must be > 0"),
     (["mask.eps=1.5"], 1, "mask.eps=1.5 must be in (0, 1)"),
@@ -118,4 +121,26 @@ def test_config_error_leaves_no_run_dir_behind(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", "trainer.log_every=0", f"run_dir={run_dir}"],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "trainer.log_every=0 must be positive" in proc.stderr
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr  # DeepSpeed's CPU-fallback notice, muted
     assert not run_dir.exists()
+
+
+def test_shards_already_built_need_no_inputs(demo_shards, tmp_path):
+    """The README's SLURM example trains on data.dir alone: its manifest says the rest."""
+    from data_pipeline.shards import DataError
+    from pretrain.train import check_prebuilt_data
+
+    run = compose_config(["data=files", f"data.dir={demo_shards}", "trainer.seq_len=64"])
+    assert run.data.inputs == []
+    check_prebuilt_data(run)
+    assert run.model.vocab_size == 1024  # read from the manifest
+    with pytest.raises(DataError, match=f"data.dir={tmp_path} has no manifest.json: build the shards first"):
+        check_prebuilt_data(compose_config(["data=files", f"data.dir={tmp_path}", "trainer.seq_len=64"]))
+
+
+def test_the_demo_preset_composes_and_trains_in_fp32():
+    """make demo's settings (conf/experiment/demo.yaml) pass every check, and fp32 whatever the CPU."""
+    run = compose_config(["experiment=demo"])
+    assert run.trainer.precision == "fp32" and run.trainer.seq_len == run.data.seq_len == 64
+    assert run.optim.schedule.unit == "fraction" and run.sample.at_end and run.sample.block_length == 4
+    assert run.run_dir == "outputs/demo"

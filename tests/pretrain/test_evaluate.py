@@ -10,7 +10,7 @@ from data_pipeline.shards import Manifest
 from pretrain.evaluate import evaluate_nelbo, main, windows
 from pretrain.export import export
 from pretrain.hf.pretrained import load_model, open_source
-from pretrain.objective.likelihood import NelboSums, nelbo_of_batch
+from pretrain.objective.likelihood import NelboSums, draw_seed, elbo_terms, nelbo_of_batch
 
 
 def run(capsys, *argv) -> dict:
@@ -40,6 +40,15 @@ def test_nelbo_from_a_run_and_from_its_export(trained_run, demo_shards, tmp_path
     assert earlier["source"].endswith("step00000015") and earlier["nelbo"] != a["nelbo"]
 
 
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
+def test_one_sequence_gives_json_with_a_null_se_and_a_warning(trained_run, capsys):
+    main([str(trained_run), "--max-sequences", "1", "--mc-num", "2", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    result = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert result["sequences"] == 1 and result["se"] is None and math.isfinite(result["nelbo"])
+    assert "gave 1 sequence(s) of 64 tokens: too few for a standard error (none)" in err
+
+
 def test_multiple_choice_accuracy(trained_run, tmp_path, capsys):
     items = [{"prompt": "The module", "choices": [" defines", " zq xv"], "answer": 0},
              {"prompt": "Return the", "choices": [" value", " of", " qqq"], "answer": " value"},
@@ -50,6 +59,20 @@ def test_multiple_choice_accuracy(trained_run, tmp_path, capsys):
     picks = [min(range(len(s)), key=s.__getitem__) for s in out["nll"]]
     assert out["correct"] == sum(p == a for p, a in zip(picks, [0, 0, 1], strict=True))
     assert out["accuracy"] == out["correct"] / 3 and all(v > 0 for s in out["nll"] for v in s)
+    # each choice's Monte Carlo standard error: the spread of its draws / sqrt(mc_num), the draws of item 0's
+    # choice 0 redone here
+    assert [len(s) for s in out["nll_se"]] == [2, 3, 2]
+    source = open_source(trained_run)
+    tok = source.tokenizer()
+    prompt, choice = tok.encode("The module").ids, tok.encode(" defines").ids
+    x0 = torch.tensor([prompt + choice])
+    maskable = torch.arange(x0.shape[1])[None] >= len(prompt)
+    terms = elbo_terms(load_model(source), x0, maskable, source.mask_id, 4,
+                       torch.Generator().manual_seed(draw_seed(0, 0, 0)), 16)[0]
+    assert out["nll"][0][0] == pytest.approx(terms.mean().item()) and terms.std() > 0
+    assert out["nll_se"][0][0] == pytest.approx(terms.std().item() / 2)
+    one = run(capsys, trained_run, "--choices", tmp_path / "mc.jsonl", "--mc-num", 1, "--device", "cpu")
+    assert all(e is None for s in one["nll_se"] for e in s)  # one draw: no spread to measure
 
 
 @pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here

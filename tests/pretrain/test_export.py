@@ -15,7 +15,8 @@ from pretrain.checkpoint.zero_files import load_state_dict
 from pretrain.checks import compose_config
 from pretrain.config import ConfigError
 from pretrain.export import export, main
-from pretrain.hf.format import HFWeights, model_config
+from pretrain.hf.format import HFWeights, installed_transformers, model_config
+from pretrain.hf.modeling import MODELING_DIR, MODELING_FILES
 from pretrain.hf.pretrained import load_model, open_source
 from pretrain.model.transformer import LLaDAModel
 from tests.conftest import BIN, TRAIN_ARGS, run_precision, run_train
@@ -87,11 +88,20 @@ def exported(trained_run, tmp_path_factory):
 
 def test_config_has_every_published_key_and_the_runs_ids(exported, trained_run, demo_shards):
     config = json.loads((exported / "fp32" / "config.json").read_text())
-    assert sorted(config) == PUBLISHED_KEYS
+    installed = installed_transformers()  # written only when it is true: the version installed here
+    assert sorted(config) == [k for k in PUBLISHED_KEYS if installed or k != "transformers_version"]
+    assert config.get("transformers_version") == installed
+    assert config["precision"] == "fp32"  # the weights' dtype, not the published "amp_bf16"
+    assert json.loads((exported / "bf16" / "config.json").read_text())["precision"] == "bf16"
     manifest = Manifest.load(demo_shards)
     assert config["mask_token_id"] == manifest.mask_id and config["eos_token_id"] == manifest.eos_id
     assert config["architectures"] == ["LLaDAModelLM"] and config["model_type"] == "llada"
-    assert config["auto_map"]["AutoModel"].endswith("modeling_llada.LLaDAModelLM")
+    # auto_map names the modeling code every export carries (so it loads offline): pretrain/hf/modeling/
+    assert config["auto_map"] == {"AutoConfig": "configuration_llada.LLaDAConfig",
+                                  "AutoModel": "modeling_llada.LLaDAModelLM",
+                                  "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
+    for name in MODELING_FILES:
+        assert (exported / "fp32" / name).read_bytes() == (MODELING_DIR / name).read_bytes()
     assert (config["rope_theta"], config["n_layers"], config["vocab_size"]) == (500000.0, 4, 1024)
     assert config["torch_dtype"] == "float32"
     assert json.loads((exported / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -155,11 +165,16 @@ def test_export_import_export_on_two_ranks_gives_the_same_tensors(exported, trai
     # is the import rounded to bf16, i.e. the bf16 export.
     precision = run_precision(trained_run)
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29651", "-m", "pretrain.train"]
-    run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=1e-30",
-              "logging.mode=disabled", f"trainer.precision={precision}",
-              f"model.init_from={exported / 'fp32'}",
-              "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
+    proc = run_train(launcher, tmp_path / "cont", demo_shards, "trainer.max_steps=1", "optim.lr=1e-30",
+                     "logging.mode=disabled", f"trainer.precision={precision}",
+                     f"model.init_from={exported / 'fp32'}",
+                     "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
     assert len(optim_files(tmp_path / "cont" / "checkpoints" / "step00000001")) == 2
+    params = sum(t.numel() for _, t in HFWeights.open(exported / "fp32").tensors())
+    origin = json.loads((exported / "fp32" / "export.json").read_text())
+    assert origin["step"] == 30 and proc.stdout.count("init_from:") == 1  # rank 0 only
+    assert (f"init_from: loaded {params:,} parameters from {exported / 'fp32'} (step {origin['step']} of "
+            f"{origin['source']})") in proc.stdout
     export(tmp_path / "cont", tmp_path / "again", dtype="fp32")
     expected = exported / ("fp32" if precision == "fp32" else "bf16")
     first = {k: v.float() for k, v in HFWeights.open(expected).tensors()}
@@ -186,11 +201,15 @@ def test_cli_errors(trained_run, exported, tmp_path, capsys):
     assert "invalid choice: 'fp16'" in fails(trained_run, tmp_path / "o", "--dtype", "fp16")
     assert "is not a size" in fails(trained_run, tmp_path / "o", "--max-shard-size", "lots")
     assert not (tmp_path / "o").exists()
-    main([str(trained_run), str(tmp_path / "o15"), "--step", "15", "--local-code"])
+    main([str(trained_run), str(tmp_path / "o15"), "--step", "15", "--local-code"])  # the default, kept
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 15 and summary["source"].endswith("step00000015")
     config = json.loads((tmp_path / "o15" / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
+    main([str(trained_run), str(tmp_path / "hub"), "--code-repo", "GSAI-ML/LLaDA-8B-Base"])
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "GSAI-ML/LLaDA-8B-Base--modeling_llada.LLaDAModelLM"
+    assert (tmp_path / "hub" / "modeling_llada.py").is_file()  # copied all the same
 
 
 def test_import_refuses_shards_of_another_tokenizer(exported, demo_shards):

@@ -49,7 +49,8 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 
 from pretrain.generate import main  # noqa: E402
-from pretrain.objective.sampler import GenerateError, num_transfer_tokens  # noqa: E402
+from pretrain.hf.pretrained import open_source  # noqa: E402
+from pretrain.objective.sampler import GenerateError, cut_completion, num_transfer_tokens  # noqa: E402
 
 
 class Recorder:
@@ -136,8 +137,13 @@ def test_cli_from_a_run_and_from_its_export_agree(trained_run, tmp_path, capsys)
         main([str(source), "--prompts-file", str(tmp_path / "prompts.txt"), "--prompt", "x", "--gen-length", "8",
               "--steps", "4", "--block-length", "4", "--batch-size", "2", "--device", "cpu"])
         outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
-    assert outputs[0] == outputs[1]
+
+    def sample(line):  # all but the settings, which name the source
+        return {k: v for k, v in line.items() if k != "settings"}
+
+    assert [sample(o) for o in outputs[0]] == [sample(o) for o in outputs[1]]
     assert [o["prompt"] for o in outputs[0]] == ["x", "The", "A long prompt about the module"]
+    assert outputs[0][0]["settings"]["step"] == 30 and outputs[1][0]["settings"]["step"] is None
 
 
 @pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
@@ -164,3 +170,36 @@ def test_sample_at_end_settings_are_checked_before_training():
     with pytest.raises(ConfigError, match="sample: gen_length=32, steps=0"):
         compose_config(["sample.at_end=true", "sample.steps=0"])
     compose_config(["sample.at_end=false", "sample.steps=0"])  # not sampling: not checked
+
+
+def test_cut_completion_at_eos_then_before_the_first_stop():
+    def decode(ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+    assert cut_completion([0, 1, 2, 3, 9, 4], decode, 9) == ([0, 1, 2, 3], "abcd", "eos")
+    assert cut_completion([0, 1, 2, 3, 4], decode, 9) == ([0, 1, 2, 3, 4], "abcde", "length")
+    assert cut_completion([0, 1, 2, 3, 4], decode, 9, ["cd", "b"]) == ([0, 1], "a", "stop")  # the earliest stop
+    assert cut_completion([0, 1, 2, 3, 4], decode, 9, ["zz", "de"]) == ([0, 1, 2, 3, 4], "abc", "stop")
+    assert cut_completion([0, 9, 2, 3], decode, 9, ["cd"]) == ([0], "a", "eos")  # nothing after EOS counts
+
+
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
+def test_jsonl_records_ids_and_settings_and_stop_cuts(trained_run, capsys):
+    prompt = "Return a new list containing all"
+    common = [str(trained_run), "--prompt", prompt, "--gen-length", "8", "--steps", "4", "--device", "cpu"]
+    main(common)
+    full = json.loads(capsys.readouterr().out)
+    tok = open_source(trained_run).tokenizer()
+    assert tok.decode(full["prompt_ids"]) == prompt and tok.decode(full["completion_ids"]) == full["completion"]
+    assert full["finish"] in ("eos", "length") and full["completion"]  # this prompt gets a completion
+    assert full["settings"] == {"gen_length": 8, "steps": 4, "block_length": 8, "temperature": 0.0, "cfg_scale": 0.0,
+                                "remasking": "low_confidence", "stop": [], "batch_size": 8, "dtype": "float32",
+                                "source": str(trained_run / "checkpoints" / "step00000030"), "step": 30, "seed": 0}
+    stop = full["completion"][len(full["completion"]) // 2]
+    main([*common, "--stop", stop, "--stop", "never there"])
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["finish"] == "stop" and cut["completion"] == full["completion"][: full["completion"].index(stop)]
+    assert full["completion_ids"][: len(cut["completion_ids"])] == cut["completion_ids"]
+    assert stop in tok.decode(cut["completion_ids"]) and stop not in tok.decode(cut["completion_ids"][:-1])
+    main([*common, "--output", "text"])
+    assert capsys.readouterr().out == prompt + full["completion"] + "\n\n"

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from pretrain.checks import compose_config
-from pretrain.plan import make_plan, report
+from pretrain.plan import main, make_plan, report
 from tests.conftest import REPO, child_env
 
 GIB = 2**30 / 1e9
@@ -53,3 +53,18 @@ def test_cli_prints_the_plan_and_one_json_line():
     assert "GPU-hours" in out.stdout and "memory per GPU" in out.stdout
     plan = json.loads(out.stdout.strip().splitlines()[-1])
     assert plan["mfu"] == 0.5 and plan["gpus"] == 8 and plan["peak_tflops"] == 989.0
+    assert "Setting accelerator to CPU" not in out.stdout + out.stderr  # DeepSpeed's CPU-fallback notice, muted
+
+
+def test_cli_help_and_bad_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("Plan a run before any GPU hour is spent")
+    for argv, message in [(["--mfu", "2"], "error: --mfu=2 must be a number in (0, 1]"),
+                          (["--mfu="], "error: --mfu= must be a number"),
+                          (["--mfus=0.3"], "error: unknown option --mfus=0.3"),
+                          (["trainer.log_every=0"], "error: trainer.log_every=0 must be positive")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1

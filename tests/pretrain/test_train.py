@@ -164,10 +164,15 @@ def test_hydra_sweep_gives_each_job_its_own_run_dir(tmp_path, demo_shards):
     sweeps = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(sweeps) == 1 and "seed" not in sweeps[0].name  # the overrides the jobs share
     runs = sorted(sweeps[0].iterdir())
-    assert [r.name for r in runs] == ["seed=1", "seed=2"]  # named by what differs
+    assert [r.name for r in runs] == ["seed-1", "seed-2"]  # named by what differs, no shell quoting needed
     assert sorted(OmegaConf.load(r / "config.yaml").seed for r in runs) == [1, 2]
     losses = [train_losses(r)[1] for r in runs]
     assert losses[0] != losses[1]  # different seeds, different initial weights and masks
+    # the table after the last job: each job's run_dir, status, last step and final loss
+    table = proc.stdout[proc.stdout.index("sweep: 2 jobs"):].splitlines()[1:4]
+    assert table[0].split() == ["run_dir", "status", "step", "loss", "eval/loss"]
+    for line, run, loss in zip(table[1:], runs, losses, strict=True):
+        assert line.split() == [str(run.relative_to(tmp_path)), "completed", "1", f"{loss:.4f}", "-"]
 
 
 def test_data_error_stops_every_rank(tmp_path, demo_shards):

@@ -191,7 +191,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_
                      "trainer.keep_last=0", f"trainer.precision={precision}", check=False)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2
+    assert 1 <= len(errors) <= 2  # each rank that saw the disk full, unless the launcher stopped it first
     assert all("step00000006 could not be written" in e and "step00000003 is intact" in e for e in errors)
     assert tags(run_dir) == ["step00000003"]  # the half-written one is gone, its space freed
     intact = file_hashes(run_dir / "checkpoints" / "step00000003")

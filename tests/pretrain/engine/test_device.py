@@ -38,5 +38,5 @@ print((rss[-1] - rss[9]) / 2**20)
 
 
 def test_bf16_cpu_kernel_caches_stay_bounded_as_shapes_change():
-    growth_mb = rss_growth_mb("BOUND = True\\n" + PROBE)
+    growth_mb = rss_growth_mb("BOUND = True\n" + PROBE)
     assert growth_mb < 60, f"bf16 steps of new shapes grew the process by {growth_mb:.0f} MB in 30 steps"

@@ -3,6 +3,7 @@ run files read back record by record."""
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_metrics_jsonl_has_the_run_metrics(resumed_run):
     run_dir, _ = resumed_run
     train = [r for r in read_metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
+    times = [r["time"] for r in read_metrics(run_dir)]  # every row, eval rows included: wall-clock seconds
+    assert times == sorted(times) and time.time() - 3600 < times[0] <= times[-1] <= time.time()
     flops = flops_per_token(compose_config(["model=tiny", "model.vocab_size=1024"]).model, SEQ_LEN)
     for r in train:
         assert 0 <= r["masked_acc"] <= 1 and r["masked_ce"] > 0

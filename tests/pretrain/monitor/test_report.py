@@ -8,7 +8,7 @@ import matplotlib.image
 import matplotlib.pyplot as plt
 import pytest
 
-from pretrain.monitor.report import PANELS, draw, load_run, main
+from pretrain.monitor.report import PANELS, Run, draw, load_run, main
 from tests.conftest import MONITOR_ARGS, REPO, child_env, read_metrics, run_train
 
 PYTHON = [sys.executable, "-m", "pretrain.train"]
@@ -78,3 +78,18 @@ def test_report_refuses_a_directory_without_metrics(tmp_path, resumed_run, capsy
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nothing' / 'metrics.jsonl'}: not found " \
                                               f"(is {tmp_path / 'nothing'} a run directory?)"
     assert not (tmp_path / "out").exists()
+
+
+def test_loss_keeps_its_start_in_frame_and_zooms_on_the_rest_in_an_inset():
+    steps = range(1, 201)
+    run = Run("r", [{"step": s, "loss": 6.0 + 2.3 * 0.9 ** s + 0.01 * (s % 3)} for s in steps])  # 8.3 -> ~6
+    loss = next(p for p in PANELS if p.key == "loss")
+    fig, ax = plt.subplots()
+    draw(ax, loss, [run], "step")
+    first, rest = run.records[0]["loss"], [r["loss"] for r in run.records if r["step"] >= 20]
+    low, high = ax.get_ylim()
+    assert low <= min(rest) and high >= first  # the whole range: the start is not cut off
+    (inset,) = ax.child_axes
+    low, high = inset.get_ylim()
+    assert low <= min(rest) and max(rest) <= high < first - 1  # the inset: the later points on their own scale
+    plt.close(fig)
