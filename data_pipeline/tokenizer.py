@@ -2,12 +2,18 @@
 tokenizer.json, with the two special tokens a diffusion LM needs: EOS (ends each packed document,
 pads SFT responses) and MASK (the noise). Either is added when a loaded tokenizer lacks it.
 
+A source model's tokenizer (a warm start, pretrain/hf/causal_import.py) keeps its own end-of-text
+token (`EOS_NAMES`: Llama 3's <|end_of_text|>, Llama 2's </s>), and a token it reserves unused
+(Llama 3's <|reserved_special_token_N|>, the lowest id) serves as MASK, so that no row of the source's
+embedding has to be added; only a tokenizer with neither gets MASK appended.
+
     python -m data_pipeline.tokenizer OUT.json data=files data.inputs=[corpus/] data.vocab_size=32000
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 MASK = "<|mdm_mask|>"
+EOS_NAMES = (EOS, "<|end_of_text|>", "</s>")  # the first one a tokenizer has is its EOS
+RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")  # Llama 3's names for unused special tokens
 # A document longer than this is tokenized a segment at a time: `tokenizers` needs some 100-200 bytes
 # of memory per character of one encode() call (a 50 MB document took 10 GB).
 SEGMENT_CHARS = 1 << 18
@@ -75,9 +83,21 @@ def train_on_inputs(files: list[str], cfg, vocab_size: int) -> Tokenizer:
     return train_bpe(corpus_texts(files, cfg), vocab_size)
 
 
+def eos_token(tok: Tokenizer) -> str:
+    return next((name for name in EOS_NAMES if tok.token_to_id(name) is not None), EOS)
+
+
+def mask_token(tok: Tokenizer) -> str:
+    """MASK if the tokenizer has it, else its lowest reserved special token, else MASK (to be added)."""
+    if tok.token_to_id(MASK) is not None:
+        return MASK
+    reserved = [(i, t.content) for i, t in tok.get_added_tokens_decoder().items() if RESERVED.fullmatch(t.content)]
+    return min(reserved)[1] if reserved else MASK
+
+
 def ensure_special_tokens(tok: Tokenizer) -> Tokenizer:
     """Adds EOS and MASK when the tokenizer lacks them (ids appended after the vocabulary)."""
-    missing = [t for t in (EOS, MASK) if tok.token_to_id(t) is None]
+    missing = [t for t in (eos_token(tok), mask_token(tok)) if tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens(missing)
     return tok
@@ -97,7 +117,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
-    return {"eos_id": tok.token_to_id(EOS), "mask_id": tok.token_to_id(MASK)}
+    return {"eos_id": tok.token_to_id(eos_token(tok)), "mask_id": tok.token_to_id(mask_token(tok))}
 
 
 def fingerprint(tok: Tokenizer) -> str:

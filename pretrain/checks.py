@@ -46,7 +46,7 @@ def check_run(run: RunConfig, world_size: int) -> None:
     transformer.check_config(run.model, run.trainer.seq_len, run.trainer.activation_checkpointing)
     if run.model.init_from:
         try:
-            check_init_from(run.model.init_from, run.model)
+            check_init_from(run.model.init_from, run.model, run.data.tokenizer)
         except FormatError as e:
             raise ConfigError(f"model.init_from={run.model.init_from}: {e}") from None
     diffusion.check_config(run.mask, run.trainer.seq_len)
@@ -82,13 +82,18 @@ def validate_data(run: RunConfig, manifest: Manifest) -> None:
     require(manifest.seq_len == run.trainer.seq_len,
             f"{where}: seq_len={manifest.seq_len} but trainer.seq_len={run.trainer.seq_len}; rebuild the "
             f"shards or point data.dir elsewhere")
-    require(manifest.vocab_size <= run.model.vocab_size,
+    # The ids must fit the model; the build's padding (to a multiple of 128) need not, for a source's vocabulary.
+    require((manifest.tokenizer_vocab_size if run.model.mask_token else manifest.vocab_size) <= run.model.vocab_size,
             f"{where}: vocab_size={manifest.vocab_size} exceeds model.vocab_size={run.model.vocab_size} "
             f"(model={run.model.name})")
     if run.data.tokenizer:
         require(fingerprint(load_tokenizer(run.data.tokenizer)) == manifest.tokenizer_fingerprint,
                 f"{where}: the shards were tokenized with another tokenizer than data.tokenizer={run.data.tokenizer}")
-    if run.model.init_from:
+    if run.model.mask_token is not None:  # a warm start from an autoregressive model (pretrain/hf/causal_import.py)
+        require(run.model.mask_token["id"] == manifest.mask_id,
+                f"model.init_from={run.model.init_from}: the mask token {run.model.mask_token['token']} is id "
+                f"{run.model.mask_token['id']}, but {where} has mask_id={manifest.mask_id} (another tokenizer)")
+    elif run.model.init_from:
         hf = read_config(run.model.init_from)
         require(hf.get("mask_token_id") == manifest.mask_id,
                 f"model.init_from={run.model.init_from}: mask_token_id={hf.get('mask_token_id')}, but {where} has "

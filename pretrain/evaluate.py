@@ -55,8 +55,10 @@ def check_shards(manifest: Manifest, directory: Path, split: str, source: Source
     if manifest.seq_len > source.model.max_sequence_length:
         raise EvalError(f"{where}: seq_len={manifest.seq_len} exceeds the model's max_sequence_length="
                         f"{source.model.max_sequence_length}")
-    if manifest.mask_id != source.mask_id or manifest.vocab_size > source.model.vocab_size:
-        raise EvalError(f"{where}: mask id {manifest.mask_id} / vocabulary {manifest.vocab_size} do not fit the "
+    # the token ids must fit (a warm start's vocabulary need not hold the build's padding to a multiple of 128)
+    if manifest.mask_id != source.mask_id or manifest.tokenizer_vocab_size > source.model.vocab_size:
+        raise EvalError(f"{where}: mask id {manifest.mask_id} / vocabulary {manifest.tokenizer_vocab_size} do not fit "
+                        f"the "
                         f"model's ({source.mask_id} / {source.model.vocab_size})")
     if fingerprint(source.tokenizer()) != manifest.tokenizer_fingerprint:
         raise EvalError(f"{where}: the shards were tokenized with another tokenizer than {source.tokenizer_path}")

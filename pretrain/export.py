@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from data_pipeline.shards import DataError
-from data_pipeline.tokenizer import EOS, MASK
+from data_pipeline.tokenizer import eos_token, mask_token
 from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.hf.format import (
     DTYPES,
@@ -60,7 +60,8 @@ def export(source_path: str | Path, out_dir: str | Path, step: int | None = None
     shapes = source.shapes()
     check_shapes(shapes, source.model, str(source.checkpoint_dir or source.path))
     tokenizer = source.tokenizer()
-    if tokenizer.token_to_id(EOS) != source.eos_id or tokenizer.token_to_id(MASK) != source.mask_id:
+    eos, mask = eos_token(tokenizer), mask_token(tokenizer)
+    if tokenizer.token_to_id(eos) != source.eos_id or tokenizer.token_to_id(mask) != source.mask_id:
         raise ValueError(f"{source.tokenizer_path}: EOS/MASK ids differ from the run's ({source.eos_id}, "
                          f"{source.mask_id})")
 
@@ -71,7 +72,7 @@ def export(source_path: str | Path, out_dir: str | Path, step: int | None = None
         files = write_weights(tmp, shapes, source.tensors(), DTYPES[dtype], max_bytes)
         config = hf_config(source.model, source.eos_id, source.mask_id, DTYPES[dtype], code_repo)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_tokenizer(tmp, tokenizer.to_str(), EOS, MASK, source.model.max_sequence_length)
+        write_tokenizer(tmp, tokenizer.to_str(), eos, mask, source.model.max_sequence_length)
         # Where the weights came from, beside config.json (which keeps exactly the published keys):
         # model.init_from prints it when a run starts from this folder.
         (tmp / "export.json").write_text(json.dumps({"source": str(source.checkpoint_dir or source.path),

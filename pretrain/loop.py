@@ -117,6 +117,7 @@ class Trainer:
     def micro_step(self, batch: dict, micro: int) -> None:
         # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
         m, step = self.run.mask, self.state.step
+        self.engine.module.step = step  # the annealed attention mask of this step (model.attention_anneal_steps)
         cut_rng = torch.Generator().manual_seed(derived_seed("cut", self.run.seed, step, micro))
         x0 = random_length(batch["tokens"].to(self.device).long(), m.random_length_prob, cut_rng)
         B = x0.shape[0]
@@ -209,6 +210,7 @@ class Trainer:
         forward passes."""
         assert self.eval_stream is not None
         self.engine.eval()
+        self.engine.module.step = self.state.step
         rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
         sums = NelboSums()
         for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):

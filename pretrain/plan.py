@@ -38,7 +38,8 @@ MASKED_SHARE = 0.5  # E[t] under the paper's t ~ U(0, 1): half the positions are
 
 
 def total_params(m) -> int:
-    return m.n_layers * block_params(m) + 2 * m.vocab_size * m.d_model + m.d_model
+    matrices = 1 if m.tie_embeddings else 2  # embedding and head, one matrix when tied
+    return m.n_layers * block_params(m) + matrices * m.vocab_size * m.d_model + m.d_model
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Plan:
 def activation_bytes(run: RunConfig, stride: int) -> float:
     m, t = run.model, run.trainer
     tokens = t.micro_batch_size * t.seq_len
-    per_block = 2 * (6 * m.d_model + 2 * m.n_kv_heads * m.head_dim + 3 * padded_width(m.mlp_hidden_size)) * tokens
+    per_block = 2 * (6 * m.d_model + 2 * m.n_kv_heads * m.head_size + 3 * padded_width(m.mlp_hidden_size)) * tokens
     if stride == 0:
         return m.n_layers * per_block
     checkpointed = math.ceil(m.n_layers / stride)
@@ -93,7 +94,7 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     accumulation = t.global_batch_size // (t.micro_batch_size * gpus)
     tokens_per_step = t.global_batch_size * t.seq_len
     states = 16 * params / gpus
-    gathered = 2 * 2 * block_params(m) + 2 * 2 * 2 * m.vocab_size * m.d_model
+    gathered = 2 * 2 * block_params(m) + (1 if m.tie_embeddings else 2) * 2 * 2 * m.vocab_size * m.d_model
     acts = {k: activation_bytes(run, k) for k in (0, 1, checkpoint_stride(t.activation_checkpointing))}
     configured = acts[checkpoint_stride(t.activation_checkpointing)]
     loss = loss_bytes(run)

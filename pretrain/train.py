@@ -163,6 +163,7 @@ def train(cfg: DictConfig) -> None:
     lock = lock_run_dir(run, rank)
 
     cfg.model.vocab_size = run.model.vocab_size  # config.yaml records the vocabulary taken from the data
+    cfg.model.mask_token = run.model.mask_token  # and a warm start's mask token (pretrain/hf/causal_import.py)
     # The checkpoint is chosen and verified, and its config compared, before the engine is built.
     resume = checkpoint.find_resume(run.run_dir) if run.resume == "auto" else None
     engine_run = run

@@ -17,8 +17,10 @@ from pretrain.config import ModelConfig
 
 
 def block_params(m: ModelConfig) -> int:
-    d, hd = m.d_model, m.head_dim
-    return 2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd + 3 * d * m.mlp_hidden_size + 2 * d
+    d, hd = m.d_model, m.head_size
+    extra = (m.n_heads + 2 * m.n_kv_heads) * hd if m.qkv_bias else 0  # q, k, v biases
+    extra += 2 * hd if m.qk_norm else 0
+    return 2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd + 3 * d * m.mlp_hidden_size + 2 * d + extra
 
 
 def derived_sizes(m: ModelConfig) -> dict[str, int]:

@@ -6,6 +6,14 @@ falls back to OLMo's defaults for any key that is missing - with no error: no `r
 10000, no `layer_norm_type` means LayerNorm, no `weight_tying` means a tied head, no `include_bias`
 means biases. So the export writes every key the published config has, and the import refuses a
 config.json that lacks one of the keys that decide the architecture, or that sets one to another value.
+
+A model warm-started from an autoregressive one (pretrain/hf/causal_import.py) may differ from LLaDA's
+architecture; the export then says how, in keys that are absent from a LLaDA export (absent = LLaDA's;
+the shipped modeling code reads them): `include_qkv_bias` and `weight_tying` (published keys) set to
+true, `qk_norm: "per_head_rms"` (RMSNorm per head on q and k, before RoPE, weights q_norm / k_norm of
+[head_dim], eps rms_norm_eps), `head_dim` (when not d_model / n_heads), `rope_scaling` (transformers'
+Llama 3 dict), `shift_prediction: true` (logits = cat([raw[:, :1], raw[:, :-1]], dim=1)), and
+`mask_token_origin` (tokenizer | reserved | added) next to mask_token_id.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ ARCHITECTURE = {
     "layer_norm_with_affine": True, "block_group_size": 1, "multi_query_attention": None,
     "rope_full_precision": True,
 }
+# Published keys that a warm-started model may set otherwise: config.json key -> ModelConfig field.
+WARM_START_FIELDS = {"include_qkv_bias": "qkv_bias", "weight_tying": "tie_embeddings"}
 # The keys that size the model: config.json key -> ModelConfig field.
 SIZES = {"n_layers": "n_layers", "d_model": "d_model", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
          "mlp_hidden_size": "mlp_hidden_size", "embedding_size": "vocab_size", "vocab_size": "vocab_size",
@@ -83,6 +93,7 @@ def hf_config(m: ModelConfig, eos_id: int, mask_id: int, dtype: torch.dtype, cod
     version = installed_transformers()
     if version:  # the published file names the version that wrote it; we write none rather than a false one
         config["transformers_version"] = version
+    config.update(warm_start_keys(m))
     return dict(sorted(config.items()))
 
 
@@ -94,6 +105,15 @@ def installed_transformers() -> str | None:
         return version("transformers")
     except PackageNotFoundError:
         return None
+
+
+def warm_start_keys(m: ModelConfig) -> dict:
+    """The keys by which a warm-started model differs from LLaDA's architecture (none for LLaDA's)."""
+    keys = {"include_qkv_bias": m.qkv_bias, "weight_tying": m.tie_embeddings,
+            "qk_norm": "per_head_rms" if m.qk_norm else None, "head_dim": m.head_dim,
+            "rope_scaling": m.rope_scaling, "shift_prediction": m.shift_prediction,
+            "mask_token_origin": m.mask_token["origin"] if m.mask_token else None}
+    return {k: v for k, v in keys.items() if v}
 
 
 def read_config(folder: str | Path) -> dict:
@@ -110,6 +130,8 @@ def model_config_from_hf(config: dict, where: str, attention: str = "auto", name
     """ModelConfig from a LLaDA config.json; every architecture and size key must be present (no silent
     defaults) and the architecture keys must have the values our model implements."""
     for key, value in ARCHITECTURE.items():
+        if key in WARM_START_FIELDS:  # may differ from LLaDA's (see warm_start_keys)
+            continue
         if key not in config:
             raise FormatError(f"{where}/config.json has no {key!r} (the published loader would silently default it)")
         if config[key] != value:
@@ -121,7 +143,16 @@ def model_config_from_hf(config: dict, where: str, attention: str = "auto", name
         raise FormatError(f"{where}/config.json: embedding_size={config['embedding_size']} differs from "
                           f"vocab_size={config['vocab_size']}; this framework needs them equal")
     sizes = {field: config[key] for key, field in SIZES.items()}
-    return model_config({**sizes, "name": name, "attention": attention, "init_std": config.get("init_std", 0.02)})
+    warm = {field: bool(config.get(key, False)) for key, field in WARM_START_FIELDS.items()}
+    qk_norm = config.get("qk_norm")
+    if qk_norm not in (None, "per_head_rms"):
+        raise FormatError(f"{where}/config.json: qk_norm={qk_norm!r} is not per_head_rms (or absent)")
+    mask = {"token": None, "id": config["mask_token_id"], "origin": config["mask_token_origin"]} \
+        if "mask_token_origin" in config and "mask_token_id" in config else None
+    return model_config({**sizes, **warm, "name": name, "attention": attention,
+                         "init_std": config.get("init_std", 0.02), "qk_norm": qk_norm is not None,
+                         "head_dim": config.get("head_dim"), "rope_scaling": config.get("rope_scaling"),
+                         "shift_prediction": bool(config.get("shift_prediction", False)), "mask_token": mask})
 
 
 def model_config(section: dict) -> ModelConfig:
@@ -140,6 +171,11 @@ def check_matches(found: ModelConfig, expected: ModelConfig, where: str) -> None
         a, b = getattr(found, field), getattr(expected, field)
         if b is not None and a != b:  # None: model.vocab_size=null, resolved from the data later
             raise FormatError(f"{where}/config.json: {key}={a}, but model.{field}={b} (model={expected.name})")
+    for field in ("head_dim", "qkv_bias", "qk_norm", "tie_embeddings", "rope_scaling", "shift_prediction"):
+        a, b = getattr(found, field), getattr(expected, field)
+        if a != b:
+            raise FormatError(f"{where}/config.json gives model.{field}={a!r}, but model.{field}={b!r} "
+                              f"(model={expected.name})")
 
 
 # -- weights ----------------------------------------------------------------------------------------

@@ -139,16 +139,26 @@ def load_model(source: Source, device: str | torch.device = "cpu", dtype: torch.
     for name, tensor in source.tensors():
         state[name] = tensor.to(device=device, dtype=dtype)
     check_shapes({n: t.shape for n, t in state.items()}, source.model, str(source.path))
-    model.load_state_dict(state, strict=True, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = ["transformer.ff_out.weight"] if source.model.tie_embeddings else []
+    if missing != tied or unexpected:
+        raise SourceError(f"{source.path}: missing {missing}, unexpected {unexpected}")
+    if source.model.tie_embeddings:  # assign=True replaced the shared parameter: tie the head again
+        model.transformer.ff_out.weight = model.transformer.wte.weight
     return model.eval()
 
 
 # -- model.init_from: an exported folder into a (possibly ZeRO-3 partitioned) model -------------------
-def check_init_from(folder: str, expected: ModelConfig) -> dict:
-    """The folder's config.json against the run's model= config; returns the config (cheap, before any work)."""
+def check_init_from(folder: str, expected: ModelConfig, data_tokenizer: str | None = None) -> dict:
+    """The folder's config.json against the run's model= config; returns the config (cheap, before any work).
+    An autoregressive source (pretrain/hf/causal_import.py) also fills model.mask_token and model.vocab_size."""
+    from pretrain.hf.causal_import import check_source, is_llada
     from pretrain.hf.format import check_matches
 
     config = read_config(folder)
+    if not is_llada(config):
+        check_source(folder, expected, data_tokenizer)
+        return config
     check_matches(model_config_from_hf(config, folder), expected, folder)
     return config
 
@@ -160,7 +170,10 @@ def copy_weights_into(model: torch.nn.Module, folder: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    weights = HFWeights.open(folder)
+    from pretrain.hf.causal_import import CausalWeights, is_llada
+
+    cfg = model.cfg
+    weights = HFWeights.open(folder) if is_llada(read_config(folder)) else CausalWeights.open(folder, cfg)
     shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters()}
     weights.check_names(shapes)
     writer = not dist.is_initialized() or dist.get_rank() == 0

@@ -30,7 +30,7 @@ PEAK_TFLOPS_BF16 = (
 
 def matmul_params(m: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: attention and SwiGLU projections and the head."""
-    d, hd = m.d_model, m.head_dim
+    d, hd = m.d_model, m.head_size
     attn = d * m.n_heads * hd * 2 + d * m.n_kv_heads * hd * 2  # q, attn_out; k, v
     ffn = 3 * d * m.mlp_hidden_size  # ff_proj (gate), up_proj, ff_out
     return m.n_layers * (attn + ffn) + d * m.vocab_size

@@ -13,6 +13,14 @@ a padded unit outputs silu(0) * 0 = 0), so names, shapes, counts and checkpoints
 width. Activation checkpointing (`set_activation_checkpointing`) and regional torch.compile
 (`compile_blocks`) are switched on by the engine from trainer.*.
 
+Warm starts from autoregressive models (pretrain/hf/causal_import.py) add, each behind a model.* key
+whose default is LLaDA's: biases on q, k, v (`qkv_bias`, Qwen2); RMSNorm per head on q and k before
+RoPE (`qk_norm`, Qwen3); a head_dim apart from d_model / n_heads (`head_dim`, Qwen3); the output head
+tied to the input embedding (`tie_embeddings`: one parameter, `transformer.wte.weight`, and no
+`transformer.ff_out.weight`); Llama 3's RoPE scaling (`rope_scaling`, pretrain/model/rope.py); the
+causal mask relaxed over the first steps (`attention_anneal_steps`, pretrain/model/anneal.py); and
+Dream's shifted prediction (`shift_prediction`, `shift_hidden` below).
+
 `check_config` is the model's start-up check (run by pretrain/checks.py).
 """
 
@@ -26,8 +34,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from pretrain.config import ConfigError, ModelConfig, require
-from pretrain.model.attention import select_attention
+from pretrain.model.anneal import annealed_mask
+from pretrain.model.attention import sdpa_attention, select_attention
 from pretrain.model.output_head import OutputHead
+from pretrain.model.rope import apply_rope, check_scaling, rope_tables
 
 HF_PREFIX = "model."
 
@@ -36,9 +46,11 @@ HF_PREFIX = "model."
 # module's parameters are partitioned as soon as its constructor returns, so an init pass over the
 # finished model (model.apply) would only see empty shards.
 class Linear(nn.Linear):
-    def __init__(self, d_in: int, d_out: int, std: float):
-        super().__init__(d_in, d_out, bias=False)
+    def __init__(self, d_in: int, d_out: int, std: float, bias: bool = False):
+        super().__init__(d_in, d_out, bias=bias)
         nn.init.normal_(self.weight, mean=0.0, std=std)
+        if bias:
+            nn.init.zeros_(self.bias)
 
 
 class Embedding(nn.Embedding):
@@ -68,22 +80,6 @@ def padded_width(n: int, multiple: int = FFN_ALIGN) -> int:
     return -(-n // multiple) * multiple
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [L, D] in fp32, the frequencies repeated over both halves (rotate-half form)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, H, D]; rotates pairs (i, i + D/2), as LLaDA and Llama do."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
-
-
 class Block(nn.Module):
     """Under ZeRO-3 the engine makes each block a leaf module: its pre-forward hook gathers all of
     the block's weights at once, so forward may use them directly (the padded FFN) and may be
@@ -91,15 +87,19 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attention):
         super().__init__()
-        d, hd, std = cfg.d_model, cfg.head_dim, cfg.init_std
+        d, hd, std = cfg.d_model, cfg.head_size, cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers)  # residual writers: keeps the stream's variance flat in depth
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.ffn_pad = padded_width(cfg.mlp_hidden_size) - cfg.mlp_hidden_size
         self.attention = attention
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = Linear(d, cfg.n_heads * hd, std)
-        self.k_proj = Linear(d, cfg.n_kv_heads * hd, std)
-        self.v_proj = Linear(d, cfg.n_kv_heads * hd, std)
+        self.q_proj = Linear(d, cfg.n_heads * hd, std, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d, cfg.n_kv_heads * hd, std, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d, cfg.n_kv_heads * hd, std, bias=cfg.qkv_bias)
+        if cfg.qk_norm:  # Qwen3: per head, after the projection, before RoPE
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.attn_out = Linear(cfg.n_heads * hd, d, out_std)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ff_proj = Linear(d, cfg.mlp_hidden_size, std)  # the SwiGLU gate
@@ -113,13 +113,17 @@ class Block(nn.Module):
             out = F.pad(out, (0, self.ffn_pad))
         return F.linear(F.silu(F.linear(m, gate)) * F.linear(m, up), out)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None, attention=None) -> torch.Tensor:
+        """`attention`: another backend for this call (SDPA with the annealed mask in `docs`)."""
         B, L, _ = x.shape
         n = self.attn_norm(x)
-        q = apply_rope(self.q_proj(n).view(B, L, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(n).view(B, L, self.n_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(n).view(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(n).view(B, L, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(n).view(B, L, self.n_kv_heads, self.head_dim)
-        h = x + self.attn_out(self.attention(q, k, v, docs).reshape(B, L, -1))
+        h = x + self.attn_out((attention or self.attention)(q, k, v, docs).reshape(B, L, -1))
         return h + self.ffn(self.ff_norm(h))
 
 
@@ -138,10 +142,14 @@ def checkpoint_stride(spec: str | int) -> int:
 
 def check_config(m: ModelConfig, seq_len: int, activation_checkpointing: str | int) -> None:
     """model.* and the trainer keys the model reads, before any work."""
-    require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    require(m.head_dim is not None or m.d_model % m.n_heads == 0,
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} (set model.head_dim)")
+    require(m.head_dim is None or m.head_dim > 0, f"model.head_dim={m.head_dim} must be positive (or null)")
     require(m.n_heads % m.n_kv_heads == 0,
             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
-    require(m.head_dim % 2 == 0, f"model head dim d_model/n_heads={m.head_dim} must be even for RoPE")
+    require(m.head_size % 2 == 0, f"model head dim {m.head_size} must be even for RoPE")
+    require(m.attention_anneal_steps >= 0, f"model.attention_anneal_steps={m.attention_anneal_steps} must be >= 0")
+    check_scaling(m.rope_scaling)
     require(m.attention in ("auto", "sdpa", "flash"),
             f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
     for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
@@ -167,7 +175,12 @@ class LLaDAModel(nn.Module):
             ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
             ff_out=OutputHead(cfg.d_model, cfg.vocab_size, cfg.init_std),  # untied output head
         ))
+        if cfg.tie_embeddings:  # one parameter, named transformer.wte.weight (named_parameters lists it once)
+            self.transformer.ff_out.weight = self.transformer.wte.weight
         self.checkpoint_every = 0
+        # The training step, set by the loop; it picks the annealed mask (model.attention_anneal_steps).
+        # None (evaluation and sampling outside training): bidirectional.
+        self.step: int | None = None
         self._rope: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_activation_checkpointing(self, spec: str | int) -> None:
@@ -178,7 +191,8 @@ class LLaDAModel(nn.Module):
         key = (seq_len, str(device))
         if key not in self._rope:
             with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable by autograd later
-                self._rope[key] = rope_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+                self._rope[key] = rope_tables(seq_len, self.cfg.head_size, self.cfg.rope_theta, device,
+                                              self.cfg.rope_scaling)
         return self._rope[key]
 
     def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,12 +201,18 @@ class LLaDAModel(nn.Module):
         x = t.wte(input_ids)
         cos, sin = self.rope(input_ids.shape[1], input_ids.device)
         docs = self.attention.documents(doc_start) if doc_start is not None else None
+        attention = None
+        mask = None if self.step is None else annealed_mask(input_ids.shape[1], self.step,
+                                                            self.cfg.attention_anneal_steps, input_ids.device)
+        if mask is not None:  # annealing: a dense mask, which only SDPA takes (with the documents' mask, if any)
+            attention = sdpa_attention
+            docs = mask if doc_start is None else sdpa_attention.documents(doc_start) & mask
         k = self.checkpoint_every
         for i, block in enumerate(t.blocks):
             if k and i % k == 0 and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, docs, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, docs, attention, use_reentrant=False)
             else:
-                x = block(x, cos, sin, docs)
+                x = block(x, cos, sin, docs, attention)
         return x
 
     def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
@@ -204,9 +224,19 @@ class LLaDAModel(nn.Module):
         `doc_start` [B, L] bool: attend only within each document (model.document_mask)."""
         t = self.transformer
         x = self.hidden(input_ids, doc_start)
+        if self.cfg.shift_prediction:
+            x = shift_hidden(x)
         if targets is None:
             return t.ff_out(t.ln_f(x))
         return t.ff_out(t.ln_f(x[masked]), targets[masked])
+
+
+def shift_hidden(x: torch.Tensor) -> torch.Tensor:
+    """Dream's shifted prediction (Ye et al., 2025, "Dream 7B"): the output at position i is the
+    source model's prediction for i + 1, so position i is predicted from the output at i - 1 (position 0
+    from its own). As logits: cat([raw[:, :1], raw[:, :-1]], dim=1). The loss and the sampler read these
+    shifted outputs; the masked positions and targets stay where they are."""
+    return torch.cat([x[:, :1], x[:, :-1]], dim=1)
 
 
 def compile_blocks(model: LLaDAModel, backend: str = "inductor") -> None:
@@ -226,5 +256,6 @@ def count_params(model: nn.Module) -> dict[str, int]:
         return getattr(p, "ds_numel", p.numel())
 
     total = sum(numel(p) for p in model.parameters())
-    embedding = numel(model.transformer.wte.weight) + numel(model.transformer.ff_out.weight)
+    embeddings = {id(p): p for p in (model.transformer.wte.weight, model.transformer.ff_out.weight)}  # once if tied
+    embedding = sum(numel(p) for p in embeddings.values())
     return {"params": total, "non_embedding_params": total - embedding}

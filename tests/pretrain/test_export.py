@@ -13,9 +13,9 @@ from data_pipeline.shards import Manifest
 from pretrain.checkpoint.ds_names import optim_files
 from pretrain.checkpoint.zero_files import load_state_dict
 from pretrain.checks import compose_config
-from pretrain.config import ConfigError, ModelConfig
+from pretrain.config import ConfigError
 from pretrain.export import export, main
-from pretrain.hf.format import HFWeights, installed_transformers
+from pretrain.hf.format import HFWeights, installed_transformers, model_config
 from pretrain.hf.modeling import MODELING_DIR, MODELING_FILES
 from pretrain.hf.pretrained import load_model, open_source
 from pretrain.model.transformer import LLaDAModel
@@ -47,12 +47,12 @@ def build_like_the_published_loader(folder) -> LLaDAModel:
     assert cfg["rope"] and not cfg["include_bias"] and not cfg["weight_tying"] and not cfg["alibi"]
     assert not cfg["scale_logits"] and not cfg["input_emb_norm"]
     d = cfg["d_model"]
-    model_cfg = ModelConfig(
+    model_cfg = model_config(dict(
         name="published", n_layers=cfg["n_layers"], d_model=d, n_heads=cfg["n_heads"],
         n_kv_heads=cfg["n_kv_heads"] or cfg["n_heads"], mlp_hidden_size=cfg["mlp_hidden_size"] or cfg["mlp_ratio"] * d,
         vocab_size=cfg["embedding_size"] or cfg["vocab_size"], max_sequence_length=cfg["max_sequence_length"],
         rope_theta=cfg["rope_theta"], rms_norm_eps=cfg["rms_norm_eps"], init_std=0.02, attention="sdpa",
-        document_mask=False, init_from=None)
+        document_mask=False, init_from=None))
     index = folder / "model.safetensors.index.json"
     files = ({folder / f for f in json.loads(index.read_text())["weight_map"].values()} if index.exists()
              else {folder / "model.safetensors"})

@@ -52,7 +52,7 @@ def check_config(config: LLaDAConfig) -> None:
 
 def inverse_frequencies(config: LLaDAConfig) -> torch.Tensor:
     """RoPE's inverse frequencies [head_dim / 2] in fp32, with Llama 3's scaling where rope_scaling asks."""
-    head_dim = config.d_model // config.n_heads
+    head_dim = getattr(config, "head_dim", None) or config.d_model // config.n_heads  # head_dim: a Qwen3 warm start
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     s = config.rope_scaling
     if not s or s.get("rope_type", s.get("type")) != "llama3":
@@ -101,7 +101,7 @@ class RMSNorm(nn.Module):
 class LLaDABlock(nn.Module):
     def __init__(self, config: LLaDAConfig):
         super().__init__()
-        d, hd = config.d_model, config.d_model // config.n_heads
+        d, hd = config.d_model, getattr(config, "head_dim", None) or config.d_model // config.n_heads
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
         bias = bool(config.include_qkv_bias)
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)

@@ -7,6 +7,7 @@ import torch
 
 from pretrain.checks import compose_config
 from pretrain.config import ModelConfig
+from pretrain.hf.format import model_config
 from pretrain.model.attention import sdpa_attention, select_attention
 from pretrain.model.transformer import (
     HF_PREFIX,
@@ -24,7 +25,7 @@ def tiny(**changes) -> ModelConfig:
     fields = dict(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden_size=96, vocab_size=97,
                   max_sequence_length=128, rope_theta=500000.0, rms_norm_eps=1e-5, init_std=0.02, attention="sdpa",
                   document_mask=False, init_from=None)
-    return ModelConfig(**{**fields, **changes})
+    return model_config({**fields, **changes})
 
 
 def test_logits_shape():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pretrain.config import ModelConfig
+from pretrain.hf.format import model_config
 from pretrain.model.transformer import LLaDAModel
 from pretrain.objective.diffusion import Linear, diffusion_loss, forward_process
 from pretrain.objective.likelihood import (
@@ -21,10 +21,9 @@ MASK = 15
 
 def tiny(vocab=16, init_std=0.02) -> LLaDAModel:
     torch.manual_seed(0)
-    return LLaDAModel(ModelConfig(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
-                                  vocab_size=vocab, max_sequence_length=64, rope_theta=10000.0, rms_norm_eps=1e-5,
-                                  init_std=init_std, attention="sdpa", document_mask=False,
-                                  init_from=None)).eval()
+    return LLaDAModel(model_config(dict(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
+                                        vocab_size=vocab, max_sequence_length=64, rope_theta=10000.0,
+                                        rms_norm_eps=1e-5, init_std=init_std, attention="sdpa"))).eval()
 
 
 def test_stratified_counts_cover_one_to_n_evenly():
