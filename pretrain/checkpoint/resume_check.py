@@ -12,7 +12,10 @@ from __future__ import annotations
 # (used only before step 0) may change.
 MUST_MATCH = ("model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_heads", "model.mlp_hidden_size",
               "model.vocab_size", "model.max_sequence_length", "model.rope_theta", "model.rms_norm_eps",
-              "trainer.seq_len", "seed", "data.shuffle_buffer")
+              "trainer.seq_len", "seed", "data.shuffle_buffer",
+              # the warm-start keys (issue 22): a checkpoint saved before they existed is LLaDA's, their default
+              "model.head_dim", "model.qkv_bias", "model.qk_norm", "model.tie_embeddings", "model.rope_scaling",
+              "model.shift_prediction")
 # Where the run is and what it logs; not worth a line.
 IGNORED_PREFIXES = ("run_dir", "logging.", "resume", "sample.", "deepspeed.checkpoint")
 
@@ -30,11 +33,14 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def compare(saved: dict, current: dict, saved_data: str | None, current_data: str) -> tuple[list[str], list[str]]:
     """(refusing differences, allowed changes), each as 'key: old -> new'."""
     old, new = flatten(saved), flatten(current)
-    refused = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in MUST_MATCH if old.get(k) != new.get(k)]
+    must = [k for k in MUST_MATCH if k in old]
+    must += sorted(k for k in set(old) | set(new) if k.startswith("model.rope_scaling."))  # a dict, flattened
+    refused = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in must if old.get(k) != new.get(k)]
     if saved_data is not None and saved_data != current_data:
         refused.append(f"data fingerprint: {saved_data} -> {current_data} (other shards in data.dir)")
     allowed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k not in MUST_MATCH and old.get(k) != new.get(k) and not k.startswith(IGNORED_PREFIXES)]
+               if k not in must and k not in MUST_MATCH and old.get(k) != new.get(k)
+               and not k.startswith(IGNORED_PREFIXES)]
     return refused, allowed
 
 

@@ -379,3 +379,15 @@ def test_retention_keeps_the_newest_and_the_multiples(tmp_path):
     assert tags(tmp_path) == [checkpoint.tag(s) for s in (4, 8, 9, 10, 12)]
     assert checkpoint.retain(str(tmp_path), keep_last=0, keep_every=0) == []  # 0: keep all
     assert checkpoint.latest(str(tmp_path)) == "step00000010"
+
+
+def test_warm_start_keys_must_match_on_resume_and_older_checkpoints_still_resume():
+    from pretrain.checkpoint.resume_check import compare
+
+    saved = {"model": {"n_layers": 4, "qkv_bias": False, "rope_scaling": None}}
+    refused, _ = compare(saved, {"model": {"n_layers": 4, "qkv_bias": True, "rope_scaling": {"factor": 8.0}}},
+                         "a", "a")
+    assert refused == ["model.qkv_bias: False -> True", "model.rope_scaling.factor: None -> 8.0"]
+    # A checkpoint saved before the keys existed was LLaDA's: the defaults resume it.
+    refused, allowed = compare({"model": {"n_layers": 4}}, {"model": {"n_layers": 4, "qkv_bias": False}}, "a", "a")
+    assert refused == [] and allowed == []
