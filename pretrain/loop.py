@@ -20,7 +20,15 @@ from data_pipeline.stream import TokenStream, make_loader
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.resume_check import config_dict
 from pretrain.config import RunConfig
-from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
+from pretrain.faults import (
+    NonFiniteSteps,
+    SampleLog,
+    StopRequest,
+    Watchdog,
+    finish_step,
+    inject_loss_fault,
+    stop_agreed,
+)
 from pretrain.model.flops import flops_per_token, peak_tflops
 from pretrain.monitor.metrics import MetricsLogger, console_line
 from pretrain.monitor.train_stats import LogWindow, device_name
@@ -139,6 +147,10 @@ class Trainer:
         self.started = time.perf_counter()
         first_step = self.state.step
         samples = SampleLog(self.run.run_dir, self.rank, first_step) if self.run.fault.record_samples else None
+        if stop_agreed(self.stop):  # asked to stop while the engine was built or the checkpoint loaded
+            if self.rank == 0:
+                print(f"stopping before step {first_step + 1}: {self.stop.reason}", flush=True)
+            return "preempted"  # nothing trained since the checkpoint loaded (or since step 0): nothing to save
         self.watchdog.kick()
         while not self.done():
             step_start = time.perf_counter()  # steps are timed alone: eval and checkpoints don't count
@@ -159,7 +171,7 @@ class Trainer:
             if self.state.step % t.log_every == 0 or last or self.state.step == first_step + 1:
                 self.log_window(self.state.step - first_step)
                 self.window.reset()
-            problem = self.bad_steps.record(skipped, self.state.step)
+            problem = self.bad_steps.record(skipped, self.state.step, self.saved_step)
             if problem:
                 raise NonFiniteError(problem)
             if t.eval_every and (self.state.step % t.eval_every == 0 or last):
@@ -167,7 +179,9 @@ class Trainer:
             if last:
                 break
             save_due, stop = self.boundary_flags()
-            if save_due or (t.ckpt_every and self.state.step % t.ckpt_every == 0):
+            # No scheduled save in a streak of non-finite steps (every rank skipped the same steps): if
+            # it ends in max_bad_steps, the newest checkpoint must be the state before it.
+            if (save_due or (t.ckpt_every and self.state.step % t.ckpt_every == 0)) and not self.bad_steps.in_streak:
                 self.save()
             self.watchdog.kick()
             if stop:

@@ -10,7 +10,7 @@ from tests.conftest import child_env
 
 ENTRY_POINTS = ["pretrain.train", "pretrain.model", "data_pipeline.build", "data_pipeline.tokenizer",
                 "data_pipeline.validate", "pretrain.export", "pretrain.evaluate", "pretrain.generate",
-                "pretrain.report", "launch.submit", "launch.local_cluster"]
+                "pretrain.report", "pretrain.plan", "launch.submit", "launch.local_cluster", "launch.run"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

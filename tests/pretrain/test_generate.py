@@ -163,3 +163,13 @@ def test_sample_at_end_settings_are_checked_before_training():
     with pytest.raises(ConfigError, match="sample: gen_length=32, steps=0"):
         compose_config(["sample.at_end=true", "sample.steps=0"])
     compose_config(["sample.at_end=false", "sample.steps=0"])  # not sampling: not checked
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"a prompt\n\xff\xfe latin-1 \xe9\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--prompts-file", str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"error: --prompts-file {bad}: not UTF-8 text (byte 0xff at offset 9)" in err
