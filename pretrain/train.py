@@ -15,6 +15,7 @@ if __name__ == "__main__":  # first, before the imports below take seconds: a la
 
 import dataclasses
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.build import ensure_built
+from data_pipeline.config import check_command_line
 from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
@@ -256,4 +258,10 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = strip_local_rank(sys.argv)
+    # Hydra reads the overrides itself: an unknown key or group option would be its several-line
+    # message and exit 1, advising `+key=` (which would train without the intended setting).
+    if problem := check_command_line(sys.argv[1:]):
+        if os.environ.get("RANK", "0") == "0":  # every rank finds it; one line is enough
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
     main()
