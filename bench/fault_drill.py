@@ -76,6 +76,8 @@ def command(run_dir: Path, data_dir: Path, steps: int, slow_step: int, fault: st
         extra += [f"trainer.eval_every={EVAL_EVERY}", "trainer.eval_batches=150"]
     return [*launcher, *TRAIN_ARGS, f"data.dir={data_dir}", f"run_dir={run_dir}", f"trainer.max_steps={steps}",
             "trainer.ckpt_every=3", "fault.record_samples=true", "cluster.timeout_s=30",
+            # fp32 on every host (auto is bf16 where the CPU has it natively): the figures compare hosts
+            "trainer.precision=fp32",
             # one step 3 s longer (no effect on the numbers), so that a fault lands before the run ends
             f"fault.sleep_at_step={slow_step}", "fault.sleep_s=3", *extra]
 
