@@ -301,7 +301,8 @@ def run_trial(fault: str, root: Path, data_dir: Path, steps: int, at_step: int, 
         else:  # the only checkpoint: exit 2 naming it; removed, the run starts afresh
             named = proc.returncode == 2 and any(refused in line for line in proc.stderr.splitlines()
                                                  if line.startswith("error: no usable checkpoint"))
-            shutil.rmtree(planted.parent)
+            shutil.rmtree(planted.parent)  # what the error line tells the user to do, with `latest`
+            (planted.parent.parent / "latest").unlink(missing_ok=True)
             reruns, how = finish(cmd)[0] + 1, f"exit {proc.returncode} (the only checkpoint), removed and re-run"
         info.update(code=proc.returncode, newest=planted.parent.name, reruns=reruns,
                     named=named and not marker.exists(), note=f"{how}; refused by name: {named}; code run: "
