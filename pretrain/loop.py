@@ -201,6 +201,12 @@ class Trainer:
         save_due, stop = flags.tolist()
         return bool(save_due), self.stop.agree(bool(stop))
 
+    def stop_agreed_now(self) -> bool:
+        """Whether any rank was asked to stop, agreed by all (one small all-reduce)."""
+        flag = torch.tensor([float(self.stop.reason is not None)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return self.stop.agree(bool(flag.item()))
+
     def log_window(self, steps_this_process: int) -> None:
         stats = self.window.summarize(self.run.mask.normalize, self.world, self.flops_per_token, self.peak_tflops)
         grad_norm = self.engine.get_global_grad_norm()
@@ -216,16 +222,23 @@ class Trainer:
             print(console_line(record, self.total_steps, eta), flush=True)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """The held-out negative ELBO per token (pretrain/objective/likelihood.py, the estimator of python -m
         pretrain.evaluate): trainer.eval_mc_num stratified mask draws per sequence from a generator seeded
         the same at every eval, so evals differ only by the model. Every rank runs the same number of
-        forward passes."""
+        forward passes. A stop (a signal, a dead launcher) abandons the eval, agreed by the ranks before
+        each batch, and returns None: a job-wide SIGTERM is followed by SIGKILL after ~30 s (SLURM's
+        KillWait, deepspeed's launch.py), and a long eval would leave no time for the checkpoint."""
         assert self.eval_stream is not None
         self.engine.eval()
         rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
         sums = NelboSums()
         for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
+            if self.stop_agreed_now():  # the checkpoint first: a stop leaves ~30 s before SIGKILL
+                self.engine.train()
+                if self.rank == 0:
+                    print(f"step {self.state.step:>6} | eval abandoned: {self.stop.reason}", flush=True)
+                return None
             x0 = batch["tokens"].to(self.device).long()
             sums.sums += nelbo_of_batch(self.engine, x0, self.mask_id, self.run.trainer.eval_mc_num, rng,
                                         self.prompt_len(batch), batch_size=x0.shape[0],

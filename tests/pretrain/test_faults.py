@@ -253,19 +253,23 @@ def signal_the_job(proc: subprocess.Popen, sig: int) -> list[psutil.Process]:
 
 def test_a_job_wide_sigterm_with_wandb_on_saves_and_stops_cleanly(tmp_path, demo_shards):
     # W&B's service process dies of the signal too; rank 0 used to crash at its next metrics log
-    # (ConnectionResetError), the peer then failed in gloo, and no checkpoint was written.
+    # (ConnectionResetError), the peer then failed in gloo, and no checkpoint was written. The signal
+    # lands in the eval after step 3 (made endless here): it is abandoned, so that the checkpoint comes
+    # before the SIGKILL that follows a job-wide SIGTERM (~30 s: SLURM's KillWait, deepspeed's launch.py).
     run_dir = tmp_path / "run"
     proc = start(deepspeed_launcher(), run_dir, demo_shards, f"trainer.max_steps={STEPS}", "logging.mode=offline",
-                 "fault.sleep_at_step=3", "fault.sleep_s=3")
-    wait_for_step(proc, run_dir, 2)
+                 "trainer.eval_every=3", "trainer.eval_batches=1000000")
+    wait_for_step(proc, run_dir, 3)
     procs = signal_the_job(proc, signal.SIGTERM)
     assert any(p.name().startswith("wandb") for p in procs if p.is_running())
-    _, _, err = finish(proc)
+    _, out, err = finish(proc)
+    assert "     3 | eval abandoned: received SIGTERM" in out, out[-3000:]
+    assert not any("eval/loss" in r for r in read_metrics(run_dir))
     psutil.wait_procs(procs, timeout=60)
     assert not processes_using(run_dir), "a rank outlived its job"
     assert "Traceback" not in err and "Error executing job" not in err, err[-3000:]
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step[0-9]*[0-9]"))
-    assert saved, f"no checkpoint after a job-wide SIGTERM:\n{err[-3000:]}"
+    assert saved and saved[-1] == "step00000003", f"no step-3 checkpoint after a job-wide SIGTERM:\n{err[-3000:]}"
     states = [json.loads(p.read_text()) for p in (run_dir / "checkpoints" / saved[-1]).glob("trainer_state_rank*.json")]
     assert [s["step"] for s in states] == [int(saved[-1][4:])] * 2
     assert err.count("warning: W&B failed at step") <= 1
