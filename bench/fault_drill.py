@@ -398,6 +398,9 @@ def expected(fault: str, t: dict) -> bool:
         return t["newest"] is None and "0 steps logged" in t["note"]
     if fault == "SIGTERM launch.run":
         return t["code"] == 75 and t["left_at_exit"] == 0 and t["clean"]
+    if fault.endswith("during eval"):  # the eval abandoned, the step before it saved
+        step = int(t["note"].split("eval of step ")[1].split(" ")[0])
+        return t["newest"] == f"step{step:08d}" and t["clean"] and "False" not in t["note"]
     if fault.startswith("SIGTERM job"):
         return t["newest"] is not None and t["clean"] and "False" not in t.get("note", "")
     return True
