@@ -41,6 +41,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -246,33 +247,44 @@ def plant_pickle(ckpt: Path, marker: Path) -> Path:
     return path
 
 
-def damaged_copy(data_dir: Path, root: Path, fault: str, rng: random.Random) -> tuple[Path, str]:
-    """A copy of the shards with one damaged as `fault` says; returns it and what the error must name."""
+def damaged_copy(data_dir: Path, root: Path, fault: str, rng: random.Random, read: set[int]) -> tuple[Path, str]:
+    """A copy of the shards with one damaged as `fault` says; returns it and what the error must name.
+    The damage is put where the run reads (`read`: the window ids the reference run trained on): a shard
+    the run never opens in its steps would not be checked, and rightly so."""
     copy = root / f"data-{fault.replace(' ', '_')}-{rng.randrange(10**6)}"
     shutil.copytree(data_dir, copy)
     manifest = Manifest.load(copy)
     infos = manifest.splits["train"]
-    victim = rng.randrange(len(infos))
+    window = rng.choice(sorted(read))
+    victim, first = 0, 0
+    while first + infos[victim].samples <= window:
+        first += infos[victim].samples
+        victim += 1
     if fault == "swapped shard":
         source = (victim + 1) % len(infos)
         shutil.copyfile(copy / infos[source].name, copy / infos[victim].name)
         return copy, f"{copy / infos[victim].name}: "
+    from data_pipeline.shards import read_blocks
     from tests.data_pipeline.test_stream import rewrite_block
+
+    sizes = [len(b.tokens) for b in read_blocks(str(copy / infos[victim].name), np.dtype(manifest.dtype),
+                                                manifest.seq_len)]
+    block = next(k for k in range(len(sizes)) if first + sum(sizes[:k + 1]) > window)  # the block holding it
 
     def plant(tokens):
         tokens[0, 0] = manifest.vocab_size + 1
         return tokens
 
-    key = rewrite_block(copy / infos[victim].name, 0, plant)
+    key = rewrite_block(copy / infos[victim].name, block, plant)
     return copy, f"{copy / infos[victim].name}: sample {key} has token id {manifest.vocab_size + 1}"
 
 
 def run_trial(fault: str, root: Path, data_dir: Path, steps: int, at_step: int, trial: int,
-              rng: random.Random) -> dict:
+              rng: random.Random, read: set[int]) -> dict:
     run_dir = root / f"{fault.replace(' ', '_').replace('(', '').replace(')', '').replace('&', '')}-{trial}"
     info = {"fault": fault, "at_step": at_step}
     if fault in ("swapped shard", "out-of-vocabulary ids"):
-        bad, named = damaged_copy(data_dir, root, fault, rng)
+        bad, named = damaged_copy(data_dir, root, fault, rng, read)
         cmd = command(run_dir, bad, steps, slow_step=steps)
         proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -348,7 +360,7 @@ def main() -> None:
                "weights_equal": 0, "max_loss_diff": 0.0, "as_expected": 0}
         for trial in range(args.trials):
             at_step = rng.randint(2, args.steps - (3 if "during" in fault else 2))  # an eval or save before the end
-            t = run_trial(fault, root, data_dir, args.steps, at_step, trial, rng)
+            t = run_trial(fault, root, data_dir, args.steps, at_step, trial, rng, {i for _, i in reference["samples"]})
             got = outcome(t["run_dir"], args.steps)
             row["trials"] += 1
             row["reruns"] += t["reruns"]
