@@ -402,8 +402,8 @@ def main() -> None:
 
 def expected(fault: str, t: dict) -> bool:
     """What each fault must end in, besides the re-run finishing (see the module's docstring)."""
-    if fault in ("swapped shard", "out-of-vocabulary ids"):
-        return t["code"] == 2 and t["named"]
+    if fault in ("swapped shard", "out-of-vocabulary ids"):  # deepspeed's runner exits 1 when a rank fails
+        return t["code"] != 0 and t["named"]  # (the rank's own 2 is what python -m launch.run returns)
     if fault == "planted pickle":
         return t["named"]
     if fault == "SIGTERM runner at start-up":
