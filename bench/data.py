@@ -10,6 +10,10 @@ over 16 .jsonl files, so that every worker has files to tokenize.
 - stream: our TokenStream through a DataLoader with `--workers` workers vs a plain webdataset reader
   of the same windows stored one `.npy` per sample, batched alike, through the same DataLoader setup.
   Both run after a warm-up batch (worker start-up not counted), twice each, alternating; best kept.
+- shard checks: the same TokenStream with its checks on (each shard's size and sha256 against the
+  manifest when this process first opens it, every block's ids against the vocabulary) vs off: over
+  `--seconds` as above (several epochs: the ids check and the first epoch's hashing), and over the
+  first epoch of a new stream alone (every shard opened for the first time: the hashing's worst case).
 - peak RSS of our loader's worker processes.
 Prints a table; the last line is one JSON object.
 """
@@ -131,15 +135,34 @@ def measure(loader, tokens_of, seconds: float, watch_rss: bool = False) -> tuple
 def bench_stream(work: Path, workers: int, batches_per_item: int, seconds: float) -> dict:
     """Run in a fresh process (see main), so the workers' RSS is not inflated by the build's heap."""
     urls = write_npy_baseline(work / "shards", work / "npy")
-    ours = TokenStream(work / "shards", "train", MICRO_BATCH, rank=0, world_size=1, seed=0, shuffle_buffer=1024,
-                       num_workers=workers, batches_per_item=batches_per_item)
-    stream_rates, base_rates, rss, uss = [], [], 0.0, 0.0
+
+    def ours(verify: bool) -> TokenStream:  # a new stream each time: each shard is hashed on first open again
+        return TokenStream(work / "shards", "train", MICRO_BATCH, rank=0, world_size=1, seed=0, shuffle_buffer=1024,
+                           num_workers=workers, batches_per_item=batches_per_item, verify_shards=verify)
+
+    epoch = Manifest.load(work / "shards").totals["train"]["tokens"]
+    stream_rates, unchecked_rates, base_rates, first, first_unchecked, rss, uss = [], [], [], [], [], 0.0, 0.0
     for _ in range(2):
-        rate, r, u = measure(make_loader(ours), lambda x: x["tokens"].numel(), seconds, watch_rss=True)
+        rate, r, u = measure(make_loader(ours(True)), lambda x: x["tokens"].numel(), seconds, watch_rss=True)
         stream_rates.append(rate)
         rss, uss = max(rss, r), max(uss, u)
+        unchecked_rates.append(measure(make_loader(ours(False)), lambda x: x["tokens"].numel(), seconds)[0])
         base_rates.append(measure(baseline_loader(urls, workers), lambda x: x[0].numel(), seconds)[0])
-    return {"stream": max(stream_rates), "baseline": max(base_rates), "rss": rss, "uss": uss}
+        first.append(first_pass(make_loader(ours(True)), epoch))
+        first_unchecked.append(first_pass(make_loader(ours(False)), epoch))
+    return {"stream": max(stream_rates), "unchecked": max(unchecked_rates), "baseline": max(base_rates),
+            "first_pass": max(first), "first_pass_unchecked": max(first_unchecked), "rss": rss, "uss": uss}
+
+
+def first_pass(loader, tokens: int) -> float:
+    """tokens/s of a new stream's first `tokens` (one epoch: every shard opened for the first time),
+    worker start-up included (its first batch waits for the first shard's check)."""
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += batch["tokens"].numel()
+        if n >= tokens:
+            break
+    return n / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -165,7 +188,13 @@ def main() -> None:
               "tokenizer_tokens_per_s": round(b["tokenizer_tokens_per_s"]),
               "build_ratio": round(b["build_tokens_per_s"] / b["tokenizer_tokens_per_s"], 3),
               "stream_tokens_per_s": round(st["stream"]), "baseline_tokens_per_s": round(st["baseline"]),
-              "stream_ratio": round(st["stream"] / st["baseline"], 2), "peak_worker_rss_mb": round(st["rss"], 1),
+              "stream_ratio": round(st["stream"] / st["baseline"], 2),
+              "stream_unchecked_tokens_per_s": round(st["unchecked"]),
+              "checks_ratio": round(st["stream"] / st["unchecked"], 3),
+              "first_pass_tokens_per_s": round(st["first_pass"]),
+              "first_pass_unchecked_tokens_per_s": round(st["first_pass_unchecked"]),
+              "first_pass_checks_ratio": round(st["first_pass"] / st["first_pass_unchecked"], 3),
+              "peak_worker_rss_mb": round(st["rss"], 1),
               "peak_worker_uss_mb": round(st["uss"], 1), "corpus_tokens": b["tokens"], "seq_len": args.seq_len,
               "micro_batch": MICRO_BATCH, "batches_per_item": args.batches_per_item, "workers": args.workers,
               "cpus": os.cpu_count()}
@@ -174,6 +203,10 @@ def main() -> None:
           f"{result['tokenizer_tokens_per_s']:>15,} {result['build_ratio']:>7}")
     print(f"{'stream vs webdataset .npy reader':<34} {result['stream_tokens_per_s']:>14,} "
           f"{result['baseline_tokens_per_s']:>15,} {result['stream_ratio']:>7}")
+    print(f"{'stream: shard checks on vs off':<34} {result['stream_tokens_per_s']:>14,} "
+          f"{result['stream_unchecked_tokens_per_s']:>15,} {result['checks_ratio']:>7}")
+    print(f"{'  first epoch (every shard hashed)':<34} {result['first_pass_tokens_per_s']:>14,} "
+          f"{result['first_pass_unchecked_tokens_per_s']:>15,} {result['first_pass_checks_ratio']:>7}")
     print(f"stream worker peak RSS {result['peak_worker_rss_mb']} MB, of it its own (USS) "
           f"{result['peak_worker_uss_mb']} MB; corpus {b['tokens']:,} tokens")
     print(json.dumps(result))

@@ -177,9 +177,22 @@ def record_settings(cfg: DataConfig, tok: Tokenizer, out: Path) -> str:
 
 
 def build(cfg: DataConfig, bcfg: BuildConfig) -> Manifest | None:
-    """Builds this task's share of cfg.inputs into cfg.dir; returns the manifest once merged."""
+    """Builds this task's share of cfg.inputs into cfg.dir; returns the manifest once merged. A file
+    that cannot be written or read meanwhile (a full disk...) is one DataError naming it."""
     check_settings(cfg)
     files = resolve_inputs(cfg.inputs)  # every input error before any work
+    try:
+        return _build(cfg, bcfg, files)
+    except OSError as e:
+        out = Path(cfg.dir)
+        where = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(where).free / 2**20
+        what = f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or str(e))
+        raise DataError(f"the build of {out} stopped: {what} ({free:,.1f} MiB free there); run it again once that "
+                        f"is fixed: it continues where it stopped") from None
+
+
+def _build(cfg: DataConfig, bcfg: BuildConfig, files: list[str]) -> Manifest | None:
     out = Path(cfg.dir)
     (out / "pieces").mkdir(parents=True, exist_ok=True)
     tok = prepare_tokenizer(cfg, files, out, bcfg)

@@ -100,18 +100,116 @@ class BuildConfig:
     progress_every_s: float  # seconds between the plain lines (not on a terminal)
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config that `python -m pretrain.train OVERRIDES...` would see, without the `hydra` node."""
+class OverrideError(DataError):
+    """An override naming a key the config tree does not have, or a config group option that does
+    not exist: one line with the closest known names (Hydra's own message is several lines, exits
+    1 and advises `+key=`, which would add the misspelt key and run without the intended setting)."""
+
+
+def _compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config that `python -m pretrain.train OVERRIDES...` would see, without the `hydra` node.
+    An unknown key or group option raises OverrideError."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+
+    try:
+        cfg = _compose(overrides)
+    except HydraException as e:
+        problem = override_problem(list(overrides), e)
+        if problem is None:
+            raise
+        raise OverrideError(problem) from None
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve as in a run
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def _known_keys(overrides: list[str]) -> list[str]:
+    """Every dotted key of the config tree as these overrides' group choices compose it (the
+    overrides that compose), nodes included: what an override may name."""
+    from hydra.errors import HydraException
+
+    cfg = None
+    for tried in (overrides, []):
+        kept = list(tried)
+        while cfg is None:
+            try:
+                cfg = _compose(kept)
+            except HydraException:
+                if not kept:
+                    break
+                kept.pop()  # drop the override that does not compose, then the one before it
+        if cfg is not None:
+            break
+    keys: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                walk(child, full + ".")
+
+    if cfg is not None:
+        walk(cfg, "")
+    return keys
+
+
+def override_problem(overrides: list[str], error: Exception) -> str | None:
+    """One line for an override that names no key of the config tree or no option of a config
+    group, with the closest known ones; None for any other composition error."""
+    import difflib
+
+    from hydra.errors import MissingConfigException
+
+    text = str(error)
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        m = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+        if not m:
+            return None
+        group, option = m.group(1), m.group(2)
+        options = sorted(error.options)
+        close = difflib.get_close_matches(option, options, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return (f"{group}={option}: conf/{group}/ has no such option; {hint}options: {', '.join(options)}")
+    m = re.match(r"Could not override '([^']+)'", text)
+    if not m:
+        return None
+    key = m.group(1)
+    word = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), key)
+    others = [o for o in overrides if o != word]
+    known = [k for k in _known_keys(others) if not k.startswith("hydra.")]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not close:  # a misspelt last part alone: compare it with the last parts under the same section
+        parent, _, leaf = key.rpartition(".")
+        siblings = [k for k in known if k.rpartition(".")[0] == parent]
+        close = [f"{parent}.{c}" if parent else c for c in difflib.get_close_matches(
+            leaf, [k.rpartition(".")[2] for k in siblings], n=3, cutoff=0.5)]
+    hint = f"closest known: {', '.join(close)}" if close else "no key of the config tree (conf/) is close to it"
+    return f"{word}: unknown config key {key!r}; {hint}"
+
+
+def check_command_line(argv: list[str]) -> str | None:
+    """For an entry point whose arguments Hydra reads itself (pretrain.train): the one-line problem
+    of an override that names an unknown key or group option, or None (other errors are Hydra's)."""
+    from hydra.errors import HydraException
+
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        _compose(overrides)
+    except HydraException as e:
+        return override_problem(overrides, e)
+    return None
 
 
 def _section(cfg: DictConfig, key: str, schema):

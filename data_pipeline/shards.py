@@ -199,6 +199,26 @@ def open_url(url: str):
     return open(url, "rb", buffering=1 << 20)
 
 
+def digest_stream(f, into=None) -> tuple[int, str]:
+    """(size, sha256) of what `f` yields to its end, read in chunks; each chunk is also written to `into`."""
+    h, size = hashlib.sha256(), 0
+    while chunk := f.read(8 << 20):
+        h.update(chunk)
+        size += len(chunk)
+        if into is not None:
+            into.write(chunk)
+    return size, h.hexdigest()
+
+
+def digest_problem(where: str, size: int, sha256: str, info: ShardInfo) -> str | None:
+    """One line when a shard is not the one the manifest lists (damaged, truncated, or another shard
+    copied over it), else None."""
+    if size == info.bytes and sha256 == info.sha256:
+        return None
+    return (f"{where}: {size} bytes, sha256 {sha256[:16]}.., the manifest says {info.bytes} bytes, sha256 "
+            f"{info.sha256[:16]}.. (damaged, or another shard copied over it)")
+
+
 def decode_block(url: str, key: str, members: dict[str, bytes], dtype: np.dtype, seq_len: int) -> Block:
     """One tar member group -> a Block, checked against its own header; never unpickles anything."""
     where = f"{url}: sample {key}"
@@ -226,14 +246,15 @@ def decode_block(url: str, key: str, members: dict[str, bytes], dtype: np.dtype,
 
 
 def read_blocks(url: str, dtype: np.dtype, seq_len: int, on_corrupt: str = "error",
-                skipped: list[str] | None = None) -> Iterator[Block]:
+                skipped: list[str] | None = None, fileobj=None) -> Iterator[Block]:
     """The blocks of one shard, in order. A corrupt block raises CorruptShardError naming the shard
     and sample, or with on_corrupt="skip" is left out and its key appended to `skipped`; a truncated
     tar ends the shard the same way. A damaged tar header is not the end of the archive (tarfile's
-    default): the reader moves on to the next valid header, so only that block is lost."""
+    default): the reader moves on to the next valid header, so only that block is lost. `fileobj`:
+    the shard's bytes already at hand (read from `url` and checked); closed at the end."""
     group: dict[str, bytes] = {}
     key = None
-    stream = open_url(url)
+    stream = fileobj if fileobj is not None else open_url(url)
     try:
         with tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) as tar:
             for member in tar:

@@ -16,7 +16,9 @@ other data fails.
 
 from __future__ import annotations
 
+import signal
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.plan import Plan, Visits, replan
-from data_pipeline.shards import CorruptShardError, DataError, Manifest, read_blocks
+from data_pipeline.shards import (
+    CorruptShardError,
+    DataError,
+    Manifest,
+    digest_problem,
+    digest_stream,
+    open_url,
+    read_blocks,
+)
 
 ERROR_KEY = "data_error"  # an item that carries a DataError out of a DataLoader worker
 
@@ -37,7 +47,8 @@ class DataStateError(DataError):
 class TokenStream(IterableDataset):
     def __init__(self, directory: str | Path, split: str, micro_batch_size: int, rank: int, world_size: int,
                  seed: int, shuffle_buffer: int, num_workers: int = 0, url: str | None = None,
-                 on_corrupt: str = "error", batches_per_item: int = 1, doc_starts: bool = False):
+                 on_corrupt: str = "error", batches_per_item: int = 1, doc_starts: bool = False,
+                 verify_shards: bool = True):
         self.directory = Path(directory)
         self.manifest = Manifest.load(directory)
         if split not in self.manifest.splits or self.manifest.samples(split) == 0:
@@ -55,6 +66,11 @@ class TokenStream(IterableDataset):
                      for s in shards]
         self.plan = Plan(self.readers)
         self.start_batch = 0  # micro-batches of this plan consumed before this stream started
+        # Each shard is checked against the manifest (size, sha256) when this process first opens it
+        # (shard index -> the problem found, or None), and each block's ids against the vocabulary.
+        # verify_shards=False turns both off: bench/data.py's baseline, to measure what they cost.
+        self.verify_shards = verify_shards
+        self.checked: dict[int, str | None] = {}
 
     @property
     def readers(self) -> int:
@@ -153,14 +169,50 @@ class TokenStream(IterableDataset):
                     part["doc_start"] = starts[pick]
                 yield part
 
+    def _open_checked(self, shard: int):
+        """The shard's bytes to read (None: read them from its URL) and the problem found, if any. The
+        first time this process opens a shard, its size and sha256 are checked against the manifest:
+        a damaged shard, or another (valid) shard copied over it, would otherwise train silently. A
+        local file is hashed in one pass before it is read (the page cache then serves the read); a
+        `pipe:` URL is read once, hashed and spooled (memory, then a temporary file) for the read."""
+        if not self.verify_shards or self.checked.get(shard, "") is None:
+            return None, None
+        if shard in self.checked:
+            return None, self.checked[shard]
+        url, info = self.urls[shard], self.manifest.splits[self.split][shard]
+        spool = None
+        try:
+            if url.startswith("pipe:"):
+                spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+                with open_url(url) as f:
+                    size, sha = digest_stream(f, into=spool)
+                spool.seek(0)
+            else:
+                with open(url, "rb") as f:
+                    size, sha = digest_stream(f)
+            problem = digest_problem(url, size, sha, info)
+        except OSError as e:
+            problem = f"{url}: unreadable ({e.strerror or e})"
+        self.checked[shard] = problem
+        if problem and spool is not None:
+            spool.close()
+            spool = None
+        return spool, problem
+
     def _chunks(self, shard: int, first: int, last: int):
         """Chunks first..last of a shard as (index, windows, valid rows, prompt lengths, document starts
         [rows, L] bool or None), read in one sequential pass. Rows of blocks left out as corrupt
-        (data.on_corrupt=skip) are not valid."""
+        (data.on_corrupt=skip) are not valid; so are all rows of a shard that is not the one the
+        manifest lists, and of a block holding a token id outside the vocabulary."""
         C, L, n = self.shuffle_buffer, self.manifest.seq_len, self.visits.sizes[shard]
         dtype, url = np.dtype(self.manifest.dtype), self.urls[shard]
         skipped: list[str] = []
-        blocks = read_blocks(url, dtype, L, self.on_corrupt, skipped)
+        spool, shard_problem = self._open_checked(shard)
+        if shard_problem and self.on_corrupt != "skip":
+            raise CorruptShardError(shard_problem)
+        blocks = iter(()) if shard_problem else read_blocks(url, dtype, L, self.on_corrupt, skipped, fileobj=spool)
+        if self.verify_shards and not shard_problem:
+            blocks = self._in_vocabulary(blocks, url, skipped)
         carry = None  # a block that reaches into the next chunk
         lost = 0  # windows of the range read that were in corrupt blocks (on_corrupt=skip)
         try:
@@ -192,10 +244,32 @@ class TokenStream(IterableDataset):
                 lost += int((~valid).sum())
                 yield c, rows, valid, prompt, starts
         finally:
-            blocks.close()
-            if skipped or lost:
+            if hasattr(blocks, "close"):
+                blocks.close()
+            if shard_problem:
+                print(f"warning: {shard_problem}: left out, {lost} of its {n} windows lost (data.on_corrupt=skip)",
+                      file=sys.stderr, flush=True)
+            elif skipped or lost:
                 print(f"warning: {url}: skipped {len(skipped)} corrupt sample(s) {skipped[:5]}: {lost} of the {n} "
                       f"windows the manifest lists are lost (data.on_corrupt=skip)", file=sys.stderr, flush=True)
+
+    def _in_vocabulary(self, blocks, url: str, skipped: list[str]):
+        """The blocks whose token ids are all below the manifest's vocabulary: an id at or above it would
+        fail in the embedding (IndexError on the CPU, a device-side assert on a GPU) without naming the
+        shard. One max per block read (bench/data.py measures it)."""
+        vocab = self.manifest.vocab_size
+        try:
+            for block in blocks:
+                if block.tokens.size and int(block.tokens.max()) >= vocab:
+                    problem = (f"{url}: sample {block.key} has token id {int(block.tokens.max())} >= the vocabulary "
+                               f"({vocab}, manifest.json)")
+                    if self.on_corrupt != "skip":
+                        raise CorruptShardError(problem)
+                    skipped.append(block.key)
+                    continue
+                yield block
+        finally:
+            blocks.close()
 
 
 def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -208,6 +282,15 @@ def batches_of_role(role: int, batches: int, workers: int, per_item: int) -> int
     return len(range(role, full_items, workers)) * per_item + (rest if full_items % workers == role else 0)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's init: SIGTERM, SIGUSR1 and SIGINT are its rank's to handle. A job-wide
+    signal (scancel, a SLURM preemption, a time limit) reaches every process of the job; a worker
+    that died of it would fail its rank's next batch while the rank stops cleanly. The worker still
+    ends with its rank (the DataLoader shuts it down, or it sees its parent gone)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class MicroBatches:
     """Iterates a stream through a DataLoader and cuts each item into micro-batches."""
 
@@ -215,7 +298,8 @@ class MicroBatches:
         self.stream = stream
         self.loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
                                  persistent_workers=stream.num_workers > 0,
-                                 prefetch_factor=4 if stream.num_workers else None)
+                                 prefetch_factor=4 if stream.num_workers else None,
+                                 worker_init_fn=ignore_stop_signals if stream.num_workers else None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         K, B = self.stream.batches_per_item, self.stream.micro_batch_size

@@ -10,26 +10,22 @@ shard fails, 2 when DIR holds no readable manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import DataError, Manifest, ShardInfo, read_blocks
+from data_pipeline.shards import DataError, Manifest, ShardInfo, digest_problem, digest_stream, read_blocks
 
 
 def check_shard(directory: Path, info: ShardInfo, manifest: Manifest) -> list[str]:
     path = directory / info.name
     if not path.is_file():
         return [f"{path}: missing"]
-    data = path.read_bytes()
-    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-        problems = [f"{path}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}.., the manifest "
-                    f"says {info.bytes} bytes, sha256 {info.sha256[:16]}.."]
-    else:
-        problems = []
+    with open(path, "rb") as f:
+        problem = digest_problem(str(path), *digest_stream(f), info)
+    problems = [problem] if problem else []
     windows = 0
     try:
         for block in read_blocks(str(path), np.dtype(manifest.dtype), manifest.seq_len):

@@ -24,6 +24,7 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from data_pipeline.config import OverrideError
 from pretrain.checks import load_config
 from pretrain.config import ConfigError, RunConfig, SlurmConfig
 
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         run = compose_run(args.overrides)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except OverrideError as e:  # an unknown key or group option: one line, exit 2 as every entry point
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     script = render(run, args.overrides, workdir)
     if args.dry_run:
         print(script, end="")

@@ -4,7 +4,7 @@
     model/       the network                            objective/ forward process, loss, likelihood, sampler
     engine/      DeepSpeed setup, precision, lr         checkpoint/ save, load, verify, convert, lock
     monitor/     metrics, W&B, report pictures          hf/        the Hugging Face format
-    loop.py, faults.py                                  the training loop; signals and fault handling
+    loop.py, faults.py, launcher_watch.py               the training loop; signals and fault handling
 
 Entry points (`python -m pretrain.X`): train, evaluate, generate, export, report, plan, model.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 
 from data_pipeline.config import compose
 from data_pipeline.piece import pad_vocab
@@ -20,7 +21,7 @@ from pretrain.config import ConfigError, RunConfig, check_values, parse_config, 
 from pretrain.engine import ds_config
 from pretrain.engine.device import resolve_precision
 from pretrain.engine.zero_sizes import resolve_zero_sizes
-from pretrain.hf.format import FormatError, read_config
+from pretrain.hf.format import FormatError, HFWeights, read_config
 from pretrain.hf.pretrained import check_init_from
 from pretrain.model import transformer
 from pretrain.objective import diffusion
@@ -47,6 +48,7 @@ def check_run(run: RunConfig, world_size: int) -> None:
     if run.model.init_from:
         try:
             check_init_from(run.model.init_from, run.model, run.data.tokenizer)
+            check_init_weights(run.model.init_from)
         except FormatError as e:
             raise ConfigError(f"model.init_from={run.model.init_from}: {e}") from None
     diffusion.check_config(run.mask, run.trainer.seq_len)
@@ -57,6 +59,25 @@ def check_run(run: RunConfig, world_size: int) -> None:
             check_settings(s.gen_length, s.steps, s.block_length, "low_confidence", 0.0, s.temperature)
         except GenerateError as e:
             raise ConfigError(f"sample: {e}") from None
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_init_weights(folder: str) -> None:
+    """The folder's weights are safetensors (read without running anything), found before any work;
+    pickled weights (pytorch_model.bin) can run code when loaded, so they are named and never loaded."""
+    try:
+        HFWeights.open(folder)
+    except FormatError as e:
+        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in Path(folder).glob(pattern))
+        if not pickled:
+            raise
+        raise FormatError(f"{e}; {pickled[0]} is pickled, which can run code when loaded, so it is not read: save "
+                          f"the weights as safetensors (transformers: save_pretrained(..., safe_serialization=True))"
+                          ) from None
+    except (OSError, ValueError, SafetensorError) as e:  # an unreadable file or index, a header that does not parse
+        raise FormatError(f"{folder}: the weights cannot be read ({type(e).__name__}: {e})") from None
 
 
 def resolve_vocab(run: RunConfig, manifest=None) -> None:

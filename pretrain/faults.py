@@ -3,8 +3,10 @@ steps, a hung step. Each fault ends in a documented exit code, never in an orpha
 exit 0 or a checkpoint of a broken state.
 
 - SIGTERM / SIGUSR1 (SLURM's preemption and time-limit warning, torchrun forwarding a stop) and the
-  death of the launcher that started this rank only raise a flag. At every step boundary the ranks
-  all-reduce their flags, so they all stop after the same step, save, and exit EXIT_PREEMPTED.
+  death of the launcher that started this rank (pretrain/launcher_watch.py, watched from the rank's
+  first line) only raise a flag. At every step boundary the ranks all-reduce their flags, so they
+  all stop after the same step, save, and exit EXIT_PREEMPTED; a flag raised during start-up is
+  agreed before training (stop_agreed), and the ranks exit EXIT_PREEMPTED without training.
 - A non-finite gradient norm (from a NaN/inf loss or an overflow) skips the optimizer update on every
   rank (ZeRO-3 decides it from the global norm), the data and the lr schedule still advance, and after
   `trainer.max_bad_steps` consecutive skips the run stops with EXIT_NON_FINITE without saving, so
@@ -17,19 +19,19 @@ exit 0 or a checkpoint of a broken state.
 
 from __future__ import annotations
 
-import ctypes
+import atexit
 import faulthandler
 import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
-import psutil
 import torch
+import torch.distributed as dist
 
 from pretrain.config import FaultConfig
+from pretrain.launcher_watch import LauncherWatch, is_launcher, launcher_ancestors, watch  # noqa: F401
 from pretrain.monitor.metrics import trim_jsonl
 
 EXIT_CONFIG = 2  # a config or data error, found before any training
@@ -37,12 +39,6 @@ EXIT_NON_FINITE = 3  # trainer.max_bad_steps consecutive non-finite steps
 EXIT_PREEMPTED = 75  # stopped by a signal or a dead launcher after saving a checkpoint (EX_TEMPFAIL): re-run to resume
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Processes that start ranks: a rank watches its chain of such ancestors (deepspeed's runner and its
-# launch.py, torchrun), and stops when one of them is gone.
-LAUNCHER_SCRIPTS = ("deepspeed", "torchrun", "launch.py", "runner.py", "run.py")
-LAUNCHER_MODULES = ("deepspeed.launcher.runner", "deepspeed.launcher.launch", "torch.distributed.run",
-                    "torch.distributed.launch")
-PR_SET_PDEATHSIG = 1
 
 
 class StopRequest:
@@ -77,72 +73,49 @@ class StopRequest:
         return any_rank_asked
 
 
-def is_launcher(cmdline: list[str]) -> bool:
-    """`deepspeed ...`, `torchrun ...` (as scripts or `python -m` modules, deepspeed's launch.py)."""
-    args = cmdline[1:] if cmdline and Path(cmdline[0]).name.startswith("python") else cmdline
-    while args and args[0] != "-m" and args[0].startswith("-"):  # interpreter flags: -u, -X opt, ...
-        args = args[2:] if args[0] in ("-X", "-W") else args[1:]
-    if len(args) >= 2 and args[0] == "-m":
-        return args[1] in LAUNCHER_MODULES
-    if not args:
+def stop_agreed(stop: StopRequest) -> bool:
+    """Whether any rank was asked to stop (a signal, a dead launcher), agreed by all ranks: before
+    training, where the loop's step-boundary agreement does not run yet."""
+    watch().check()  # a launcher that died a moment ago, before the watch's next look
+    reasons: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, stop.reason)
+    return stop.agree(any(r is not None for r in reasons))
+
+
+def peer_lost(e: BaseException) -> bool:
+    """A collective failed because another rank is gone (it ended with its own error, or was killed):
+    gloo's 'Connection closed by peer' / 'reset by peer', NCCL's remote errors, c10d's DistError."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return False
-    script = Path(args[0])
-    return script.name in ("deepspeed", "torchrun") or (
-        script.name in LAUNCHER_SCRIPTS and script.parent.name in ("launcher", "distributed"))
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+                            "NCCL communicator was aborted"))
 
 
-def launcher_ancestors(pid: int | None = None) -> list[psutil.Process]:
-    """The chain of launcher processes above this one, nearest first; empty when the parent is not
-    a launcher (a rank started by hand or by a test, which must outlive, say, a closed terminal)."""
-    chain = []
-    proc = psutil.Process(pid or os.getpid()).parent()
-    while proc is not None and proc.pid > 1:
-        try:
-            if not is_launcher(proc.cmdline()):
-                break
-        except psutil.Error:
-            break
-        chain.append(proc)
-        proc = proc.parent()
-    return chain
-
-
-class LauncherWatch:
-    """Raises the stop flag when a launcher above this rank is gone (killed, even with SIGKILL), so
-    ranks never train on as orphans. The parent-death signal covers the direct parent at once; a
-    thread polls the rest of the chain (deepspeed's runner sits above its launch.py)."""
-
-    def __init__(self, stop: StopRequest, interval_s: float = 1.0):
-        self.stop, self.interval_s = stop, interval_s
-        self.chain = launcher_ancestors()
-        self._done = threading.Event()
-
-    def start(self) -> None:
-        if not self.chain:
-            return
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if not self.chain[0].is_running():  # it died before prctl: the signal will not come
-                self.stop.request("the launcher exited")
-        threading.Thread(target=self._poll, name="launcher-watch", daemon=True).start()
-
-    def _poll(self) -> None:
-        names = {proc.pid: proc.name() for proc in self.chain}  # a dead process can no longer be asked
-        while not self._done.wait(self.interval_s):
-            for proc in self.chain:
-                if not alive(proc):
-                    self.stop.request(f"launcher process {proc.pid} ({names[proc.pid]}) is gone")
-                    return
-
-    def close(self) -> None:
-        self._done.set()
-
-
-def alive(proc: psutil.Process) -> bool:
+def exit_now(code: int) -> None:
+    """Ends the process with `code` after its exit handlers (the run lock's release, W&B) and with its
+    output flushed, but without the interpreter's teardown once a process group exists: after a
+    peer is gone, the C++ destructors of the group's threads could abort the process after the
+    right one-line error ("terminate called without an active exception", exit 134)."""
+    if not dist.is_initialized():
+        sys.exit(code)
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:  # gone between the two questions
-        return False
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def watch_launchers(stop: StopRequest) -> LauncherWatch:
+    """Raises `stop` when a launcher above this rank is gone (pretrain/launcher_watch.py), including
+    one that died before this was called: the watch runs from the rank's first line."""
+    launchers = watch()
+    launchers.notify(stop.request)
+    return launchers
 
 
 class Watchdog:
@@ -177,17 +150,25 @@ class NonFiniteSteps:
     def __init__(self, max_bad: int):
         self.max_bad, self.in_a_row, self.total = max_bad, 0, 0
 
-    def record(self, skipped: bool, step: int) -> str | None:
+    def record(self, skipped: bool, step: int, saved_step: int | None = None) -> str | None:
+        """`saved_step`: this run's newest checkpoint (the loop saves none in a streak), named in the message."""
         if not skipped:
             self.in_a_row = 0
             return None
         self.in_a_row += 1
         self.total += 1
         if self.max_bad and self.in_a_row >= self.max_bad:
+            newest = ("no checkpoint was written" if saved_step is None else
+                      f"the newest checkpoint, step {saved_step}, is the last good state"
+                      if saved_step <= step - self.in_a_row else f"the newest checkpoint is step {saved_step}")
             return (f"step {step}: {self.in_a_row} consecutive steps with a non-finite loss or gradient "
-                    f"(trainer.max_bad_steps={self.max_bad}); stopping without saving, the newest checkpoint "
-                    f"is the last good state")
+                    f"(trainer.max_bad_steps={self.max_bad}); stopping without saving, {newest}")
         return None
+
+    @property
+    def in_streak(self) -> bool:
+        """The last step was skipped: a scheduled checkpoint now would save the middle of a bad streak."""
+        return self.in_a_row > 0
 
 
 def inject_loss_fault(loss: torch.Tensor, fault: FaultConfig, step: int, rank: int) -> torch.Tensor:

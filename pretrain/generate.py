@@ -44,7 +44,14 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
         path = Path(prompts_file)
         if not path.is_file():
             raise GenerateError(f"--prompts-file {path}: no such file")
-        out += [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerateError(f"--prompts-file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                                f"{e.start})") from None
+        except OSError as e:
+            raise GenerateError(f"--prompts-file {path}: cannot be read ({e.strerror or e})") from None
+        out += [line for line in text.splitlines() if line.strip()]
     if not out:
         raise GenerateError("no prompt: give --prompt TEXT or --prompts-file FILE")
     return out

@@ -20,7 +20,15 @@ from data_pipeline.stream import TokenStream, make_loader
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.resume_check import config_dict
 from pretrain.config import RunConfig, total_steps
-from pretrain.faults import NonFiniteSteps, SampleLog, StopRequest, Watchdog, finish_step, inject_loss_fault
+from pretrain.faults import (
+    NonFiniteSteps,
+    SampleLog,
+    StopRequest,
+    Watchdog,
+    finish_step,
+    inject_loss_fault,
+    stop_agreed,
+)
 from pretrain.model.flops import flops_per_token, peak_tflops
 from pretrain.monitor.metrics import MetricsLogger, console_line
 from pretrain.monitor.train_stats import LogWindow, device_name
@@ -140,6 +148,10 @@ class Trainer:
         self.started = time.perf_counter()
         first_step = self.state.step
         samples = SampleLog(self.run.run_dir, self.rank, first_step) if self.run.fault.record_samples else None
+        if stop_agreed(self.stop):  # asked to stop while the engine was built or the checkpoint loaded
+            if self.rank == 0:
+                print(f"stopping before step {first_step + 1}: {self.stop.reason}", flush=True)
+            return "preempted"  # nothing trained since the checkpoint loaded (or since step 0): nothing to save
         self.watchdog.kick()
         while not self.done():
             step_start = time.perf_counter()  # steps are timed alone: eval and checkpoints don't count
@@ -160,7 +172,7 @@ class Trainer:
             if self.state.step % t.log_every == 0 or last or self.state.step == first_step + 1:
                 self.log_window(self.state.step - first_step)
                 self.window.reset()
-            problem = self.bad_steps.record(skipped, self.state.step)
+            problem = self.bad_steps.record(skipped, self.state.step, self.saved_step)
             if problem:
                 raise NonFiniteError(problem)
             if t.eval_every and (self.state.step % t.eval_every == 0 or last):
@@ -168,7 +180,9 @@ class Trainer:
             if last:
                 break
             save_due, stop = self.boundary_flags()
-            if save_due or (t.ckpt_every and self.state.step % t.ckpt_every == 0):
+            # No scheduled save in a streak of non-finite steps (every rank skipped the same steps): if
+            # it ends in max_bad_steps, the newest checkpoint must be the state before it.
+            if (save_due or (t.ckpt_every and self.state.step % t.ckpt_every == 0)) and not self.bad_steps.in_streak:
                 self.save()
             self.watchdog.kick()
             if stop:
@@ -188,6 +202,12 @@ class Trainer:
         save_due, stop = flags.tolist()
         return bool(save_due), self.stop.agree(bool(stop))
 
+    def stop_agreed_now(self) -> bool:
+        """Whether any rank was asked to stop, agreed by all (one small all-reduce)."""
+        flag = torch.tensor([float(self.stop.reason is not None)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return self.stop.agree(bool(flag.item()))
+
     def log_window(self, steps_this_process: int) -> None:
         stats = self.window.summarize(self.run.mask.normalize, self.world, self.flops_per_token, self.peak_tflops)
         grad_norm = self.engine.get_global_grad_norm()
@@ -203,17 +223,24 @@ class Trainer:
             print(console_line(record, self.total_steps, eta), flush=True)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """The held-out negative ELBO per token (pretrain/objective/likelihood.py, the estimator of python -m
         pretrain.evaluate): trainer.eval_mc_num stratified mask draws per sequence from a generator seeded
         the same at every eval, so evals differ only by the model. Every rank runs the same number of
-        forward passes."""
+        forward passes. A stop (a signal, a dead launcher) abandons the eval, agreed by the ranks before
+        each batch, and returns None: a job-wide SIGTERM is followed by SIGKILL after ~30 s (SLURM's
+        KillWait, deepspeed's launch.py), and a long eval would leave no time for the checkpoint."""
         assert self.eval_stream is not None
         self.engine.eval()
         self.engine.module.step = self.state.step
         rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
         sums = NelboSums()
         for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
+            if self.stop_agreed_now():  # the checkpoint first: a stop leaves ~30 s before SIGKILL
+                self.engine.train()
+                if self.rank == 0:
+                    print(f"step {self.state.step:>6} | eval abandoned: {self.stop.reason}", flush=True)
+                return None
             x0 = batch["tokens"].to(self.device).long()
             sums.sums += nelbo_of_batch(self.engine, x0, self.mask_id, self.run.trainer.eval_mc_num, rng,
                                         self.prompt_len(batch), batch_size=x0.shape[0],

@@ -26,7 +26,8 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 
-from pretrain.checks import compose_config
+from data_pipeline.shards import DataError
+from pretrain.checks import compose_config, resolve_vocab
 from pretrain.config import ConfigError, RunConfig
 from pretrain.engine.zero_sizes import block_params
 from pretrain.model.flops import flops_per_token, peak_tflops
@@ -155,32 +156,25 @@ def report(p: Plan, run: RunConfig) -> str:
 
 def main(argv: list[str]) -> Plan:
     """Hydra overrides, plus --mfu X (default 0.4) and --gpu NAME (the card whose peak to use when
-    cluster.peak_tflops is null, e.g. H800; default H100)."""
-    options, overrides, it = {"--mfu": "0.4", "--gpu": "H100"}, [], iter(argv)
-    for arg in it:
-        key, _, value = arg.partition("=")
-        if key in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        if key in options:
-            options[key] = value or next(it, "")
-        elif arg.startswith("-"):
-            fail(f"unknown option {arg}: the options are {', '.join(options)} and -h/--help; the rest are Hydra "
-                 f"overrides (key=value)")
-        else:
-            overrides.append(arg)
+    cluster.peak_tflops is null, e.g. H800; default H100). Every error is one line and exit 2."""
+    from data_pipeline.cli import add_overrides, parser
+
+    p = parser("pretrain.plan", __doc__)
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization, in (0, 1], for the time estimates")
+    p.add_argument("--gpu", default="H100", help="the card whose dense bf16 peak to use when cluster.peak_tflops "
+                                                 "is null (H100, H800, A100, ...)")
+    add_overrides(p)
+    args = p.parse_args(argv)
     try:
-        mfu = float(options["--mfu"])
-        if not 0 < mfu <= 1:
-            raise ValueError
-    except ValueError:
-        fail(f"--mfu={options['--mfu']} must be a number in (0, 1]")
-    try:
-        probe = compose_config(overrides, world_size=1)  # the cluster's size, then validate for it
-        run = compose_config(overrides, world_size=probe.cluster.nodes * probe.cluster.gpus_per_node)
-    except ConfigError as e:
-        fail(str(e))
-    plan = make_plan(run, mfu, options["--gpu"])
+        if not 0 < args.mfu <= 1:
+            raise ConfigError(f"--mfu {args.mfu:g} must be in (0, 1]: the share of the peak the run reaches, e.g. 0.4")
+        probe = compose_config(args.overrides, world_size=1)  # the cluster's size, then validate for it
+        run = compose_config(args.overrides, world_size=probe.cluster.nodes * probe.cluster.gpus_per_node)
+        resolve_vocab(run)  # model.vocab_size=null (model=tiny, small): the shards' vocabulary
+        plan = make_plan(run, args.mfu, args.gpu)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(report(plan, run))
     print(json.dumps(asdict(plan)))
     return plan

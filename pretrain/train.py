@@ -8,8 +8,14 @@ train, save, and optionally print a sample.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below take seconds: a launcher that dies meanwhile is noticed
+    from pretrain.launcher_watch import watch
+
+    watch()
+
 import dataclasses
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -22,20 +28,30 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.build import ensure_built
+from data_pipeline.config import check_command_line
 from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain.checkpoint import run_lock
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.files import CheckpointError, CheckpointWriteError
-from pretrain.checkpoint.resume_check import compare, config_dict, reapply_optimizer_settings
+from pretrain.checkpoint.resume_check import compare, config_dict, reapply_optimizer_settings, refuse_before_data
 from pretrain.checkpoint.universal import load_dir_for
 from pretrain.checks import load_config, validate_data
 from pretrain.config import ConfigError, RunConfig, total_steps
 from pretrain.engine.build import build_engine, check_device, init_distributed, world_size_from_env
 from pretrain.engine.device import bound_cpu_kernel_caches
 from pretrain.engine.lr_schedule import decay_beyond_end, warmup_beyond_end
-from pretrain.faults import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, LauncherWatch, StopRequest
+from pretrain.faults import (
+    EXIT_CONFIG,
+    EXIT_NON_FINITE,
+    EXIT_PREEMPTED,
+    StopRequest,
+    exit_now,
+    peer_lost,
+    stop_agreed,
+    watch_launchers,
+)
 from pretrain.loop import NonFiniteError, Trainer
 from pretrain.model.transformer import count_params
 from pretrain.monitor.metrics import MetricsLogger
@@ -142,6 +158,7 @@ def train(cfg: DictConfig) -> None:
     run = load_config(cfg, world_size_from_env())  # every config error before any work
     if run.cluster.device == "cpu":
         bound_cpu_kernel_caches()
+    refuse_before_data(run)  # a resume that will be refused builds no data first
     check_prebuilt_data(run)
     if run.resume == "never" and checkpoint.latest(run.run_dir):
         raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"
@@ -150,14 +167,21 @@ def train(cfg: DictConfig) -> None:
                 total_steps(run.trainer))
     warning = warmup_beyond_end(*schedule) or decay_beyond_end(*schedule)
     stop = StopRequest()
-    stop.install()  # from here on a SIGTERM/SIGUSR1 ends in a checkpoint, not a lost run
+    watch_launchers(stop)  # also a launcher that died while this rank was importing
     rank, world = init_distributed(timeout_s=run.cluster.timeout_s,
                                    shm_comm=run.cluster.device != "cpu" or run.cluster.shm_comm)
+    # From here on a SIGTERM/SIGUSR1 ends in a checkpoint, not a lost run. Before, while the rendezvous
+    # may wait on a peer, it ends the rank at once: there is nothing to save yet.
+    stop.install()
     if warning and rank == 0:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    LauncherWatch(stop).start()
     check_device(run)
     print(f"rank {rank}/{world} on host {socket.gethostname()}", flush=True)  # which node each rank ran on
+    if stop_agreed(stop):  # stopped during start-up: no rank trains, none holds the lock or the port
+        if rank == 0:
+            print(f"stopping before training: {stop.reason}", flush=True)
+        teardown()
+        sys.exit(EXIT_PREEMPTED)
     manifest = prepare_data(run, rank)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(run, rank)
@@ -223,16 +247,29 @@ def main(cfg: DictConfig) -> None:
         teardown()
     except CheckpointWriteError as e:  # during training (a full disk): not a config error, not a requeue
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_now(1)
     except (ConfigError, DataError, CheckpointError, run_lock.RunLockError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         remove_if_empty(str(cfg.run_dir))
-        sys.exit(EXIT_CONFIG)
+        exit_now(EXIT_CONFIG)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_NON_FINITE)
+        exit_now(EXIT_NON_FINITE)
+    except Exception as e:
+        if not peer_lost(e):
+            raise
+        text = str(e).strip().splitlines()
+        print(f"error: rank {dist.get_rank()}: another rank is gone ({type(e).__name__}: {text[0] if text else ''}); "
+              f"its own error, if it had one, is on its line", file=sys.stderr, flush=True)
+        exit_now(1)
 
 
 if __name__ == "__main__":
     sys.argv = strip_local_rank(sys.argv)
+    # Hydra reads the overrides itself: an unknown key or group option would be its several-line
+    # message and exit 1, advising `+key=` (which would train without the intended setting).
+    if problem := check_command_line(sys.argv[1:]):
+        if os.environ.get("RANK", "0") == "0":  # every rank finds it; one line is enough
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
     main()

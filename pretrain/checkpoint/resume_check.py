@@ -44,6 +44,32 @@ def compare(saved: dict, current: dict, saved_data: str | None, current_data: st
     return refused, allowed
 
 
+def refuse_before_data(run) -> None:
+    """resume=auto: the model shape, trainer.seq_len, seed and shuffle of the newest checkpoint whose
+    manifest reads are compared with this run's before any data is prepared, so a run that will be
+    refused builds nothing first (a seq_len change means another demo corpus). Keys not known yet
+    (model.vocab_size=null, taken from the data) are left to the full check after the data is ready."""
+    from pretrain.checkpoint.files import CheckpointError, read_manifest
+    from pretrain.checkpoint.store import ckpt_dir, complete_tags
+    from pretrain.config import ConfigError
+
+    if run.resume != "auto":
+        return
+    current = flatten(config_dict(run))
+    for tag in complete_tags(run.run_dir):
+        directory = ckpt_dir(run.run_dir) / tag
+        try:
+            saved = flatten(read_manifest(directory).get("config") or {})
+        except CheckpointError:
+            continue  # the resume reports it and tries the next older one
+        refused = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in MUST_MATCH
+                   if current.get(k) is not None and saved.get(k) != current.get(k)]
+        if refused:
+            raise ConfigError(f"{directory} was trained with another model or data; refusing to resume "
+                              f"({'; '.join(refused)}): use another run_dir, or resume=never with a fresh one")
+        return
+
+
 def config_dict(run) -> dict:
     """A RunConfig as the JSON the manifest holds (so that a saved and a current config compare equal)."""
     import json

@@ -62,12 +62,28 @@ def _holder_text(info: dict) -> str:
     return f"pid {info.get('pid')} on {info.get('host')}{job}, started {info.get('started')}"
 
 
+def parse_holder(data: bytes) -> dict | None:
+    """The holder a lock file names, or None when it is not a lock this module wrote: not UTF-8, not
+    JSON, not an object, or without a host and a positive integer pid. (A missing pid must not become
+    -1: `os.kill(-1, 0)` succeeds as root, and the lock would look alive forever.)"""
+    try:
+        info = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("host"), str):
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    return info
+
+
 def stale_reason(info: dict | None, age_s: float, stale_s: float, host: str) -> str | None:
     """Why the lock described by `info` (None: unreadable) is stale, or None if its job may live."""
     if info is None:
         return f"unreadable lock file, untouched for {age_s:.0f} s" if age_s > min(stale_s, 10.0) else None
     if info.get("host") == host:
-        pid = int(info.get("pid", -1))
+        pid = info["pid"]
         if not _pid_alive(pid):
             return f"pid {pid} is not running on {host}"
         start = _process_start(pid)
@@ -104,8 +120,8 @@ class RunLock:
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            return parse_holder(self.path.read_bytes())
+        except OSError:
             return None
 
     def is_mine(self) -> bool:
@@ -138,14 +154,15 @@ def acquire(run_dir: str, stale_s: float) -> RunLock:
             lock.start_heartbeat()
             return lock
         try:
-            text, age = path.read_text(), time.time() - path.stat().st_mtime
+            text, age = path.read_bytes(), time.time() - path.stat().st_mtime
         except FileNotFoundError:
             continue  # released meanwhile
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = None
+        holder = parse_holder(text)
         reason = stale_reason(holder, age, stale_s, host)
+        if reason is None and holder is None:
+            raise RunLockError(f"{path}: not a lock this framework wrote (unreadable), touched {age:.0f} s ago; it is "
+                               f"taken over once untouched for {min(stale_s, 10.0):g} s, or remove it if no job uses "
+                               f"run_dir")
         if reason is None:
             raise RunLockError(f"{path}: run_dir is in use by {_holder_text(holder)} (heartbeat {age:.0f} s ago); "
                                f"stop that job or choose another run_dir")
@@ -154,7 +171,7 @@ def acquire(run_dir: str, stale_s: float) -> RunLock:
             os.rename(path, aside)
         except FileNotFoundError:
             continue  # another job took it over first; look again
-        if aside.read_text() != text:  # renamed a lock that a racing job had just created: give it back
+        if aside.read_bytes() != text:  # renamed a lock that a racing job had just created: give it back
             try:
                 os.link(aside, path)
             except FileExistsError:

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain.checkpoint import safe_load
 from pretrain.checkpoint.files import (
     MANIFEST,
     CheckpointError,
@@ -298,7 +299,24 @@ def _problem(directory: Path) -> tuple[str | None, dict | None]:
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = [n for n in sorted(manifest["files"]) if owner_rank(Path(n).name) % world == rank]
         problem = check_hashes(directory, mine, manifest)
+        # The manifest sits beside the files, so matching it is integrity, not trust: no engine file
+        # may need anything beyond what DeepSpeed writes (read without executing it).
+        for name in (n for n in mine if n.endswith(".pt") and problem is None):
+            problem = safe_load.refusal(directory / name)
     return problem, manifest
+
+
+def read_pointer(path: Path) -> str | None:
+    """What `latest` names, for messages only (resuming does not trust it): its text (bytes that are
+    not UTF-8 as \\xNN), or its repr when that is not one printable line; None when there is none."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except OSError as e:
+        return f"<unreadable: {e.strerror or e}>"
+    text = data.decode("utf-8", "backslashreplace").strip()
+    return text if text.isprintable() else repr(text)
 
 
 def find_resume(run_dir: str) -> Resume | None:
@@ -313,7 +331,7 @@ def find_resume(run_dir: str) -> Resume | None:
     candidates = sorted((p.name for p in root.iterdir() if _step_of(p.name) is not None and p.is_dir()),
                         key=_step_of, reverse=True)
     pointer_file = root / "latest"
-    pointer = pointer_file.read_text().strip() if pointer_file.is_file() else None
+    pointer = read_pointer(pointer_file)
     first_problem, chosen = None, None
     for name in candidates:
         local = _problem(root / name)
@@ -348,9 +366,16 @@ def load(engine, resume: Resume, load_dir: Path) -> dict:
     state without the per-rank RNG states: the stream re-plans from it (every rank of the old run
     had consumed the same number of micro-batches), and the loop re-seeds the masking RNG."""
     try:
-        path, _ = engine.load_checkpoint(str(load_dir), tag=resume.tag)
+        with safe_load.weights_only_loads():  # DeepSpeed's torch.load(weights_only=False) included
+            path, _ = engine.load_checkpoint(str(load_dir), tag=resume.tag)
     except (OSError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{load_dir / resume.tag}: DeepSpeed could not load it ({_one_line(e)})") from None
+    except Exception as e:
+        if not safe_load.is_weights_only_refusal(e):
+            raise
+        named = safe_load.first_refusal(load_dir / resume.tag)
+        raise CheckpointError(named or f"{load_dir / resume.tag}: a file needs a class DeepSpeed's checkpoint "
+                                       f"files never hold; refused without unpickling ({_one_line(e)})") from None
     if path is None:
         raise CheckpointError(f"{load_dir / resume.tag}: DeepSpeed could not load it")
     rank, world = dist.get_rank(), dist.get_world_size()

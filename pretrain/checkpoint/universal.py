@@ -2,8 +2,10 @@
 N ranks is first converted to DeepSpeed's universal form (one folder per parameter, with its fp32
 weights and optimizer moments whole) and loaded with `checkpoint: {load_universal: true}`.
 
-Rank 0 runs the conversion (`python -m deepspeed.checkpoint.ds_to_universal`, in a subprocess: the
-tool starts its own worker pools) into checkpoints/universal/<tag>.partial and renames it when done;
+Rank 0 runs the conversion (DeepSpeed's `ds_to_universal`, in a subprocess: the tool starts its own
+worker pools; through pretrain/checkpoint/safe_load.py, so that it unpickles nothing but what DeepSpeed
+writes and ends with its workers when the rank dies) into checkpoints/universal/<tag>.partial and
+renames it when done;
 the other ranks poll the file system for the outcome rather than wait in a collective, since a large
 model's conversion can outlast the process group's timeout. A finished conversion is reused.
 """
@@ -14,12 +16,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 
+from pretrain.checkpoint import safe_load
 from pretrain.checkpoint.files import CheckpointError, read_json, write_atomic
 from pretrain.checkpoint.store import PARTIAL, Resume, ckpt_dir, config_hash
 
@@ -63,10 +65,13 @@ def _convert(resume: Resume, root: Path) -> None:
     out, final = root / (resume.tag + PARTIAL), root / resume.tag
     shutil.rmtree(out, ignore_errors=True)
     workers = str(max(1, min(4, (os.cpu_count() or 2) // 2)))
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(resume.directory),
-           "--output_folder", str(out), "--num_extract_workers", workers, "--num_merge_workers", workers]
+    # DeepSpeed's ds_to_universal, through safe_load: weights-only loads with DeepSpeed's classes allowed,
+    # and, in a session of its own, ended with its workers if this rank dies (even by kill -9).
+    cmd = safe_load.universal_command(["--input_folder", str(resume.directory), "--output_folder", str(out),
+                                       "--num_extract_workers", workers, "--num_merge_workers", workers])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    env["LLADA_CONVERT_PARENT"] = str(os.getpid())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, start_new_session=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
         message = f"{resume.directory}: conversion to DeepSpeed's universal checkpoint failed ({tail})"

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from pretrain.config import RunConfig, total_steps
+from pretrain.config import ConfigError, RunConfig, total_steps
 from pretrain.engine.lr_schedule import lr_fraction, step_to_position
 from pretrain.model.transformer import Block, LLaDAModel, compile_blocks
 
@@ -83,9 +83,21 @@ def init_distributed(timeout_s: float, shm_comm: bool = True) -> tuple[int, int]
     _count_cpu_devices_once()
     # The timeout bounds every collective: a peer that died or stopped fails this rank after timeout_s
     # instead of DeepSpeed's default 10 minutes.
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    except torch.distributed.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise ConfigError(port_in_use(os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"))) from None
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def port_in_use(addr: str, port: str | int) -> str:
+    """The one line for a rendezvous port that another process holds (launch/run.py says the same)."""
+    return (f"MASTER_PORT={port} on {addr} is in use (another job, or one still finishing, holds it): give the "
+            f"launcher a free one (--master_port P), or leave it out with python -m launch.run, which picks a free "
+            f"port on a single node")
 
 
 def check_device(run: RunConfig) -> None:

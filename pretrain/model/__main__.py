@@ -12,7 +12,9 @@ import sys
 import torch
 
 from data_pipeline.cli import add_overrides, parser
+from data_pipeline.shards import DataError
 from pretrain.checks import compose_config, resolve_vocab
+from pretrain.config import ConfigError
 from pretrain.model.transformer import LLaDAModel, count_params
 
 
@@ -20,8 +22,12 @@ def main(argv: list[str]) -> None:
     p = parser("pretrain.model", "Builds the model on the meta device (no memory, no data) and prints its parameter "
                "counts as one JSON line.")
     add_overrides(p)
-    cfg = compose_config(p.parse_args(argv).overrides)
-    resolve_vocab(cfg)
+    try:
+        cfg = compose_config(p.parse_args(argv).overrides)
+        resolve_vocab(cfg)
+    except (ConfigError, DataError) as e:  # an unknown key, a bad value: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     with torch.device("meta"):
         model = LLaDAModel(cfg.model)
     print(json.dumps({"model": cfg.model.name, **count_params(model)}))

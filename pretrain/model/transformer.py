@@ -140,6 +140,11 @@ def checkpoint_stride(spec: str | int) -> int:
     raise ValueError(f"trainer.activation_checkpointing={spec!r} is not none, full or a positive integer k")
 
 
+# The shortest trainer.seq_len accepted: the model fills masked tokens from the rest of the window, and a
+# window of a few tokens holds less than a sentence of context (a 3-token run trained 461 steps on noise).
+MIN_SEQ_LEN = 16
+
+
 def check_config(m: ModelConfig, seq_len: int, activation_checkpointing: str | int) -> None:
     """model.* and the trainer keys the model reads, before any work."""
     require(m.head_dim is not None or m.d_model % m.n_heads == 0,
@@ -155,9 +160,10 @@ def check_config(m: ModelConfig, seq_len: int, activation_checkpointing: str | i
     for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
         require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
     require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive (or null)")
-    require(0 < seq_len <= m.max_sequence_length,
-            f"trainer.seq_len={seq_len} is outside 1..model.max_sequence_length={m.max_sequence_length} "
-            f"(model={m.name})")
+    short = "" if seq_len >= MIN_SEQ_LEN else ": shorter windows hold too little context to learn from"
+    require(MIN_SEQ_LEN <= seq_len <= m.max_sequence_length,
+            f"trainer.seq_len={seq_len} is outside {MIN_SEQ_LEN}..model.max_sequence_length={m.max_sequence_length} "
+            f"(model={m.name}){short}")
     try:
         checkpoint_stride(activation_checkpointing)
     except ValueError as e:

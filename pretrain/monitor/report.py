@@ -67,10 +67,14 @@ def load_run(run_dir: Path, label: str) -> Run:
     if not path.is_file():
         raise ReportError(f"{path}: not found (is {run_dir} a run directory?)")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    for n, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
+            if n == len(lines):  # torn by a crash or a full disk mid-write: the run's other records stand
+                print(f"warning: {path}:{n}: the last line is not a whole record (torn); skipped", file=sys.stderr)
+                continue
             raise ReportError(f"{path}:{n}: not a JSON object") from None
     tokens_per_step = next((r["tokens"] / r["step"] for r in records if r.get("tokens") and r["step"]), None)
     for r in records:  # eval records carry only the step; place them on the tokens axis too

@@ -329,3 +329,23 @@ def test_demo_cache_of_an_older_format_is_rebuilt(tmp_path):
     (tmp_path / "mine" / "manifest.json").write_text(json.dumps({"format_version": 1}))
     with pytest.raises(DataError, match="format_version=1 is not 2; rebuild the shards"):
         ensure_built(data_config(tmp_path / "mine", ["corpus/"]))
+
+
+def test_a_full_disk_during_the_build_is_one_line_and_the_rerun_finishes(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here: needs root")
+    try:
+        args = [*PY, "data_pipeline.build", "data=demo", f"data.dir={mount / 'demo'}", f"trainer.seq_len={SEQ_LEN}",
+                "data.vocab_size=1024"]
+        proc = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: the build of {mount / 'demo'} stopped: No space left on device (0.0 MiB free "
+                          f"there); run it again once that is fixed: it continues where it stopped"]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mount)], check=True)
+        subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, timeout=120, check=True)
+        assert Manifest.load(mount / "demo").samples("train") > 0
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

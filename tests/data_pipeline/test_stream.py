@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_pipeline.build import build
-from data_pipeline.shards import CorruptShardError, DataError, Manifest
+from data_pipeline.shards import CorruptShardError, DataError, Manifest, read_blocks
 from data_pipeline.stream import DataStateError, TokenStream, make_loader
 from tests.conftest import build_config, demo_data_config
 
@@ -145,14 +145,32 @@ def shards_copy(demo_shards, tmp_path) -> Path:
 
 
 
-def corrupt_payload(path: Path) -> str:
-    """Flips a byte inside the first member's payload (after its 512-byte header); returns its key."""
+def corrupt_payload(path: Path, in_manifest: bool = True) -> str:
+    """Flips a byte inside the first member's payload (after its 512-byte header); returns its key.
+    in_manifest: the manifest records the damaged file (damaged before the manifest was written),
+    so the check on first open passes and the block's own checksum must find it."""
     with tarfile.open(path) as tar:
         key = tar.getmembers()[0].name.split(".")[0]
     data = bytearray(path.read_bytes())
     data[512 + 100] ^= 0xFF
     path.write_bytes(bytes(data))
+    if in_manifest:
+        record_in_manifest(path)
     return key
+
+
+def record_in_manifest(path: Path) -> None:
+    """Rewrites the manifest's size and sha256 of the shard at `path` to what the file now holds."""
+    import hashlib
+    import json
+
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    for shards in manifest["splits"].values():
+        for info in shards:
+            if info["name"] == path.name:
+                data = path.read_bytes()
+                info.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (path.parent / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_flipped_byte_names_the_shard_and_sample(shards_copy):
@@ -174,7 +192,11 @@ def test_truncated_shard_is_an_error_naming_it(shards_copy):
     path = shards_copy / info.name
     path.write_bytes(path.read_bytes()[: info.bytes // 2])
     n = Manifest.load(shards_copy).samples("train")
-    with pytest.raises(DataError, match=info.name):
+    with pytest.raises(DataError, match=f"{info.name}: {info.bytes // 2} bytes, sha256 .*, the manifest says "
+                                        f"{info.bytes} bytes"):
+        take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
+    record_in_manifest(path)  # truncated before the manifest was written: the tar reader finds the end
+    with pytest.raises(DataError, match=f"{info.name}: unreadable after sample"):
         take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
 
 
@@ -195,6 +217,7 @@ def test_a_pickle_member_is_refused_and_never_unpickled(shards_copy, tmp_path):
         member = tarfile.TarInfo("99999999.pickle")
         member.size = len(blob)
         tar.addfile(member, io.BytesIO(blob))
+    record_in_manifest(path)
     n = Manifest.load(shards_copy).samples("train")
     with pytest.raises(CorruptShardError, match="unexpected member"):
         take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
@@ -231,6 +254,7 @@ def test_a_corrupt_tar_header_loses_only_its_block_and_is_counted(shards_copy, c
     index = 2
     info = manifest.splits["train"][index]
     key = corrupt_header(shards_copy / info.name, block=2)
+    record_in_manifest(shards_copy / info.name)
     n = manifest.samples("train")
     with pytest.raises(CorruptShardError, match=f"{info.name}: sample {key} lacks a member"):
         take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
@@ -253,3 +277,92 @@ def test_a_corrupt_shard_in_a_loader_worker_is_named_on_the_error_line(shards_co
         take(stream(shards_copy, world=1, batch=4, workers=2), n // 4 + 8)
     first_line = str(e.value).splitlines()[0]
     assert first_line.startswith(str(path)) and f"sample {key} fails its checksum" in first_line
+
+
+def swap(shards: Path, victim: int, source: int) -> tuple[Path, Manifest]:
+    """Copies train shard `source` over train shard `victim` (both valid shards of the corpus)."""
+    manifest = Manifest.load(shards)
+    infos = manifest.splits["train"]
+    shutil.copyfile(shards / infos[source].name, shards / infos[victim].name)
+    return shards / infos[victim].name, manifest
+
+
+@pytest.mark.parametrize("url", [None, "pipe:cat {dir}/{name}"])
+def test_a_shard_swapped_for_another_is_found_when_first_opened(shards_copy, capfd, url):
+    # Each block of the copy passes its own checksum: only the manifest's digest tells the shards apart.
+    path, manifest = swap(shards_copy, victim=3, source=4)
+    n, first = manifest.samples("train"), sum(s.samples for s in manifest.splits["train"][:3])
+    with pytest.raises(CorruptShardError) as e:
+        take(stream(shards_copy, world=1, batch=4, url=url), n // 4 + 1)
+    assert "\n" not in str(e.value) and str(e.value).endswith("(damaged, or another shard copied over it)")
+    assert f"{path}: {path.stat().st_size} bytes, sha256 " in str(e.value)
+    capfd.readouterr()
+    batches = take(stream(shards_copy, world=1, batch=4, url=url, on_corrupt="skip"), n // 4 + 4)
+    epoch0 = epoch_ids(ids_by_epoch(batches), 0)
+    victim = manifest.splits["train"][3].samples
+    assert len(epoch0) == n - victim and not any(first <= i < first + victim for i in epoch0)
+    warnings = [x for x in capfd.readouterr().err.splitlines() if "copied over it" in x]
+    assert len(warnings) == 1 and f"left out, {victim} of its {victim} windows lost (data.on_corrupt=skip)" \
+        in warnings[0]
+
+
+def rewrite_block(path: Path, block: int, change) -> str:
+    """Rewrites one block of a shard through `change(tokens)`, with a valid checksum, and records the
+    new file in the manifest (as a build that wrote such ids would); returns the block's key."""
+    from data_pipeline.shards import ShardFile
+
+    manifest = Manifest.load(path.parent)
+    blocks = list(read_blocks(str(path), np.dtype(manifest.dtype), manifest.seq_len))
+    blocks[block].tokens = change(blocks[block].tokens.copy())
+    out = ShardFile(path, manifest.seq_len)
+    for b in blocks:
+        out.add(b)
+    out.finish()
+    record_in_manifest(path)
+    return blocks[block].key
+
+
+def test_token_ids_outside_the_vocabulary_are_named_per_block(shards_copy, capfd):
+    # Without the check an id >= vocab fails in the embedding as "IndexError: index out of range in
+    # self" (a device-side assert on a GPU), with no shard named.
+    manifest = Manifest.load(shards_copy)
+    info = manifest.splits["train"][2]
+
+    def plant(tokens):
+        tokens[3, 5] = manifest.vocab_size + 6
+        return tokens
+
+    key = rewrite_block(shards_copy / info.name, 1, plant)
+    n = manifest.samples("train")
+    with pytest.raises(CorruptShardError) as e:
+        take(stream(shards_copy, world=1, batch=4), n // 4 + 1)
+    assert str(e.value) == (f"{shards_copy / info.name}: sample {key} has token id {manifest.vocab_size + 6} >= "
+                            f"the vocabulary ({manifest.vocab_size}, manifest.json)")
+    capfd.readouterr()
+    batches = take(stream(shards_copy, world=1, batch=4, on_corrupt="skip"), n // 4 + 4)
+    epoch0 = epoch_ids(ids_by_epoch(batches), 0)
+    first = sum(s.samples for s in manifest.splits["train"][:2]) + 16
+    assert len(epoch0) == n - 16 and not any(first <= i < first + 16 for i in epoch0)
+    assert all(int(b["tokens"].long().max()) < manifest.vocab_size for b in batches)
+    assert f"skipped 1 corrupt sample(s) ['{key}']: 16 of the" in capfd.readouterr().err
+
+
+def test_a_job_wide_signal_leaves_the_loader_workers_to_their_rank(demo_shards):
+    # scancel and SLURM preemptions signal every process of the job; a loader worker that died of it
+    # would fail the rank's next batch while the rank is stopping cleanly.
+    import os
+    import signal
+
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children()}
+    batches = iter(make_loader(stream(demo_shards, world=1, batch=4, workers=2)))
+    next(batches)
+    workers = [p for p in psutil.Process().children() if p.pid not in before]
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+        os.kill(w.pid, signal.SIGUSR1)
+    for _ in range(40):
+        next(batches)
+    assert all(w.is_running() for w in workers)

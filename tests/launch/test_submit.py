@@ -65,13 +65,15 @@ def test_torchrun_variant_and_cpu_layout_request_no_gpus(tmp_path):
     (["cluster.slurm.sbatch_extra=[qos]"], "cluster.slurm.sbatch_extra: 'qos' is not one sbatch long option"),
     (["cluster.slurm.sbatch_extra=[--qos=high]"], "cluster.slurm.sbatch_extra=[--qos=high]"),  # unquoted: a parse error
 ])
-def test_invalid_cluster_settings_fail_before_submission_with_one_line(tmp_path, monkeypatch, overrides, message):
+def test_invalid_cluster_settings_fail_before_submission_with_one_line(tmp_path, monkeypatch, capsys, overrides,
+                                                                       message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch: submitting at all would fail differently
     base = ["cluster=slurm", "cluster.slurm.partition=gpu", "model=llada_1b", f"run_dir={tmp_path}/run"]
     with pytest.raises(SystemExit) as exit_info:
         main([*base, *overrides])
-    text = str(exit_info.value.code)
+    # an unknown key (a misspelt partition) is printed and exits 2, as on every entry point
+    text = capsys.readouterr().err.strip() if exit_info.value.code == 2 else str(exit_info.value.code)
     assert text.startswith("error: ") and message in text and "\n" not in text, text
     assert not (tmp_path / "run").exists()
 

@@ -16,7 +16,9 @@ from tests.conftest import REPO, child_env
      "trainer.global_batch_size=20 is not divisible by trainer.micro_batch_size=8 x world size 1 = 8"),
     (["trainer.global_batch_size=24"], 2,
      "trainer.global_batch_size=24 is not divisible by trainer.micro_batch_size=8 x world size 2 = 16"),
-    (["trainer.seq_len=2048"], 1, "trainer.seq_len=2048 is outside 1..model.max_sequence_length=1024 (model=tiny)"),
+    (["trainer.seq_len=2048"], 1, "trainer.seq_len=2048 is outside 16..model.max_sequence_length=1024 (model=tiny)"),
+    (["trainer.seq_len=3"], 1, "trainer.seq_len=3 is outside 16..model.max_sequence_length=1024 (model=tiny): "
+                               "shorter windows hold too little context to learn from"),
     (["+deepspeed.zero_optimisation={stage: 3}"], 1, "deepspeed.zero_optimisation: unknown DeepSpeed config key"),
     (["+deepspeed.zero_optimization.stage3_prefetch_bucket_sizee=1"], 1,
      "deepspeed.zero_optimization.stage3_prefetch_bucket_sizee=1: Extra inputs are not permitted"),
@@ -144,3 +146,26 @@ def test_the_demo_preset_composes_and_trains_in_fp32():
     assert run.trainer.precision == "fp32" and run.trainer.seq_len == run.data.seq_len == 64
     assert run.optim.schedule.unit == "fraction" and run.sample.at_end and run.sample.block_length == 4
     assert run.run_dir == "outputs/demo"
+
+
+def test_init_from_a_folder_of_pickled_weights_is_one_line_before_any_work(tmp_path):
+    # Refusing pytorch_model.bin is right (unpickling can run code); a traceback after the engine is not.
+    import json
+
+    import torch
+
+    from pretrain.hf.format import hf_config
+
+    run = compose_config(["model=tiny", "model.vocab_size=1024"])
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf_config(run.model, 0, 1, torch.float32, None)))
+    torch.save({"model.transformer.wte.weight": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(ConfigError) as err:
+        compose_config(["model=tiny", "model.vocab_size=1024", f"model.init_from={folder}"])
+    assert "\n" not in str(err.value)
+    assert f"model.init_from={folder}: {folder}: neither model.safetensors nor model.safetensors.index.json; " \
+           f"pytorch_model.bin is pickled" in str(err.value)
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(ConfigError, match="the weights cannot be read"):
+        compose_config(["model=tiny", "model.vocab_size=1024", f"model.init_from={folder}"])

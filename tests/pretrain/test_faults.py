@@ -203,10 +203,12 @@ def test_non_finite_steps_are_skipped_without_an_update(tmp_path, demo_shards):
 def test_too_many_non_finite_steps_stop_the_run_without_saving(tmp_path, demo_shards):
     run_dir = tmp_path / "run"
     run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=2")
+    # ckpt_every=2: the step-4 checkpoint falls inside the bad streak and is not written.
     proc = run_train(PYTHON, run_dir, demo_shards, "trainer.max_steps=20", "fault.nan_steps=[3,4,5,6]",
-                     "trainer.max_bad_steps=3", "trainer.ckpt_every=0", check=False)
+                     "trainer.max_bad_steps=3", "trainer.ckpt_every=2", check=False)
     assert proc.returncode == EXIT_NON_FINITE, proc.stderr[-2000:]
-    assert "trainer.max_bad_steps=3" in proc.stderr
+    assert "error: step 5: 3 consecutive steps with a non-finite loss or gradient (trainer.max_bad_steps=3); " \
+           "stopping without saving, the newest checkpoint, step 2, is the last good state" in proc.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step[0-9]*[0-9]")) == ["step00000002"]
     assert max(train_losses(run_dir)) == 5
 
@@ -229,8 +231,98 @@ def test_a_rank_started_by_hand_watches_no_launcher():
     (["/v/bin/python", "-m", "deepspeed.launcher.launch", "--world_info=x"], True),
     (["/v/bin/python", "/v/bin/torchrun", "--nproc_per_node", "2", "-m", "pretrain.train"], True),
     (["/v/bin/python", "-m", "torch.distributed.run", "--nproc_per_node", "2"], True),
+    (["/v/bin/python", "-m", "launch.run", "--nproc_per_node", "2", "-m", "pretrain.train"], True),
     (["/v/bin/python", "-m", "pytest", "-k", "deepspeed or torchrun"], False),
     (["/bin/bash"], False),
 ])
 def test_launchers_are_told_by_their_program_not_by_their_arguments(cmdline, expected):
     assert is_launcher(cmdline) == expected
+
+
+def signal_the_job(proc: subprocess.Popen, sig: int) -> list[psutil.Process]:
+    """`sig` to every process of the job at once, as scancel, a SLURM preemption or a time limit
+    send it: the launcher, the ranks, and what they started (W&B's service, loader workers)."""
+    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    return procs
+
+
+def test_a_job_wide_sigterm_with_wandb_on_saves_and_stops_cleanly(tmp_path, demo_shards):
+    # W&B's service process dies of the signal too; rank 0 used to crash at its next metrics log
+    # (ConnectionResetError), the peer then failed in gloo, and no checkpoint was written. The signal
+    # lands in the eval after step 3 (made endless here): it is abandoned, so that the checkpoint comes
+    # before the SIGKILL that follows a job-wide SIGTERM (~30 s: SLURM's KillWait, deepspeed's launch.py).
+    run_dir = tmp_path / "run"
+    proc = start(deepspeed_launcher(), run_dir, demo_shards, f"trainer.max_steps={STEPS}", "logging.mode=offline",
+                 "trainer.eval_every=3", "trainer.eval_batches=1000000")
+    wait_for_step(proc, run_dir, 3)
+    procs = signal_the_job(proc, signal.SIGTERM)
+    assert any(p.name().startswith("wandb") for p in procs if p.is_running())
+    _, out, err = finish(proc)
+    assert "     3 | eval abandoned: received SIGTERM" in out, out[-3000:]
+    assert not any("eval/loss" in r for r in read_metrics(run_dir))
+    psutil.wait_procs(procs, timeout=60)
+    assert not processes_using(run_dir), "a rank outlived its job"
+    assert "Traceback" not in err and "Error executing job" not in err, err[-3000:]
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step[0-9]*[0-9]"))
+    assert saved and saved[-1] == "step00000003", f"no step-3 checkpoint after a job-wide SIGTERM:\n{err[-3000:]}"
+    states = [json.loads(p.read_text()) for p in (run_dir / "checkpoints" / saved[-1]).glob("trainer_state_rank*.json")]
+    assert [s["step"] for s in states] == [int(saved[-1][4:])] * 2
+    assert err.count("warning: W&B failed at step") <= 1
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, int(saved[-1][4:]) + 1))
+
+
+def test_sigterm_to_the_runner_while_its_ranks_import_ends_them_before_training(tmp_path, demo_shards):
+    # The launcher watch started only once the process group was up: by then the dead runner was no
+    # longer in the ranks' chain of launchers, and they trained to max_steps holding the lock and the port.
+    run_dir = tmp_path / "run"
+    proc = start(deepspeed_launcher(), run_dir, demo_shards, "trainer.max_steps=400")
+    ranks = ranks_of(proc)
+    time.sleep(1.5)  # the ranks are importing torch and DeepSpeed (several seconds)
+    assert not (run_dir / "metrics.jsonl").exists()
+    proc.send_signal(signal.SIGTERM)
+    code, _, _ = finish(proc)
+    assert code == -signal.SIGTERM  # deepspeed's runner has no handler: it dies at once
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    for p in alive:
+        p.kill()
+    assert not alive, "the ranks trained on after their runner died"
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "run.lock").exists()
+    assert not (run_dir / "metrics.jsonl").exists()  # no step was trained
+
+
+def test_a_data_error_on_one_rank_mid_run_is_one_line_on_every_rank(tmp_path, demo_shards):
+    # Token ids at or above the vocabulary in one block (the shard otherwise valid, the manifest agreeing):
+    # they failed in the embedding as "IndexError: index out of range in self" with no shard named; and
+    # a rank whose peer ended with an error printed a gloo traceback, or aborted ("terminate called
+    # without an active exception", exit 134) after the right line.
+    import shutil
+
+    from data_pipeline.shards import Manifest
+    from tests.data_pipeline.test_stream import rewrite_block
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    manifest = Manifest.load(shards)
+    info = manifest.splits["train"][7]
+
+    def plant(tokens):
+        tokens[0, 0] = manifest.vocab_size + 1
+        return tokens
+
+    key = rewrite_block(shards / info.name, 2, plant)
+    launcher = [sys.executable, "-m", "launch.run", "--nproc_per_node", "2", "-m", "pretrain.train"]
+    proc = run_train(launcher, tmp_path / "run", shards, "trainer.max_steps=400", "logging.mode=disabled",
+                     check=False, timeout=400)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for bad in ("Traceback", "Error executing job", "terminate called", "IndexError"):
+        assert bad not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert 1 <= len(errors) <= 2
+    assert f"error: {shards / info.name}: sample {key} has token id {manifest.vocab_size + 1} >= the vocabulary " \
+           f"({manifest.vocab_size}, manifest.json)" in errors
+    assert all("has token id" in e or "another rank is gone" in e for e in errors)

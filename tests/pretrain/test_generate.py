@@ -203,3 +203,13 @@ def test_jsonl_records_ids_and_settings_and_stop_cuts(trained_run, capsys):
     assert stop in tok.decode(cut["completion_ids"]) and stop not in tok.decode(cut["completion_ids"][:-1])
     main([*common, "--output", "text"])
     assert capsys.readouterr().out == prompt + full["completion"] + "\n\n"
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"a prompt\n\xff\xfe latin-1 \xe9\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--prompts-file", str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"error: --prompts-file {bad}: not UTF-8 text (byte 0xff at offset 9)" in err

@@ -330,9 +330,10 @@ def test_truncated_file_bad_json_and_bad_manifest_are_named(run_copy, demo_shard
 
 def test_latest_pointing_nowhere(run_copy, demo_shards):
     root = run_copy / "checkpoints"
-    (root / "latest").write_text("step00000099")
+    (root / "latest").write_bytes(b"step000\xff\xfe99\n")  # not UTF-8: named in the warning, not a traceback
     proc = rerun(run_copy, demo_shards)  # resumes at step 4 = max_steps: nothing to train
-    assert "latest names step00000099" in proc.stdout and "at step 4" in proc.stdout
+    assert "latest names step000\\xff\\xfe99; the newest usable checkpoint is step00000004" in proc.stdout
+    assert "at step 4" in proc.stdout
     for step in ("step00000002", "step00000004"):
         shutil.rmtree(root / step)
     (root / "latest").write_text("step00000099")
@@ -354,6 +355,16 @@ def test_resume_refused_on_another_model_allowed_on_lr(run_copy, demo_shards):
     assert tags(run_copy) == ["step00000006", "step00000007"]  # 5 by the clock, then deleted; 6 kept as a multiple
     rerun(run_copy, demo_shards, "trainer.keep_last=1", "trainer.keep_every=6", "trainer.ckpt_every=1", steps=9)
     assert tags(run_copy) == ["step00000006", "step00000009"]
+
+
+def test_a_seq_len_change_on_resume_is_refused_before_any_data_is_built(run_copy, tmp_path):
+    new_data = tmp_path / "demo-128"  # the demo corpus at the new seq_len: it would be built first
+    proc = run_train(PYTHON, run_copy, new_data, "logging.mode=disabled", "trainer.max_steps=6",
+                     "trainer.seq_len=128", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: {run_copy / 'checkpoints' / 'step00000004'} was trained with another model or data; refusing " \
+           f"to resume (trainer.seq_len: 64 -> 128" in proc.stderr
+    assert not new_data.exists() and not Path(str(new_data) + ".building").exists()
 
 
 def test_data_difference_is_refused():
@@ -391,3 +402,35 @@ def test_warm_start_keys_must_match_on_resume_and_older_checkpoints_still_resume
     # A checkpoint saved before the keys existed was LLaDA's: the defaults resume it.
     refused, allowed = compare({"model": {"n_layers": 4}}, {"model": {"n_layers": 4, "qkv_bias": False}}, "a", "a")
     assert refused == [] and allowed == []
+
+
+def plant_pickle(path: Path, marker: Path) -> None:
+    """Replaces a checkpoint file by a torch file whose unpickling runs code (creates `marker`), and
+    updates the manifest to match: the manifest is integrity, not trust."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"module": Payload()}, path)
+    manifest_path = path.parent / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][path.name] = checkpoint.digest(path)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_planted_pickle_is_refused_by_name_and_never_run(run_copy, demo_shards, tmp_path):
+    marker = tmp_path / "pwned"
+    model_states = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    step2, step4 = run_copy / "checkpoints" / "step00000002", run_copy / "checkpoints" / "step00000004"
+    plant_pickle(step4 / model_states, marker)
+    proc = rerun(run_copy, demo_shards)
+    assert f"warning: skipping checkpoint step00000004: {step4 / model_states}: would unpickle io.open, which " \
+           f"DeepSpeed's checkpoint files never hold; refused without unpickling" in proc.stdout
+    assert "at step 2" in proc.stdout and not marker.exists()
+    plant_pickle(step2 / model_states, marker)
+    plant_pickle(step4 / model_states, marker)
+    proc = rerun(run_copy, demo_shards, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+    assert f"newest: {step4 / model_states}: would unpickle io.open" in errors[0]
+    assert not marker.exists()

@@ -77,3 +77,20 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path):
         assert time.monotonic() < deadline, "the heartbeat never touched the lock"
         time.sleep(0.1)
     lock.release()
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage \xff\xfe", b"[1, 2]", b'{"host": HOST, "started": "x"}',
+                                     b'{"host": HOST, "pid": "12x"}'],
+                         ids=["garbage", "json-list", "no-pid", "non-integer-pid"])
+def test_a_lock_this_framework_did_not_write_is_one_line_then_taken_over(tmp_path, capsys, content):
+    # A missing pid must not read as -1: `os.kill(-1, 0)` succeeds as root, the lock would live forever.
+    path = tmp_path / LOCK
+    path.write_bytes(content.replace(b"HOST", json.dumps(socket.gethostname()).encode()))
+    with pytest.raises(RunLockError) as e:
+        acquire(str(tmp_path), stale_s=60)
+    assert "\n" not in str(e.value) and "not a lock this framework wrote" in str(e.value)
+    old = time.time() - 30
+    os.utime(path, (old, old))
+    lock = acquire(str(tmp_path), stale_s=60)
+    assert "unreadable lock file, untouched for 30 s" in capsys.readouterr().out
+    lock.release()

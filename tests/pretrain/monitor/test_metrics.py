@@ -123,3 +123,77 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     assert resolve_wandb_mode("disabled", "cuda") == "disabled"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("auto", "cuda") == "disabled"
+
+
+def logger(run_dir: Path, mode: str):
+    from types import SimpleNamespace
+
+    from pretrain.monitor.metrics import MetricsLogger
+
+    cfg = SimpleNamespace(mode=mode, project="p", entity=None, group=None, tags=[], name=None)
+    return MetricsLogger(str(run_dir), cfg, {"seed": 0}, enabled=True)
+
+
+def test_a_dead_wandb_service_is_one_warning_and_the_record_goes_on(tmp_path, capfd):
+    # What a job-wide SIGTERM (scancel, SLURM preemption) does to W&B: its service process dies with the
+    # ranks' signal, and every call into wandb raises ConnectionResetError. That must not end the run.
+    import signal
+
+    import psutil
+
+    metrics = logger(tmp_path, "offline")
+    metrics.log({"step": 1, "loss": 2.0})
+    for child in psutil.Process().children(recursive=True):
+        if child.name().startswith("wandb"):
+            child.send_signal(signal.SIGTERM)
+    psutil.wait_procs([c for c in psutil.Process().children(recursive=True) if c.name().startswith("wandb")],
+                      timeout=10)
+    for step in (2, 3):
+        metrics.log({"step": step, "loss": 1.0})
+    metrics.close()
+    err = capfd.readouterr().err
+    assert err.count("warning: W&B failed at step 2 (ConnectionResetError: Connection lost); metrics.jsonl keeps "
+                     "the record, W&B is off for the rest of this run") == 1, err
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_full_disk_loses_whole_records_never_a_line(tmp_path, capfd):
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here: needs root")
+    try:
+        metrics = logger(mount, "disabled")
+        metrics.log({"step": 1, "loss": 2.0})
+        filler = mount / "filler"
+        with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+            for size in (4096, 1):
+                try:
+                    while f.write(b"x" * size):
+                        pass
+                except OSError:
+                    pass
+        big = {"step": 2, "note": "y" * 20000}  # cannot fit: a plain write would leave part of it
+        metrics.log(big)
+        metrics.log({**big, "step": 3})
+        assert (mount / "metrics.jsonl").read_text() == json.dumps({"step": 1, "loss": 2.0}) + "\n"
+        filler.unlink()
+        metrics.log({"step": 4})
+        assert [r["step"] for r in read_metrics(mount)] == [1, 4]
+        err = capfd.readouterr().err
+        assert "metrics.jsonl: step 2 not recorded (No space left on device); training goes on" in err
+        assert "metrics.jsonl: writing again; 2 record(s) before step 4 were lost" in err
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_torn_last_line_is_dropped_on_resume(tmp_path, capfd):
+    from pretrain.monitor.metrics import trim_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    trim_jsonl(path, start_step=2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert "dropped 1 line(s) that are not whole records (line 3...)" in capfd.readouterr().err

@@ -1,5 +1,6 @@
 """`python -m pretrain.report` on real run directories: PNGs written, non-blank, holding the runs' curves."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,17 @@ def test_loss_keeps_its_start_in_frame_and_zooms_on_the_rest_in_an_inset():
     low, high = inset.get_ylim()
     assert low <= min(rest) and max(rest) <= high < first - 1  # the inset: the later points on their own scale
     plt.close(fig)
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path, capsys):
+    # What a full disk or a crash mid-write left: the run's other records still make a report.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [{"step": s, "tokens": 64 * s, "loss": 5.0 - s / 10, "lr": 1e-3} for s in range(1, 6)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 6, "lo')
+    assert len(load_run(run_dir, "run").records) == 5
+    assert f"warning: {run_dir / 'metrics.jsonl'}:6: the last line is not a whole record (torn); skipped" \
+        in capsys.readouterr().err
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "lo\n' + json.dumps(records[1]) + "\n")
+    with pytest.raises(Exception, match=r"metrics.jsonl:1: not a JSON object"):
+        load_run(run_dir, "run")  # not the last line: not a torn write, the file is wrong
