@@ -44,12 +44,11 @@ def resolve_precision(precision: str, device: str, flags: set[str] | None = None
 
 # oneDNN keeps a JIT-compiled kernel for every bf16 matmul shape it meets, in two caches of 1024 entries
 # each (oneDNN's primitive cache and ideep's LRU cache in front of it), ~2.5 MB an entry. A bf16 CPU run
-# meets a new set of shapes with every random-length batch (mask.random_length_prob) and every eval
-# batch size: the demo's memory grew 0.62 -> 0.72 GB from step 100 to 300 with the caches unbounded,
-# 0.62 -> 0.73 by step 600 (then flat) at 64 entries. A training step of our model uses 18 kernels
-# (forward, and both backward products, of each distinct linear; ONEDNN_VERBOSE=1 lists them), so 32
-# keep a step's own kernels cached while an odd shape's are evicted. Read once, at oneDNN's first use.
-CPU_KERNEL_CACHE_ENTRIES = 32
+# meets new shapes with every random-length batch (mask.random_length_prob), every eval batch and the
+# output head's row buckets, and kept them all. Capped, old shapes are evicted and rebuilt when met again
+# (a few ms each). The demo in bf16 from step 100 to 1000: +13% at 32 entries, +6% at 24 (BENCHMARKS.md);
+# a training step uses ~21 kernels (ONEDNN_VERBOSE=1 lists them). Read once, at oneDNN's first use.
+CPU_KERNEL_CACHE_ENTRIES = 24
 
 
 def bound_cpu_kernel_caches() -> None:
