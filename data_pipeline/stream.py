@@ -71,6 +71,7 @@ class TokenStream(IterableDataset):
         # verify_shards=False turns both off: bench/data.py's baseline, to measure what they cost.
         self.verify_shards = verify_shards
         self.checked: dict[int, str | None] = {}
+        self.warned: set[int] = set()  # shards left out whose warning was printed
 
     @property
     def readers(self) -> int:
@@ -246,8 +247,9 @@ class TokenStream(IterableDataset):
         finally:
             if hasattr(blocks, "close"):
                 blocks.close()
-            if shard_problem:
-                print(f"warning: {shard_problem}: left out, {lost} of its {n} windows lost (data.on_corrupt=skip)",
+            if shard_problem and shard not in self.warned:  # once: it is left out of every epoch
+                self.warned.add(shard)
+                print(f"warning: {shard_problem}: left out, {n} of its {n} windows lost (data.on_corrupt=skip)",
                       file=sys.stderr, flush=True)
             elif skipped or lost:
                 print(f"warning: {url}: skipped {len(skipped)} corrupt sample(s) {skipped[:5]}: {lost} of the {n} "
