@@ -48,7 +48,8 @@ def check_run(run: RunConfig, world_size: int) -> None:
     if run.model.init_from:
         try:
             check_init_from(run.model.init_from, run.model, run.data.tokenizer)
-            check_init_weights(run.model.init_from)
+            if run.model.mask_token is None:  # LLaDA's format (causal_import checks a causal source's weights)
+                check_init_weights(run.model.init_from)
         except FormatError as e:
             raise ConfigError(f"model.init_from={run.model.init_from}: {e}") from None
     diffusion.check_config(run.mask, run.trainer.seq_len)
