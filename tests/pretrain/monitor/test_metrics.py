@@ -152,8 +152,10 @@ def test_a_dead_wandb_service_is_one_warning_and_the_record_goes_on(tmp_path, ca
         metrics.log({"step": step, "loss": 1.0})
     metrics.close()
     err = capfd.readouterr().err
-    assert err.count("warning: W&B failed at step 2 (ConnectionResetError: Connection lost); metrics.jsonl keeps "
-                     "the record, W&B is off for the rest of this run") == 1, err
+    # The message of the reset depends on the moment wandb's client notices ("Connection lost" or the OS's).
+    warnings = [line for line in err.splitlines() if line.startswith("warning: W&B failed")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: W&B failed at step 2 (ConnectionResetError: ") \
+        and warnings[0].endswith("metrics.jsonl keeps the record, W&B is off for the rest of this run"), err
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
