@@ -184,6 +184,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.parametrize("precision", ["fp32"], indirect=True)  # the logic here does not depend on it
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_shards, reference, precision):
     run_dir = small_disk / "run"
     # One checkpoint of this model on 2 ranks takes ~12 MB: the second does not fit in 20 MB.
@@ -328,6 +329,7 @@ def test_truncated_file_bad_json_and_bad_manifest_are_named(run_copy, demo_shard
     assert f"no usable checkpoint in {run_copy / 'checkpoints'} (2 found; newest: {step4 / MANIFEST}" in proc.stderr
 
 
+@pytest.mark.parametrize("precision", ["fp32"], indirect=True)  # the logic here does not depend on it
 def test_latest_pointing_nowhere(run_copy, demo_shards):
     root = run_copy / "checkpoints"
     (root / "latest").write_bytes(b"step000\xff\xfe99\n")  # not UTF-8: named in the warning, not a traceback
@@ -341,6 +343,7 @@ def test_latest_pointing_nowhere(run_copy, demo_shards):
     assert proc.returncode == 2 and f"error: {root / 'latest'} names step00000099, which is not in" in proc.stderr
 
 
+@pytest.mark.parametrize("precision", ["fp32"], indirect=True)  # the logic here does not depend on it
 def test_resume_refused_on_another_model_allowed_on_lr(run_copy, demo_shards):
     proc = rerun(run_copy, demo_shards, "model.n_layers=2", "model.d_model=64", check=False)
     assert proc.returncode == 2
@@ -357,6 +360,7 @@ def test_resume_refused_on_another_model_allowed_on_lr(run_copy, demo_shards):
     assert tags(run_copy) == ["step00000006", "step00000009"]
 
 
+@pytest.mark.parametrize("precision", ["fp32"], indirect=True)  # the logic here does not depend on it
 def test_a_seq_len_change_on_resume_is_refused_before_any_data_is_built(run_copy, tmp_path):
     new_data = tmp_path / "demo-128"  # the demo corpus at the new seq_len: it would be built first
     proc = run_train(PYTHON, run_copy, new_data, "logging.mode=disabled", "trainer.max_steps=6",
