@@ -16,9 +16,11 @@ other data fails.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -288,9 +290,21 @@ def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker's init: SIGTERM, SIGUSR1 and SIGINT are its rank's to handle. A job-wide
     signal (scancel, a SLURM preemption, a time limit) reaches every process of the job; a worker
     that died of it would fail its rank's next batch while the rank stops cleanly. The worker still
-    ends with its rank (the DataLoader shuts it down, or it sees its parent gone)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    ends with its rank: the DataLoader shuts it down, or it sees its parent gone, or its rank sends
+    the SIGTERM itself. That last is how Python's exit ends daemon processes (terminate, then join):
+    a worker that ignored its own rank's SIGTERM would keep the rank from ever exiting. So SIGTERM is
+    blocked and read by a thread, which ends the worker when the sender is its rank and drops it else."""
+    for sig in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    rank = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait_for_the_ranks_sigterm() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != rank:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_the_ranks_sigterm, name="sigterm-from-rank", daemon=True).start()
 
 
 class MicroBatches:

@@ -1,5 +1,7 @@
 import itertools
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 from data_pipeline.build import build
 from data_pipeline.shards import CorruptShardError, DataError, Manifest, read_blocks
 from data_pipeline.stream import DataStateError, TokenStream, make_loader
-from tests.conftest import build_config, demo_data_config
+from tests.conftest import REPO, build_config, child_env, demo_data_config
 
 
 def stream(directory, rank=0, world=2, workers=0, seed=0, batch=4, split="train", **kw):
@@ -362,9 +364,30 @@ def test_a_job_wide_signal_leaves_the_loader_workers_to_their_rank(demo_shards):
     next(batches)
     workers = [p for p in psutil.Process().children() if p.pid not in before]
     assert len(workers) == 2
-    for w in workers:
-        os.kill(w.pid, signal.SIGTERM)
+    for w in workers:  # from another process, as slurmstepd's would be (the rank's own SIGTERM ends a worker)
+        subprocess.run(["kill", "-TERM", str(w.pid)], check=True)
         os.kill(w.pid, signal.SIGUSR1)
     for _ in range(40):
         next(batches)
     assert all(w.is_running() for w in workers)
+
+
+# A rank whose loader is still open when it exits: Python ends daemon processes by SIGTERM and a join.
+HELD_LOADER = """
+import subprocess, sys, psutil
+from data_pipeline.stream import make_loader
+from tests.data_pipeline.test_stream import stream
+KEEP = iter(make_loader(stream(sys.argv[1], world=1, batch=4, workers=2)))
+next(KEEP)
+for w in psutil.Process().children():
+    if w.name() != "kill":
+        subprocess.run(["kill", "-TERM", str(w.pid)])  # a job-wide signal: ignored
+next(KEEP)
+print("exiting", flush=True)
+"""
+
+
+def test_a_rank_still_exits_with_its_loader_open(demo_shards):
+    proc = subprocess.run([sys.executable, "-c", HELD_LOADER, str(demo_shards)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)  # it hung at exit: workers kept alive
+    assert proc.returncode == 0 and proc.stdout == "exiting\n", proc.stderr[-2000:]
