@@ -21,6 +21,7 @@ from pretrain.config import ConfigError, RunConfig, check_values, parse_config, 
 from pretrain.engine import ds_config
 from pretrain.engine.device import resolve_precision
 from pretrain.engine.zero_sizes import resolve_zero_sizes
+from pretrain.hf.causal_import import is_llada
 from pretrain.hf.format import FormatError, HFWeights, read_config
 from pretrain.hf.pretrained import check_init_from
 from pretrain.model import transformer
@@ -47,8 +48,8 @@ def check_run(run: RunConfig, world_size: int) -> None:
     transformer.check_config(run.model, run.trainer.seq_len, run.trainer.activation_checkpointing)
     if run.model.init_from:
         try:
-            check_init_from(run.model.init_from, run.model, run.data.tokenizer)
-            if run.model.mask_token is None:  # LLaDA's format (causal_import checks a causal source's weights)
+            config = check_init_from(run.model.init_from, run.model, run.data.tokenizer)
+            if is_llada(config):  # a causal source's weights are checked by causal_import.check_source
                 check_init_weights(run.model.init_from)
         except FormatError as e:
             raise ConfigError(f"model.init_from={run.model.init_from}: {e}") from None
