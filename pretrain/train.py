@@ -14,6 +14,7 @@ if __name__ == "__main__":  # first, before the imports below take seconds: a la
     watch()
 
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -234,10 +235,14 @@ def teardown() -> None:
 
 
 def remove_if_empty(run_dir: str) -> None:
-    """Hydra creates run_dir before the config is checked; a run that never started leaves nothing."""
-    path = Path(run_dir)
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
+    """Hydra creates run_dir before the config is checked; a run that never started leaves nothing.
+    Every rank gets here with the same error, so no check-then-remove: another rank may have removed
+    the directory between the two (seen as a traceback after the one-line error, 1 run in 25)."""
+    try:
+        Path(run_dir).rmdir()  # only an empty directory goes
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -184,6 +184,19 @@ def test_data_error_stops_every_rank(tmp_path, demo_shards):
     assert proc.stderr.count("was built with data.vocab_size=1024, this run has data.vocab_size=2048") == 2
 
 
+def test_a_run_dir_is_removed_only_when_empty_and_a_gone_one_is_no_error(tmp_path):
+    # Every rank with a config or data error removes the run_dir Hydra made; the first one wins.
+    from pretrain.train import remove_if_empty
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text("{}\n")
+    for name in ("empty", "empty", "used", "never-made"):
+        remove_if_empty(str(tmp_path / name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]
+    assert (tmp_path / "used" / "metrics.jsonl").read_text() == "{}\n"
+
+
 def test_resume_with_more_loader_workers_continues(tmp_path, demo_shards):
     # The data stream re-plans for the new worker count instead of refusing the checkpoint.
     run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=2")
