@@ -144,7 +144,9 @@ def test_the_demo_preset_composes_and_trains_in_fp32():
     """make demo's settings (conf/experiment/demo.yaml) pass every check, and fp32 whatever the CPU."""
     run = compose_config(["experiment=demo"])
     assert run.trainer.precision == "fp32" and run.trainer.seq_len == run.data.seq_len == 64
-    assert run.optim.schedule.unit == "fraction" and run.sample.at_end and run.sample.block_length == 4
+    assert run.optim.schedule.unit == "fraction" and run.sample.at_end and run.sample.block_length == 2
+    # it learns locality first, and is LLaDA's bidirectional model well before it ends and samples
+    assert run.model.shift_prediction and 0 < run.model.attention_anneal_steps < run.trainer.max_steps
     assert run.run_dir == "outputs/demo"
 
 
