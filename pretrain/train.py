@@ -54,6 +54,7 @@ from pretrain.faults import (
     watch_launchers,
 )
 from pretrain.loop import NonFiniteError, Trainer
+from pretrain.model.anneal import anneal_beyond_end
 from pretrain.model.transformer import count_params
 from pretrain.monitor.metrics import MetricsLogger
 from pretrain.objective.sampler import generate
@@ -166,7 +167,8 @@ def train(cfg: DictConfig) -> None:
                           f" resume=auto continues that run, or choose another run_dir")
     schedule = (run.optim.schedule.points, run.optim.schedule.unit, run.trainer.global_batch_size * run.trainer.seq_len,
                 total_steps(run.trainer))
-    warning = warmup_beyond_end(*schedule) or decay_beyond_end(*schedule)
+    warnings = [w for w in (warmup_beyond_end(*schedule) or decay_beyond_end(*schedule),
+                            anneal_beyond_end(run.model.attention_anneal_steps, total_steps(run.trainer))) if w]
     stop = StopRequest()
     watch_launchers(stop)  # also a launcher that died while this rank was importing
     rank, world = init_distributed(timeout_s=run.cluster.timeout_s,
@@ -174,7 +176,7 @@ def train(cfg: DictConfig) -> None:
     # From here on a SIGTERM/SIGUSR1 ends in a checkpoint, not a lost run. Before, while the rendezvous
     # may wait on a peer, it ends the rank at once: there is nothing to save yet.
     stop.install()
-    if warning and rank == 0:
+    for warning in warnings if rank == 0 else ():
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     check_device(run)
     print(f"rank {rank}/{world} on host {socket.gethostname()}", flush=True)  # which node each rank ran on

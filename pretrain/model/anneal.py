@@ -31,3 +31,13 @@ def annealed_mask(seq_len: int, step: int, anneal_steps: int, device=None) -> to
     g = torch.Generator().manual_seed(0x5EED_A11EA1 + step)
     opened = torch.rand(seq_len, seq_len, generator=g) < ratio
     return (causal | opened).to(device)
+
+
+def anneal_beyond_end(anneal_steps: int, last_step: int) -> str | None:
+    """A warning when the run ends before its attention is fully open: its last steps trained with a
+    partly causal mask, but evaluate, generate and an export see the whole sequence."""
+    if anneal_steps <= last_step:
+        return None
+    return (f"model.attention_anneal_steps={anneal_steps} is beyond the run's last step ({last_step}): it ends "
+            f"with {open_ratio(last_step, anneal_steps):.0%} of the future positions open, while evaluate, "
+            f"generate and an export attend to the whole sequence; lower it or train longer")

@@ -75,6 +75,12 @@ def test_the_paper_schedule_on_a_short_run_warns(tmp_path, demo_shards):
     assert "warning: optim.schedule.points reach 1% of the peak lr" in proc.stderr
 
 
+def test_a_run_that_ends_before_its_attention_is_open_warns(tmp_path, demo_shards):
+    proc = run_train(PYTHON, tmp_path / "r", demo_shards, "trainer.max_steps=2", "model.attention_anneal_steps=8")
+    assert ("warning: model.attention_anneal_steps=8 is beyond the run's last step (2): it ends with 25% of the "
+            "future positions open") in proc.stderr
+
+
 def test_single_process_trains_and_writes_the_run_directory(single_run):
     run_dir, proc, _ = single_run
     records = [r for r in read_metrics(run_dir) if "loss" in r]
