@@ -165,10 +165,11 @@ def train(cfg: DictConfig) -> None:
     if run.resume == "never" and checkpoint.latest(run.run_dir):
         raise ConfigError(f"run_dir={run.run_dir} already has checkpoints (latest: {checkpoint.latest(run.run_dir)});"
                           f" resume=auto continues that run, or choose another run_dir")
+    last_step = total_steps(run.trainer)
     schedule = (run.optim.schedule.points, run.optim.schedule.unit, run.trainer.global_batch_size * run.trainer.seq_len,
-                total_steps(run.trainer))
-    warnings = [w for w in (warmup_beyond_end(*schedule) or decay_beyond_end(*schedule),
-                            anneal_beyond_end(run.model.attention_anneal_steps, total_steps(run.trainer))) if w]
+                last_step)
+    start_warnings = [w for w in (warmup_beyond_end(*schedule) or decay_beyond_end(*schedule),
+                                  anneal_beyond_end(run.model.attention_anneal_steps, last_step)) if w]
     stop = StopRequest()
     watch_launchers(stop)  # also a launcher that died while this rank was importing
     rank, world = init_distributed(timeout_s=run.cluster.timeout_s,
@@ -176,7 +177,7 @@ def train(cfg: DictConfig) -> None:
     # From here on a SIGTERM/SIGUSR1 ends in a checkpoint, not a lost run. Before, while the rendezvous
     # may wait on a peer, it ends the rank at once: there is nothing to save yet.
     stop.install()
-    for warning in warnings if rank == 0 else ():
+    for warning in start_warnings if rank == 0 else ():
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     check_device(run)
     print(f"rank {rank}/{world} on host {socket.gethostname()}", flush=True)  # which node each rank ran on
