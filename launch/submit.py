@@ -26,12 +26,26 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import OverrideError
 from pretrain.checks import load_config
+from launch.node_paths import check_same_on_every_rank
+from launch.script_values import (
+    ACCOUNT,
+    CONSTRAINT,
+    JOB_NAME,
+    PARTITION,
+    PATH,
+    check_chars,
+    check_env,
+    check_int,
+    check_line,
+    check_overrides,
+    check_sbatch_extra,
+)
 from pretrain.config import ConfigError, RunConfig, SlurmConfig
 
 TEMPLATE = Path(__file__).resolve().parent / "slurm" / "pretrain.sbatch"
 LAUNCHERS = ("deepspeed", "torchrun")
 # sbatch's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", re.ASCII)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -40,8 +54,8 @@ def _require(ok: bool, message: str) -> None:
 
 
 def time_limit_seconds(value: str) -> int:
-    m = _TIME.match(value.strip())
-    _require(m is not None and value.strip() != "",
+    m = _TIME.fullmatch(value) if isinstance(value, str) else None  # no strip: "30\n..." is not a time
+    _require(m is not None,
              f"cluster.slurm.time_limit={value!r} is not a SLURM time (MM, HH:MM:SS, D-HH, D-HH:MM:SS)")
     days, a, b, c = m.groups()
     if days is not None:  # D-H[:M[:S]]
@@ -53,34 +67,39 @@ def time_limit_seconds(value: str) -> int:
 
 
 def check_slurm(run: RunConfig) -> SlurmConfig:
-    """The cluster.slurm section, or a one-line ConfigError naming the key at fault."""
+    """The cluster.slurm section, or a one-line ConfigError naming the key at fault. Every value that
+    is written into the batch script passes its field's allow-list (launch/script_values.py)."""
     s = run.cluster.slurm
     _require(s is not None, f"cluster={run.cluster.name} has no slurm section; submit with cluster=slurm "
                             f"(GPU nodes) or cluster=slurm_local (CPU)")
     for key in ("nodes", "gpus_per_node"):
-        _require(getattr(run.cluster, key) >= 1, f"cluster.{key}={getattr(run.cluster, key)} must be at least 1")
-    _require(s.cpus_per_node >= 1, f"cluster.slurm.cpus_per_node={s.cpus_per_node} must be at least 1")
+        _require(check_int(f"cluster.{key}", getattr(run.cluster, key)) >= 1,
+                 f"cluster.{key}={getattr(run.cluster, key)} must be at least 1")
+    _require(check_int("cluster.slurm.cpus_per_node", s.cpus_per_node) >= 1,
+             f"cluster.slurm.cpus_per_node={s.cpus_per_node} must be at least 1")
     _require(bool(s.partition and s.partition.strip()),
              "cluster.slurm.partition is not set: name your site's partition (`sinfo -s` lists them), "
              "e.g. cluster.slurm.partition=gpu")
+    check_chars("cluster.slurm.partition", s.partition, PARTITION)
+    if s.account:
+        check_chars("cluster.slurm.account", s.account, ACCOUNT)
+    if s.constraint:
+        check_chars("cluster.slurm.constraint", s.constraint, CONSTRAINT)
     limit = time_limit_seconds(s.time_limit)
     _require(0 < limit, f"cluster.slurm.time_limit={s.time_limit!r} must be longer than 0")
-    _require(0 <= s.preempt_signal_s < min(limit, 65536),
+    _require(0 <= check_int("cluster.slurm.preempt_signal_s", s.preempt_signal_s) < min(limit, 65536),
              f"cluster.slurm.preempt_signal_s={s.preempt_signal_s} must be in [0, time limit {limit}s) "
              f"and below 65536 (sbatch --signal)")
+    _require(type(s.requeue) is bool, f"cluster.slurm.requeue={s.requeue!r} is not true or false")
     _require(s.launcher in LAUNCHERS, f"cluster.slurm.launcher={s.launcher!r} is not one of {', '.join(LAUNCHERS)}")
-    _require(re.fullmatch(r"[\w.+-]+", s.job_name) is not None,
-             f"cluster.slurm.job_name={s.job_name!r} must be one word of letters, digits, . + - _")
-    _require(s.log_dir.strip() != "" and not re.search(r"\s", s.log_dir),
-             f"cluster.slurm.log_dir={s.log_dir!r} must be a path without spaces (an #SBATCH --output value)")
-    for key in s.env:
-        _require(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) is not None,
-                 f"cluster.slurm.env.{key}: not a valid environment variable name")
-    for opt in s.sbatch_extra:
-        _require(opt.startswith("--") and "\n" not in opt,
-                 f"cluster.slurm.sbatch_extra: {opt!r} is not one sbatch long option (--name=value)")
-    for line in s.setup:
-        _require("\n" not in line, f"cluster.slurm.setup: {line!r} spans lines; give one list item per line")
+    check_chars("cluster.slurm.job_name", s.job_name, JOB_NAME)
+    check_chars("cluster.slurm.log_dir", s.log_dir, PATH)
+    if s.python:
+        check_chars("cluster.slurm.python", s.python, PATH)
+    check_env(s.env)
+    check_sbatch_extra(s.sbatch_extra)
+    for line in s.setup:  # shell lines by design: they run as written, but each on one line
+        check_line("cluster.slurm.setup", line)
     return s
 
 
@@ -109,6 +128,7 @@ def compose_run(overrides: list[str]) -> RunConfig:
     world = 1
     if isinstance(nodes, int) and isinstance(gpus, int):
         world = max(1, nodes) * max(1, gpus)  # a value < 1 is named by check_slurm
+    check_same_on_every_rank(cfg, gpus if isinstance(gpus, int) else 1)  # before this node's environment resolves them
     run = load_config(cfg, world)
     check_slurm(run)
     return run
@@ -129,7 +149,9 @@ def sbatch_lines(run: RunConfig, workdir: Path) -> list[str]:
         opts.append(f"--constraint={s.constraint}")
     opts += [f"--signal=B:USR1@{s.preempt_signal_s}", "--requeue" if s.requeue else "--no-requeue",
              "--open-mode=append", f"--output={log_dir}/%x-%j.out", f"--chdir={workdir}", *s.sbatch_extra]
-    return [f"#SBATCH {o}" for o in opts]
+    # sbatch reads its own #SBATCH lines with shell-like quotes: an allow-listed value needs none, so
+    # shlex.quote changes nothing there; anything else stays one argument.
+    return [f"#SBATCH {shlex.quote(o)}" for o in opts]
 
 
 def settings_block(run: RunConfig, overrides: list[str], workdir: Path, python: str) -> list[str]:
@@ -139,8 +161,8 @@ def settings_block(run: RunConfig, overrides: list[str], workdir: Path, python: 
              f"WORKDIR={q(str(workdir))}",
              f"LOG_DIR={q(str(workdir / s.log_dir))}",
              f"PYTHON={q(s.python or python)}",
-             f"LAUNCHER={s.launcher}",
-             f"GPUS_PER_NODE={run.cluster.gpus_per_node}",
+             f"LAUNCHER={q(s.launcher)}",
+             f"GPUS_PER_NODE={int(run.cluster.gpus_per_node)}",
              f"REQUEUE={int(s.requeue)}"]
     lines += [f"export {k}={q(str(v))}" for k, v in s.env.items()]
     lines += list(s.setup)
@@ -176,13 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         sys.exit(f"error: {bad[0]}: only Hydra overrides (key=value) are passed on; sweeps (-m) are not submitted")
     workdir = Path.cwd()
-    if re.search(r"\s", str(workdir)):
-        sys.exit(f"error: the working directory {str(workdir)!r} has a space; sbatch's --chdir/--output cannot hold it")
     try:
+        check_chars("the working directory (sbatch --chdir)", str(workdir), PATH)
+        check_overrides(args.overrides)
         run = compose_run(args.overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    except OverrideError as e:  # an unknown key or group option: one line, exit 2 as every entry point
+    except (ConfigError, OverrideError) as e:  # one line, exit 2 as every entry point
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     script = render(run, args.overrides, workdir)
