@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from data_pipeline.config import BuildConfig, DataConfig, build_config, compose, data_config
 from data_pipeline.merge import merge, plan_path
 from data_pipeline.piece import build_piece, piece_done
-from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, atomic_write
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, atomic_write, check_shard_files, read_manifest
 from data_pipeline.sources import resolve_inputs
 from data_pipeline.tokenizer import fingerprint, load_tokenizer, train_on_inputs
 
@@ -148,7 +148,7 @@ def prepare_tokenizer(cfg: DataConfig, files: list[str], out: Path, bcfg: BuildC
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     elif (out / "tokenizer.json").is_file() and (out / "build.json").is_file():
-        tok = load_tokenizer(out / "tokenizer.json")  # a re-run reuses the tokenizer it trained
+        tok = load_tokenizer(out / "tokenizer.json", root=out)  # a re-run reuses the tokenizer it trained
     elif bcfg.tasks > 1:
         raise DataError("data.tokenizer is null but build.tasks > 1: every task would train its own tokenizer; "
                         "train one first (python -m data_pipeline.tokenizer) and set data.tokenizer")
@@ -234,25 +234,31 @@ def check_built_with(manifest: Manifest, cfg: DataConfig) -> None:
 DEMO_BUILD = BuildConfig(workers=1, task=0, tasks=1, merge=True, progress=False, progress_every_s=0)
 
 
-def ensure_built(cfg: DataConfig) -> Manifest:
+def ensure_built(cfg: DataConfig, check_files: bool = True) -> Manifest:
     """The manifest of cfg.dir; the built-in demo corpus is built on first use (and rebuilt when it
-    was built by an older shard format: it is a cache), anything else must have been built beforehand."""
+    was built by an older shard format: it is a cache), anything else must have been built beforehand.
+    With check_files, every shard listed is checked before anything is read (shards.check_shard_files):
+    a regular file inside cfg.dir of the listed size, and for the demo corpus (small) of the listed
+    sha256 too, so a shard swapped for another valid one is refused at start on both paths."""
     directory = Path(cfg.dir)
+    manifest = None
     if cfg.inputs != ["demo"]:
-        return Manifest.load(directory)
-    if (directory / "manifest.json").is_file():
-        raw = json.loads((directory / "manifest.json").read_text())
-        if raw.get("format_version") == FORMAT_VERSION:
+        manifest = Manifest.load(directory)
+    elif os.path.lexists(directory / "manifest.json"):
+        if read_manifest(directory).get("format_version") == FORMAT_VERSION:  # one line if truncated or foreign
             manifest = Manifest.load(directory)
             check_built_with(manifest, cfg)
-            return manifest
-    staging = Path(cfg.dir + ".building")
-    shutil.rmtree(staging, ignore_errors=True)
-    build(DataConfig(**{**asdict(cfg), "dir": str(staging)}), DEMO_BUILD)
-    if directory.exists():  # an older format: replaced whole
-        shutil.rmtree(directory)
-    staging.rename(directory)  # appears whole or not at all
-    return Manifest.load(directory)
+    if manifest is None:
+        staging = Path(cfg.dir + ".building")
+        shutil.rmtree(staging, ignore_errors=True)
+        build(DataConfig(**{**asdict(cfg), "dir": str(staging)}), DEMO_BUILD)
+        if directory.exists():  # an older format: replaced whole
+            shutil.rmtree(directory)
+        staging.rename(directory)  # appears whole or not at all
+        manifest = Manifest.load(directory)
+    if check_files and cfg.url is None:  # a URL template reads shards from elsewhere: checked when streamed
+        check_shard_files(directory, manifest, digests=cfg.inputs == ["demo"], on_corrupt=cfg.on_corrupt)
+    return manifest
 
 
 def main(argv: list[str]) -> None:

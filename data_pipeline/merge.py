@@ -27,10 +27,20 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from data_pipeline.confined import UnsafeFileError, inside, read_capped
 from data_pipeline.config import DataConfig
 from data_pipeline.pack import Packer
 from data_pipeline.piece import SPLITS, SplitWriter, input_identity, pad_vocab, piece_done, rest_path, windows_per_block
-from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, ShardInfo, atomic_write, read_blocks, token_dtype
+from data_pipeline.shards import (
+    FORMAT_VERSION,
+    SHARD_NAME,
+    DataError,
+    Manifest,
+    ShardInfo,
+    atomic_write,
+    read_blocks,
+    token_dtype,
+)
 from data_pipeline.tokenizer import fingerprint, special_ids
 
 PLAN = "merge.json"
@@ -44,8 +54,34 @@ def plan_path(out: Path) -> Path:
     return out / "pieces" / PLAN
 
 
+PLAN_MAX_BYTES = 256 << 20
+
+
+def _read_json(out: Path, name: str):
+    """A build's own bookkeeping file, read as data (data_pipeline/confined.py): inside `out`, regular, capped."""
+    try:
+        return json.loads(read_capped(out, name, PLAN_MAX_BYTES))
+    except UnsafeFileError as e:
+        raise DataError(str(e)) from None
+    except ValueError:
+        raise DataError(f"{out / name}: not valid JSON (truncated or damaged); remove {out} and build again") from None
+
+
 def _fragments(out: Path, count: int) -> list[dict]:
-    return [json.loads((out / "pieces" / f"{i:05d}.json").read_text()) for i in range(count)]
+    return [_read_json(out, f"pieces/{i:05d}.json") for i in range(count)]
+
+
+def _confined_names(out: Path, plan: dict) -> None:
+    """The shard names a merge plan renames, reads or removes stay plain names inside `out`."""
+    names = [n for pairs in plan["renames"].values() for pair in pairs for n in pair]
+    names += [plan["demote"][1]] if plan.get("demote") else []
+    for name in names:
+        if not isinstance(name, str) or SHARD_NAME.fullmatch(name) is None:
+            raise DataError(f"{plan_path(out)}: names {name!r}, not a shard of {out}; remove {out} and build again")
+        try:
+            inside(out, name)
+        except UnsafeFileError as e:
+            raise DataError(str(e)) from None
 
 
 def make_plan(cfg: DataConfig, fragments: list[dict], settings_id: str) -> dict:
@@ -80,7 +116,7 @@ def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str, s
     """`settings`: the build settings the manifest records (build_config)."""
     out = Path(cfg.dir)
     if plan_path(out).is_file():
-        plan = json.loads(plan_path(out).read_text())
+        plan = _read_json(out, f"pieces/{PLAN}")
         if plan["settings"] != settings_id:
             raise DataError(f"{plan_path(out)} is a merge of other build settings; remove {out} and build again")
         check_inputs(out, plan, files)
@@ -96,7 +132,9 @@ def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str, s
         fragments = _fragments(out, len(files))
         plan = make_plan(cfg, fragments, settings_id)
         atomic_write(plan_path(out), json.dumps(plan))
+    _confined_names(out, plan)
 
+    check_empty_inputs(fragments)
     ids = special_ids(tok)
     vocab = pad_vocab(tok.get_vocab_size())
     dtype = token_dtype(vocab)
@@ -132,6 +170,20 @@ def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str, s
     return manifest
 
 
+def check_empty_inputs(fragments: list[dict]) -> None:
+    """An input that gave no document (an empty .txt or .jsonl, a .jsonl of blank lines) is named: alone,
+    in a one-line error; beside inputs that hold documents, in a one-line warning, and the build goes
+    on (one empty file of thousands should not cost the build)."""
+    empty = [f["input"] for f in fragments if f["tokens"] == 0]
+    if not empty:
+        return
+    more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
+    if len(empty) == len(fragments):
+        raise DataError(f"{empty[0]}{more}: no document in the input (empty); nothing to build")
+    print(f"warning: {empty[0]}{more}: no document in the input (empty); built from the other "
+          f"{len(fragments) - len(empty)} input(s)", file=sys.stderr, flush=True)
+
+
 def _pack_rests(cfg: DataConfig, out: Path, plan: dict, fragments: list[dict], manifest: Manifest,
                 dtype: np.dtype) -> int | None:
     """Packs the rests into the shards after the renamed ones; with plan["borrow"], the last train
@@ -147,7 +199,8 @@ def _pack_rests(cfg: DataConfig, out: Path, plan: dict, fragments: list[dict], m
         keep = 1 if plan["borrow"] and split == "train" else 0
         if plan["borrow"] and split == "heldout":  # the held-out rests fill no window: the borrowed one instead
             heldout_rest = sum(f["rest"]["heldout"] for f in fragments)
-            packer.add_block(borrowed_block)
+            if borrowed_block is not None:
+                packer.add_block(borrowed_block)
         else:
             for frag in fragments:
                 if plan["demote"] and split == "train" and frag["index"] == plan["demote"][0]:
@@ -157,7 +210,7 @@ def _pack_rests(cfg: DataConfig, out: Path, plan: dict, fragments: list[dict], m
                 with np.load(rest_path(out, frag["index"]), allow_pickle=False) as npz:
                     feed(writer, {k: npz[f"{split}_{k}"] for k in ("tokens", "starts", "prompt")}, keep)
         writer.drain(final=True, keep=keep)
-        if keep:
+        if keep and packer.full_windows():  # none: train is empty too, named by merge
             borrowed_block = packer.take(1, "00000000", dtype)
         manifest.dropped_tokens[split] = packer.length + heldout_rest * (split == "heldout")
         manifest.splits[split] += writer.shards

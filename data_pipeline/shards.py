@@ -17,8 +17,10 @@ facts a trainer must agree with (seq_len, vocabulary, special ids, tokenizer fin
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -27,8 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.confined import UnsafeFileError, open_regular, read_capped
+
 FORMAT_VERSION = 2
 MEMBERS = ("tokens", "starts", "prompt", "json")
+MANIFEST_MAX_BYTES = 256 << 20  # about a million shard entries; a larger manifest.json is not one of ours
+# A shard's name in the manifest: relative, plain segments (no `..`, no leading dot), no character a
+# shell or a URL template ("pipe:cat {dir}/{name}") would read as anything but a name.
+SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
 
 
 class DataError(ValueError):
@@ -88,17 +96,44 @@ class Manifest:
     @staticmethod
     def load(directory: str | Path) -> Manifest:
         path = Path(directory) / "manifest.json"
-        if not path.is_file():
-            raise DataError(f"no manifest.json in {directory} (build shards with python -m data_pipeline.build)")
+        raw = read_manifest(directory)
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{path}: format_version={raw.get('format_version')!r} is not {FORMAT_VERSION}; "
+                            f"rebuild the shards")
         try:
-            raw = json.loads(path.read_text())
-            if raw.get("format_version") != FORMAT_VERSION:
-                raise DataError(f"{path}: format_version={raw.get('format_version')} is not {FORMAT_VERSION}; "
-                                f"rebuild the shards")
             raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
-            return Manifest(**raw)
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise DataError(f"{path}: not a valid manifest ({e})") from None
+            manifest = Manifest(**raw)
+        except (TypeError, KeyError, AttributeError) as e:
+            raise DataError(f"{path}: not a valid manifest ({type(e).__name__}: {e})") from None
+        for split, infos in manifest.splits.items():
+            for i, info in enumerate(infos):
+                if not (isinstance(info.name, str) and SHARD_NAME.fullmatch(info.name)
+                        and all(type(getattr(info, k)) is int and getattr(info, k) >= 0
+                                for k in ("samples", "tokens", "bytes")) and isinstance(info.sha256, str)):
+                    raise DataError(f"{path}: shard {i} of split {split!r} is not a valid entry (name {info.name!r}: "
+                                    f"a relative path of letters, digits and _ . + -, with sizes as whole numbers)")
+        return manifest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """manifest.json's JSON object: a regular file inside `directory`, read up to MANIFEST_MAX_BYTES. A
+    missing, truncated or foreign file is one DataError naming it, never a traceback or its content."""
+    path = Path(directory) / "manifest.json"
+    try:
+        raw = json.loads(read_capped(directory, "manifest.json", MANIFEST_MAX_BYTES))
+    except FileNotFoundError:
+        raise DataError(f"no manifest.json in {directory} (build shards with python -m data_pipeline.build)") from None
+    except UnsafeFileError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError: truncated or not JSON
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise DataError(f"{path}: not a valid manifest (not JSON{where}: truncated or damaged); rebuild the "
+                        f"shards, or for the demo corpus remove {directory}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: not a valid manifest (a JSON {type(raw).__name__}, not an object)")
+    return raw
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -197,6 +232,43 @@ def open_url(url: str):
 
         return gopen(url, "rb")
     return open(url, "rb", buffering=1 << 20)
+
+
+def open_shard(directory: str | Path, name: str):
+    """A shard listed in a manifest, opened for reading through data_pipeline/confined.py: inside the
+    real path of `directory` and a regular file (a FIFO or /dev/zero planted under its name is refused at
+    once); a DataError naming it otherwise."""
+    try:
+        f = open_regular(directory, name)
+    except FileNotFoundError:
+        raise DataError(f"{Path(directory) / name}: missing (listed in manifest.json)") from None
+    except UnsafeFileError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"{Path(directory) / name}: unreadable ({e.strerror or type(e).__name__})") from None
+    return io.BufferedReader(f.detach(), buffer_size=1 << 20)
+
+
+def check_shard_files(directory: str | Path, manifest: Manifest, digests: bool, on_corrupt: str = "error") -> None:
+    """Before a run reads anything: every shard the manifest lists is a regular file inside `directory`
+    of the size the manifest says; with `digests`, also of its sha256 (the demo corpus: a few MB, so a
+    valid shard copied over another is refused at start, not when the stream first reaches it). One
+    DataError naming the first shard at fault. A file that must not be read (outside the directory,
+    not a regular file) is refused whatever data.on_corrupt says; a damaged or missing one only with
+    on_corrupt=error (with skip, the stream leaves it out and says so)."""
+    for infos in manifest.splits.values():
+        for info in infos:
+            where = Path(directory) / info.name
+            if on_corrupt == "skip" and not os.path.lexists(where):
+                continue
+            with open_shard(directory, info.name) as f:
+                size = os.fstat(f.fileno()).st_size
+                sha = digest_stream(f)[1] if digests and size == info.bytes else None
+            problem = digest_problem(str(where), size, sha, info) if sha else (
+                None if size == info.bytes else f"{where}: {size} bytes, the manifest says {info.bytes} bytes "
+                                                f"(damaged, truncated, or another shard copied over it)")
+            if problem and on_corrupt != "skip":
+                raise CorruptShardError(problem)
 
 
 def digest_stream(f, into=None) -> tuple[int, str]:

@@ -161,7 +161,7 @@ class DocumentReader:
         elif ".txt" in Path(self.path).name:
             with _open(self.path) as f:
                 text = self._decode(f.read())
-            if text is not None:
+            if text:  # an empty file is no document (not one of zero tokens)
                 yield from self._counted([text])
         elif ".jsonl" in Path(self.path).name:
             yield from self._jsonl()

@@ -16,6 +16,9 @@ other data fails.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import multiprocessing
 import os
 import signal
 import sys
@@ -35,6 +38,7 @@ from data_pipeline.shards import (
     Manifest,
     digest_problem,
     digest_stream,
+    open_shard,
     open_url,
     read_blocks,
 )
@@ -178,8 +182,9 @@ class TokenStream(IterableDataset):
         a damaged shard, or another (valid) shard copied over it, would otherwise train silently. A
         local file is hashed in one pass before it is read (the page cache then serves the read); a
         `pipe:` URL is read once, hashed and spooled (memory, then a temporary file) for the read."""
+        local = self.url is None
         if not self.verify_shards or self.checked.get(shard, "") is None:
-            return None, None
+            return (self._open_local(shard) if local else None), None
         if shard in self.checked:
             return None, self.checked[shard]
         url, info = self.urls[shard], self.manifest.splits[self.split][shard]
@@ -189,10 +194,10 @@ class TokenStream(IterableDataset):
                 spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
                 with open_url(url) as f:
                     size, sha = digest_stream(f, into=spool)
-                spool.seek(0)
-            else:
-                with open(url, "rb") as f:
-                    size, sha = digest_stream(f)
+            else:  # the file that is hashed is the file that is read: no swap in between
+                spool = self._open_local(shard) if self.url is None else open_url(url)
+                size, sha = digest_stream(spool)
+            spool.seek(0)
             problem = digest_problem(url, size, sha, info)
         except OSError as e:
             problem = f"{url}: unreadable ({e.strerror or e})"
@@ -201,6 +206,15 @@ class TokenStream(IterableDataset):
             spool.close()
             spool = None
         return spool, problem
+
+    def _open_local(self, shard: int):
+        """A shard in data.dir, opened through data_pipeline/confined.py (inside data.dir after realpath, a
+        regular file): a name or symlink planted in the manifest or the directory never makes this rank
+        read /dev/zero, a FIFO or a file elsewhere. A DataError naming the shard, whatever on_corrupt says."""
+        name = self.manifest.splits[self.split][shard].name
+        if not os.path.lexists(self.directory / name):  # missing: damaged data, left to data.on_corrupt
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(self.directory / name))
+        return open_shard(self.directory, name)
 
     def _chunks(self, shard: int, first: int, last: int):
         """Chunks first..last of a shard as (index, windows, valid rows, prompt lengths, document starts
@@ -286,18 +300,41 @@ def batches_of_role(role: int, batches: int, workers: int, per_item: int) -> int
     return len(range(role, full_items, workers)) * per_item + (rest if full_items % workers == role else 0)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent (the rank) ends, however it ends (a SIGKILL, an
+    OOM kill): no loader worker is ever left behind reading for nobody. A no-op elsewhere. The signal
+    follows the parent's thread that forked this one: the rank iterates its loader on its main thread."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the rank died before the line above: nothing will send the signal
+        os._exit(0)
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker's init: SIGTERM, SIGUSR1 and SIGINT are its rank's to handle. A job-wide
     signal (scancel, a SLURM preemption, a time limit) reaches every process of the job; a worker
     that died of it would fail its rank's next batch while the rank stops cleanly. The worker still
-    ends with its rank: the DataLoader shuts it down, or it sees its parent gone, or its rank sends
-    the SIGTERM itself. That last is how Python's exit ends daemon processes (terminate, then join):
-    a worker that ignored its own rank's SIGTERM would keep the rank from ever exiting. So SIGTERM is
-    blocked and read by a thread, which ends the worker when the sender is its rank and drops it else."""
+    ends with its rank: the DataLoader shuts it down, or the kernel kills it when its rank is gone
+    (die_with_parent), or its rank sends the SIGTERM itself. That last is how Python's exit ends daemon
+    processes (terminate, then join): a worker that ignored its own rank's SIGTERM would keep the rank
+    from ever exiting. So SIGTERM stays blocked and is read by a thread, which ends the worker when
+    the sender is its rank and drops it else.
+    The worker was born with all three blocked (start_workers): one that arrives before this runs
+    waits, pending, instead of killing the worker through torch's default handling."""
+    parent = multiprocessing.parent_process()
+    rank = parent.pid if parent is not None else os.getppid()
+    die_with_parent(rank)
     for sig in (signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    rank = os.getppid()
+        signal.signal(sig, signal.SIG_IGN)  # a pending one is dropped here
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGINT})
 
     def wait_for_the_ranks_sigterm() -> None:
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != rank:
@@ -305,6 +342,20 @@ def ignore_stop_signals(worker_id: int) -> None:
         os._exit(0)
 
     threading.Thread(target=wait_for_the_ranks_sigterm, name="sigterm-from-rank", daemon=True).start()
+
+
+def start_workers(loader: DataLoader):
+    """iter(loader), with the stop signals blocked in this thread while it forks the workers: each is
+    born with them blocked and sets its own handling before it takes one (ignore_stop_signals), so no
+    window exists where a job-wide SIGTERM kills a worker that is starting. The rank's mask is restored
+    after; a signal that came meanwhile is then delivered to the rank's own handler."""
+    if loader.num_workers == 0:
+        return iter(loader)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class MicroBatches:
@@ -320,7 +371,7 @@ class MicroBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         K, B = self.stream.batches_per_item, self.stream.micro_batch_size
         skip = self.stream.start_batch % K
-        for item in self.loader:
+        for item in start_workers(self.loader):
             if ERROR_KEY in item:
                 raise (CorruptShardError if item["kind"] == CorruptShardError.__name__ else DataError)(item[ERROR_KEY])
             for k in range(skip, K):

@@ -13,6 +13,7 @@ embedding has to be added; only a tokenizer with neither gets MASK appended.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -103,14 +104,31 @@ def ensure_special_tokens(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+TOKENIZER_MAX_BYTES = 512 << 20  # a tokenizer.json of a very large vocabulary is tens of MB
+
+
+def load_tokenizer(path: str | Path, root: str | Path | None = None) -> Tokenizer:
+    """A Hugging Face tokenizer.json, read through data_pipeline/confined.py: a regular file, size-capped,
+    and with `root` (the tokenizer of a data.dir) inside that root after realpath. Without one (a file
+    the user named, e.g. in a Hugging Face cache whose files are symlinks) only the first two hold."""
+    from data_pipeline.confined import UnsafeFileError, read_capped
     from data_pipeline.shards import DataError
 
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"tokenizer file not found: {path}")
+    if root is None:
+        root, name = os.path.split(os.path.realpath(path))
+    else:
+        name = os.path.relpath(path, root)
     try:
-        tok = Tokenizer.from_file(str(path))
+        text = read_capped(root, name, TOKENIZER_MAX_BYTES).decode()
+    except FileNotFoundError:
+        raise DataError(f"tokenizer file not found: {path}") from None
+    except UnsafeFileError as e:
+        raise DataError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a Hugging Face tokenizer.json ({type(e).__name__})") from None
+    try:
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise DataError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
     return ensure_special_tokens(tok)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.shards import DataError, Manifest, read_blocks, token_dtype
+from data_pipeline.shards import DataError, Manifest, open_shard, read_blocks, token_dtype
 from data_pipeline.tokenizer import fingerprint
 from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.engine.device import pick_device, pick_dtype
@@ -69,7 +69,8 @@ def windows(directory: Path, manifest: Manifest, split: str) -> Iterator[tuple[n
     manifest order."""
     dtype = token_dtype(manifest.vocab_size)
     for shard in manifest.splits[split]:
-        for block in read_blocks(str(directory / shard.name), dtype, manifest.seq_len):
+        for block in read_blocks(str(directory / shard.name), dtype, manifest.seq_len,
+                                 fileobj=open_shard(directory, shard.name)):  # confined to the data directory
             for i, (row, starts) in enumerate(zip(block.tokens, block.start_rows(), strict=True)):
                 yield row, None if block.prompt is None else int(block.prompt[i]), starts
 

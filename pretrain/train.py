@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.build import ensure_built
 from data_pipeline.config import check_command_line
-from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
+from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, read_manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain.checkpoint import run_lock
@@ -88,7 +88,7 @@ def prepare_data(run: RunConfig, rank: int) -> Manifest:
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
         raise DataError(outcome[0])
-    manifest = ensure_built(run.data)
+    manifest = ensure_built(run.data, check_files=False)  # rank 0 checked every shard file above
     validate_data(run, manifest)
     return manifest
 
@@ -133,7 +133,7 @@ def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) 
 
 
 def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
-    tok = load_tokenizer(Path(run.data.dir) / "tokenizer.json")
+    tok = load_tokenizer(Path(run.data.dir) / "tokenizer.json", root=run.data.dir)
     prompt = torch.tensor([tok.encode(run.sample.prompt).ids], device=engine.device)
     engine.eval()
     out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
@@ -151,7 +151,7 @@ def check_prebuilt_data(run: RunConfig) -> None:
             raise DataError(f"data.dir={run.data.dir} has no manifest.json: build the shards first, with python -m "
                             f"data_pipeline.build data=files data.inputs=[...] data.dir={run.data.dir}")
         return
-    if run.data.inputs == ["demo"] and json.loads(path.read_text()).get("format_version") != FORMAT_VERSION:
+    if run.data.inputs == ["demo"] and read_manifest(run.data.dir).get("format_version") != FORMAT_VERSION:
         return
     validate_data(run, Manifest.load(run.data.dir))
 
