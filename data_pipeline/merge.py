@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_pipeline.confined import UnsafeFileError, inside, read_capped
 from data_pipeline.config import DataConfig
+from data_pipeline.confined import UnsafeFileError, inside, read_capped
 from data_pipeline.pack import Packer
 from data_pipeline.piece import SPLITS, SplitWriter, input_identity, pad_vocab, piece_done, rest_path, windows_per_block
 from data_pipeline.shards import (

@@ -180,11 +180,10 @@ class TokenStream(IterableDataset):
         """The shard's bytes to read (None: read them from its URL) and the problem found, if any. The
         first time this process opens a shard, its size and sha256 are checked against the manifest:
         a damaged shard, or another (valid) shard copied over it, would otherwise train silently. A
-        local file is hashed in one pass before it is read (the page cache then serves the read); a
+        shard in data.dir is opened once (_open_local), hashed, and read from the same descriptor; a
         `pipe:` URL is read once, hashed and spooled (memory, then a temporary file) for the read."""
-        local = self.url is None
         if not self.verify_shards or self.checked.get(shard, "") is None:
-            return (self._open_local(shard) if local else None), None
+            return (self._open_local(shard) if self.url is None else None), None
         if shard in self.checked:
             return None, self.checked[shard]
         url, info = self.urls[shard], self.manifest.splits[self.split][shard]

@@ -25,7 +25,6 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import OverrideError
-from pretrain.checks import load_config
 from launch.node_paths import check_same_on_every_rank
 from launch.script_values import (
     ACCOUNT,
@@ -40,6 +39,7 @@ from launch.script_values import (
     check_overrides,
     check_sbatch_extra,
 )
+from pretrain.checks import load_config
 from pretrain.config import ConfigError, RunConfig, SlurmConfig
 
 TEMPLATE = Path(__file__).resolve().parent / "slurm" / "pretrain.sbatch"

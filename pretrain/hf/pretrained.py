@@ -45,7 +45,7 @@ class Source:
         return self.checkpoint_dir is not None
 
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.tokenizer_path)
+        return load_tokenizer(self.tokenizer_path, root=self.data_dir)  # a run's: confined to its data.dir
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) one parameter at a time: fp32 from a checkpoint, the stored dtype from a folder."""
