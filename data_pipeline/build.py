@@ -30,7 +30,15 @@ from tokenizers import Tokenizer
 from data_pipeline.config import BuildConfig, DataConfig, build_config, compose, data_config
 from data_pipeline.merge import merge, plan_path
 from data_pipeline.piece import build_piece, piece_done
-from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, atomic_write, check_shard_files, read_manifest
+from data_pipeline.shards import (
+    FORMAT_VERSION,
+    DataError,
+    Manifest,
+    atomic_write,
+    check_shard_files,
+    read_json,
+    read_manifest,
+)
 from data_pipeline.sources import resolve_inputs
 from data_pipeline.tokenizer import fingerprint, load_tokenizer, train_on_inputs
 
@@ -164,7 +172,7 @@ def record_settings(cfg: DataConfig, tok: Tokenizer, out: Path) -> str:
                 "layout": LAYOUT}
     path = out / "build.json"
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = read_json(out, "build.json")
         for key, value in before["settings"].items():
             if settings["settings"].get(key) != value:
                 raise DataError(f"{out} holds a build with data.{key}={value!r}, this build has data.{key}="

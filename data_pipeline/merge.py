@@ -28,7 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from data_pipeline.config import DataConfig
-from data_pipeline.confined import UnsafeFileError, inside, read_capped
+from data_pipeline.confined import UnsafeFileError, inside
 from data_pipeline.pack import Packer
 from data_pipeline.piece import SPLITS, SplitWriter, input_identity, pad_vocab, piece_done, rest_path, windows_per_block
 from data_pipeline.shards import (
@@ -39,6 +39,7 @@ from data_pipeline.shards import (
     ShardInfo,
     atomic_write,
     read_blocks,
+    read_json,
     token_dtype,
 )
 from data_pipeline.tokenizer import fingerprint, special_ids
@@ -54,21 +55,8 @@ def plan_path(out: Path) -> Path:
     return out / "pieces" / PLAN
 
 
-PLAN_MAX_BYTES = 256 << 20
-
-
-def _read_json(out: Path, name: str):
-    """A build's own bookkeeping file, read as data (data_pipeline/confined.py): inside `out`, regular, capped."""
-    try:
-        return json.loads(read_capped(out, name, PLAN_MAX_BYTES))
-    except UnsafeFileError as e:
-        raise DataError(str(e)) from None
-    except ValueError:
-        raise DataError(f"{out / name}: not valid JSON (truncated or damaged); remove {out} and build again") from None
-
-
 def _fragments(out: Path, count: int) -> list[dict]:
-    return [_read_json(out, f"pieces/{i:05d}.json") for i in range(count)]
+    return [read_json(out, f"pieces/{i:05d}.json") for i in range(count)]
 
 
 def _confined_names(out: Path, plan: dict) -> None:
@@ -116,7 +104,7 @@ def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str, s
     """`settings`: the build settings the manifest records (build_config)."""
     out = Path(cfg.dir)
     if plan_path(out).is_file():
-        plan = _read_json(out, f"pieces/{PLAN}")
+        plan = read_json(out, f"pieces/{PLAN}")
         if plan["settings"] != settings_id:
             raise DataError(f"{plan_path(out)} is a merge of other build settings; remove {out} and build again")
         check_inputs(out, plan, files)

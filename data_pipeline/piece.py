@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.config import DataConfig
 from data_pipeline.pack import Packer
-from data_pipeline.shards import ShardFile, ShardInfo, atomic_write, read_blocks, tmp_path, token_dtype
+from data_pipeline.shards import ShardFile, ShardInfo, atomic_write, read_blocks, read_json, tmp_path, token_dtype
 from data_pipeline.sources import DocumentReader
 from data_pipeline.tokenizer import SEGMENT_CHARS, encode_document, special_ids
 
@@ -141,7 +141,7 @@ def _load_partial(out: Path, index: int, identity: dict, settings_id: str) -> tu
     meta_path, arrays_path = _partial_paths(out, index)
     if not meta_path.is_file() or not arrays_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(out, f"pieces/{meta_path.name}")
     if {k: meta[k] for k in identity} != identity or meta["settings"] != settings_id:
         return None  # the input or the settings changed: start the piece again
     with np.load(arrays_path, allow_pickle=False) as npz:
@@ -246,7 +246,7 @@ def piece_done(out: Path, index: int, path: str, settings_id: str) -> bool:
     frag_path = out / "pieces" / f"{index:05d}.json"
     if not frag_path.is_file():
         return False
-    frag = json.loads(frag_path.read_text())
+    frag = read_json(out, f"pieces/{index:05d}.json")
     if "rest" not in frag or not rest_path(out, index).is_file():
         return False  # an older build layout, or the rest is gone
     if {k: frag[k] for k in ("input", "input_size", "input_mtime_ns")} != input_identity(path):

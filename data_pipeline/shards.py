@@ -136,6 +136,22 @@ def read_manifest(directory: str | Path) -> dict:
     return raw
 
 
+BOOKKEEPING_MAX_BYTES = 256 << 20
+
+
+def read_json(root: str | Path, name: str):
+    """A build's own bookkeeping file under `root` (pieces/*.json, merge.json, build.json), read like any
+    file in a data directory (data_pipeline/confined.py): inside `root`, regular, capped; a truncated
+    one is a DataError naming it."""
+    try:
+        return json.loads(read_capped(root, name, BOOKKEEPING_MAX_BYTES))
+    except UnsafeFileError as e:
+        raise DataError(str(e)) from None
+    except ValueError:
+        raise DataError(f"{Path(root) / name}: not valid JSON (truncated or damaged); remove {root} and build "
+                        f"again") from None
+
+
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
