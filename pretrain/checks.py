@@ -17,6 +17,7 @@ from data_pipeline.config import compose
 from data_pipeline.piece import pad_vocab
 from data_pipeline.shards import Manifest
 from data_pipeline.tokenizer import fingerprint, load_tokenizer
+from pretrain.domains import check_domains
 from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require
 from pretrain.engine import ds_config
 from pretrain.engine.device import resolve_precision
@@ -32,6 +33,7 @@ from pretrain.objective.sampler import GenerateError, check_settings
 def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
     """Hydra's composed config -> a validated RunConfig (precision resolved for this machine)."""
     run = parse_config(cfg)
+    check_domains(run)  # first: the derived sizes below divide by model.n_heads
     run.deepspeed = resolve_zero_sizes(run.deepspeed, run.model)
     check_run(run, world_size)
     run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
