@@ -17,8 +17,8 @@ from data_pipeline.config import compose
 from data_pipeline.piece import pad_vocab
 from data_pipeline.shards import Manifest
 from data_pipeline.tokenizer import fingerprint, load_tokenizer
-from pretrain.domains import check_domains
 from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require
+from pretrain.domains import check_domains
 from pretrain.engine import ds_config
 from pretrain.engine.device import resolve_precision
 from pretrain.engine.zero_sizes import resolve_zero_sizes

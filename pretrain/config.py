@@ -4,9 +4,10 @@ Hydra composes `conf/` into a DictConfig; `parse_config` turns it into these dat
 rejects unknown keys and wrong types; pretrain/domains.py gives every numeric key its range, and
 `check_values` checks the names and relations that neither can express. The checks that need a
 domain's knowledge (model shapes, mask schedules, the DeepSpeed section, the sampler, init_from)
-live with each domain and are run, in one place, by pretrain/checks.py. This module imports no domain module, so every module can stand on it.
-The defaults live in `conf/` only: the dataclasses say which keys exist, not what their values are.
-Every error is one line that names the key and the value at fault.
+live with each domain and are run, in one place, by pretrain/checks.py. This module imports no
+domain module, so every module can stand on it. The defaults live in `conf/` only: the dataclasses
+say which keys exist, not what their values are. Every error is one line that names the key and
+the value at fault.
 """
 
 from __future__ import annotations

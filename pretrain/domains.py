@@ -218,6 +218,6 @@ def numeric_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
             out += numeric_keys(target, key + ".")
         elif target in (int, float):
             out.append(key)
-        elif typing.get_origin(target) is list and typing.get_args(target) and typing.get_args(target)[0] in (int, float):
+        elif typing.get_origin(target) is list and typing.get_args(target)[:1] in ((int,), (float,)):
             out.append(key + "[*]")
     return out
