@@ -105,7 +105,7 @@ def _die_with_parent(parent: int) -> None:
     """This process and its workers (its process group: the caller starts it in a session of its own)
     end when `parent` dies, even by kill -9: the kernel sends SIGTERM (PR_SET_PDEATHSIG), whose handler
     kills the whole group, so no worker goes on writing into a .partial directory a rerun rewrites.
-    A SIGTERM or SIGUSR1 while the rank lives (a job-wide stop: scancel, a SLURM preemption) is the
+    A SIGTERM, SIGUSR1 or SIGINT while the rank lives (a job-wide stop: scancel, a SLURM preemption) is the
     rank's to handle: the conversion finishes, then the rank stops."""
     import ctypes
 
@@ -115,6 +115,7 @@ def _die_with_parent(parent: int) -> None:
 
     signal.signal(signal.SIGTERM, end_group)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the job: the rank stops after the conversion
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     end_group(signal.SIGTERM, None)  # it died before prctl: the signal will not come
