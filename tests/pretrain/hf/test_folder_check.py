@@ -133,3 +133,13 @@ def test_init_from_runs_the_same_checks(tmp_path):
     edit_config(folder, rms_norm_eps=1e-5)
     with pytest.raises(ConfigError, match=r"ff_proj.weight has shape \[512, 128\], the config gives \[352, 128\]"):
         compose_config([*TINY, f"model.init_from={folder}"])
+
+
+def test_lm_eval_refuses_the_folder_in_one_line(folder, capsys):
+    from pretrain.lm_eval import main as lm_eval
+
+    edit_config(folder, n_heads=0)
+    with within(60), pytest.raises(SystemExit) as e:
+        lm_eval([str(folder), "--tasks", "arc_easy", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {folder}/config.json: model.n_heads=0 must be positive\n", err[-2000:]
