@@ -73,6 +73,7 @@ _current: Heartbeat | None = None
 def start(rank: int, world: int, timeout_s: float) -> None:
     """Starts this rank's heartbeat; a period well below the collectives' timeout (at most 10 s)."""
     global _current
+    stop()  # a sweep's previous job in this process
     if world > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         _current = Heartbeat(rank, world, period=min(max(timeout_s / 8, 0.5), 10.0)).start()
 

@@ -47,14 +47,15 @@ def read_json(folder: str | Path, name: str, max_bytes: int, what: str) -> dict:
     return data
 
 
-def weights_path(folder: str | Path, name: str) -> Path:
-    """The real path of a weight file the folder names: inside the folder and a regular file."""
+def weights_path(folder: str | Path, name: str, why: str = "the weights name it") -> Path:
+    """The real path of a file the folder names (a weight file, its tokenizer): inside the folder and a
+    regular file."""
     try:
         with open_regular(folder, name):
             pass
         return inside(folder, name)
     except FileNotFoundError:
-        raise FormatError(f"{folder}: no {name} (the weights name it)") from None
+        raise FormatError(f"{folder}: no {name} ({why})") from None
     except UnsafeFileError as e:
         raise FormatError(str(e)) from None
 

@@ -21,6 +21,7 @@ from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.zero_files import open_checkpoint
 from pretrain.config import ModelConfig
 from pretrain.hf.folder_check import check_model_folder, check_model_values, compare_shapes
+from pretrain.hf.folder_files import weights_path
 from pretrain.hf.format import FormatError, HFWeights, model_config, read_config
 from pretrain.model.transformer import LLaDAModel
 
@@ -101,7 +102,8 @@ def _folder_source(folder: Path) -> Source:
     for key in ("eos_token_id", "mask_token_id"):
         if key not in config:
             raise FormatError(f"{folder}/config.json has no {key!r}")
-    return Source(folder, model, config["eos_token_id"], config["mask_token_id"], folder / "tokenizer.json",
+    tokenizer = weights_path(folder, "tokenizer.json", "a model folder holds its tokenizer")
+    return Source(folder, model, config["eos_token_id"], config["mask_token_id"], tokenizer,
                   None, None, None)
 
 
