@@ -121,6 +121,10 @@ def write_setup(run: RunConfig, engine, cfg: DictConfig, world: int) -> None:
 PATH_KEYS = ("run_dir", "data.dir", "data.tokenizer", "model.init_from")
 
 
+class RanksDisagree(ConfigError):
+    """Every rank finds the same difference: rank 0 alone prints it (two ranks' lines would interleave)."""
+
+
 def agree_on_config(run: RunConfig) -> None:
     """One run, one directory: every rank must have resolved the same config (an override such as
     run_dir=out_${oc.env:RANK}, or a relative path from another working directory, would make each
@@ -135,7 +139,7 @@ def agree_on_config(run: RunConfig) -> None:
     for rank, theirs in enumerate(everyone[1:], start=1):
         for key in sorted(set(everyone[0]) | set(theirs)):
             if everyone[0].get(key) != theirs.get(key):
-                raise ConfigError(f"{key} differs between ranks: {everyone[0].get(key)!r} on rank 0, "
+                raise RanksDisagree(f"{key} differs between ranks: {everyone[0].get(key)!r} on rank 0, "
                                   f"{theirs.get(key)!r} on rank {rank}; every rank of a run must resolve the same "
                                   f"config (a per-rank ${{oc.env:...}} or a relative path in another directory?)")
 
@@ -293,7 +297,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         exit_now(1)
     except (ConfigError, DataError, CheckpointError, run_lock.RunLockError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not isinstance(e, RanksDisagree) or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         remove_if_empty(str(cfg.run_dir))
         exit_now(EXIT_CONFIG)
     except NonFiniteError as e:
