@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pretrain.checkpoint import store
+from pretrain.checkpoint.files import entries
 from pretrain.checkpoint.store import PARTIAL, ckpt_dir
 
 
@@ -26,7 +27,7 @@ def _step(name: str) -> int | None:
 
 
 def size_of(directory: Path) -> int:
-    return sum(p.lstat().st_size for p in directory.rglob("*") if not p.is_dir())
+    return sum((directory / name).lstat().st_size for name in entries(directory))  # links not followed
 
 
 def describe(directory: Path, verify: bool) -> dict:

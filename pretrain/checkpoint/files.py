@@ -179,10 +179,20 @@ def check_sizes(directory: Path, manifest: dict) -> str | None:
         if st.st_size != want["size"]:
             return f"{path}: {st.st_size} bytes, the manifest says {want['size']} (truncated or overwritten)"
     listed = set(manifest["files"]) | {MANIFEST}
-    for path in sorted(directory.rglob("*")):
-        if not path.is_dir() and str(path.relative_to(directory)) not in listed:
-            return f"{path}: not in the manifest (a checkpoint holds only the files it lists)"
+    for name in entries(directory):
+        if name not in listed:
+            return f"{directory / name}: not in the manifest (a checkpoint holds only the files it lists)"
     return None
+
+
+def entries(directory: Path) -> list[str]:
+    """Every entry below `directory` that is not a folder (files, links, FIFOs...), as relative paths;
+    links to folders are not followed (a planted link to / must not make this walk the disk)."""
+    out = []
+    for top, dirs, files in os.walk(directory, followlinks=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            out.append(os.path.relpath(os.path.join(top, name), directory))
+    return sorted(out)
 
 
 def check_hashes(directory: Path, names: list[str], manifest: dict) -> str | None:

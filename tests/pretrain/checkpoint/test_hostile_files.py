@@ -131,6 +131,7 @@ def test_a_hostile_run_lock_is_an_unreadable_lock_and_never_read(tmp_path, secre
     ("listed-link-outside", "outside"),
     ("listed-fifo", "not a regular file"),
     ("unlisted-file", "not in the manifest"),
+    ("link-to-root", "not in the manifest"),  # a link to / is named, not walked
     ("no-config", "lacks the run's config"),
     ("no-files", "lists no files"),
     ("no-model-states", "lists no model states"),
@@ -159,6 +160,8 @@ def test_a_checkpoint_that_lies_is_refused_in_one_line_naming_it(tmp_path, secre
         os.mkfifo(folder / "trainer_state_rank0.json")
     elif plant == "unlisted-file":
         (folder / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"planted")
+    elif plant == "link-to-root":
+        (folder / "sub").symlink_to("/")
     else:
         edit = {"no-config": lambda m: m.pop("config"), "no-files": lambda m: m.update(files={}),
                 "no-model-states": lambda m: m["files"].pop(MODEL_STATES), "other-step": lambda m: m.update(step=3),
