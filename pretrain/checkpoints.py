@@ -2,7 +2,7 @@
 
 One row per checkpoint in RUN_DIR/checkpoints/, newest first: step, tokens, when it was saved, world
 size, size on disk, and its state: `complete` (its manifest is there and every file has the size the
-manifest records: the resume's own check, pretrain/checkpoint/store.py's `verify`, hashes aside),
+manifest records: the resume's own check, pretrain/checkpoint/choice.py's `verify`, hashes aside),
 `damaged: <the first problem>`, or `partial` (a save that never finished: never
 loaded). --verify also checks every file's SHA-256 against the manifest (reads all the bytes), which
 is what a resume does before it trusts one. The newest complete one is marked `<- resume`: it is the
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain.checkpoint import store
+from pretrain.checkpoint import choice
 from pretrain.checkpoint.files import entries
 from pretrain.checkpoint.store import PARTIAL, ckpt_dir
 
@@ -35,8 +35,8 @@ def describe(directory: Path, verify: bool) -> dict:
            "bytes": size_of(directory)}
     if directory.name.endswith(PARTIAL):
         return {**row, "state": "partial"}
-    # The resume's own verdict (store.verify); without --verify, the hashes are left out.
-    problem, manifest = store.verify(directory, None if verify else (lambda names: []))
+    # The resume's own verdict (choice.verify); without --verify, the hashes are left out.
+    problem, manifest = choice.verify(directory, None if verify else (lambda names: []))
     if manifest is not None:
         row.update(step=manifest["step"], tokens=manifest.get("tokens"), time=manifest.get("time"),
                    world_size=manifest.get("world_size"))
@@ -45,7 +45,7 @@ def describe(directory: Path, verify: bool) -> dict:
 
 def list_checkpoints(run_dir: str | Path, verify: bool = False) -> list[dict]:
     root = ckpt_dir(str(run_dir))
-    names = set(store.candidates(root)) | {p.name for p in root.iterdir() if p.name.endswith(PARTIAL) and p.is_dir()
+    names = set(choice.candidates(root)) | {p.name for p in root.iterdir() if p.name.endswith(PARTIAL) and p.is_dir()
                                            and _step(p.name) is not None}
     rows = [describe(root / name, verify) for name in names]
     return sorted(rows, key=lambda r: (r["step"] or 0, r["state"] != "partial"), reverse=True)

@@ -37,7 +37,7 @@ from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain import heartbeat
-from pretrain.checkpoint import run_lock
+from pretrain.checkpoint import choice, run_lock
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.files import CheckpointError, CheckpointWriteError
 from pretrain.checkpoint.resume_check import (
@@ -232,7 +232,7 @@ def train(cfg: DictConfig) -> None:
     cfg.model.vocab_size = run.model.vocab_size  # config.yaml records the vocabulary taken from the data
     cfg.model.mask_token = run.model.mask_token  # and a warm start's mask token (pretrain/hf/causal_import.py)
     # The checkpoint is chosen and verified, and its config compared, before the engine is built.
-    resume = checkpoint.find_resume(run.run_dir) if run.resume == "auto" else None
+    resume = choice.find_resume(run.run_dir) if run.resume == "auto" else None
     engine_run = run
     if resume is not None:
         check_resume(run, resume, manifest)

@@ -46,11 +46,12 @@ def compare(saved: dict, current: dict, saved_data: str | None, current_data: st
 
 def refuse_before_data(run) -> None:
     """resume=auto: the model shape, trainer.seq_len, seed and shuffle of the newest checkpoint that
-    passes the resume's checks (hashes aside: store.verify) are compared with this run's before any
+    passes the resume's checks (hashes aside: choice.verify) are compared with this run's before any
     data is prepared, so a run that will be refused builds nothing first (a seq_len change means
     another demo corpus). Keys not known yet (model.vocab_size=null, taken from the data) are left to
     the full check after the data is ready."""
-    from pretrain.checkpoint.store import candidates, ckpt_dir, verify
+    from pretrain.checkpoint.choice import candidates, verify
+    from pretrain.checkpoint.store import ckpt_dir
     from pretrain.config import ConfigError
 
     if run.resume != "auto":

@@ -10,7 +10,7 @@ optimizer-state files (fp32 and bf16, ZeRO stages 1-3) and into the universal fo
 
 Three layers:
 - `refusal(path)` reads a file's pickle opcodes without executing them (torch's static disassembly)
-  and names what it would need beyond the allow-list: the resume check (store._problem) refuses such a
+  and names what it would need beyond the allow-list: the resume check (choice._problem) refuses such a
   file in one line naming it, before anything is loaded, and falls back like on a damaged file.
 - `weights_only_loads()` wraps DeepSpeed's own loading: TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes every
   torch.load weights-only even where the caller passes weights_only=False, with the allow-list added.

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.shards import DataError, Manifest
 from data_pipeline.tokenizer import load_tokenizer
+from pretrain.checkpoint import choice
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.zero_files import open_checkpoint
 from pretrain.config import ModelConfig
@@ -83,7 +84,7 @@ def _run_source(run_dir: Path, step: int | None) -> Source:
     model = model_config(OmegaConf.to_container(cfg.model, resolve=True))
     check_model_values(model, f"{run_dir}/config.yaml")
     try:
-        chosen = checkpoint.choose(run_dir, step)  # the verified choice every command makes
+        chosen = choice.choose(run_dir, step)  # the verified choice every command makes
     except checkpoint.CheckpointError as e:
         raise SourceError(str(e)) from None
     compare_shapes(open_checkpoint(chosen.directory).shapes, model, f"{run_dir}/config.yaml")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import run_lock
+from pretrain.checkpoint import choice, run_lock
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.files import MANIFEST, CheckpointError, digest
 from pretrain.checkpoint.resume_check import refuse_before_data
@@ -48,7 +48,7 @@ def secret(tmp_path) -> Path:
 
 
 def make_checkpoint(root: Path, step: int, config: dict | None = None) -> Path:
-    """A checkpoint folder that passes store.verify: a real (weights-only) torch file, a trainer state,
+    """A checkpoint folder that passes choice.verify: a real (weights-only) torch file, a trainer state,
     a manifest with their sizes and hashes."""
     folder = root / checkpoint.tag(step)
     folder.mkdir(parents=True)
@@ -86,7 +86,7 @@ def test_a_hostile_latest_is_described_never_read(tmp_path, secret, plant):
     else:
         latest.mkdir()
     with within(10):
-        text = checkpoint.read_pointer(latest)
+        text = choice.read_pointer(latest)
     assert SECRET not in (text or "") and "root:" not in (text or "")
     if plant != "folder":
         assert text.startswith("<not read: ") and "\n" not in text
@@ -169,7 +169,7 @@ def test_a_checkpoint_that_lies_is_refused_in_one_line_naming_it(tmp_path, secre
         edit(manifest)
         write_manifest(folder, manifest)
     with within(20):
-        found, _ = checkpoint.verify(folder)
+        found, _ = choice.verify(folder)
     assert found is not None and problem in found, found
     assert "\n" not in found and SECRET not in found
 
@@ -192,14 +192,14 @@ def test_the_tools_choice_skips_every_liar_in_one_line_each_and_changes_nothing(
     plant_liars(root)
     before = tree(tmp_path / "run")
     lines = []
-    chosen = checkpoint.choose(tmp_path / "run", warn=lines.append)
+    chosen = choice.choose(tmp_path / "run", warn=lines.append)
     assert chosen.tag == "step00000002"
     expected = [f"warning: skipping checkpoint {checkpoint.tag(s)}" for s in (99999, 90000, 80000)]
     assert [": ".join(line.split(": ")[:2]) for line in lines] == expected
     assert "does not parse" in lines[0] and "lacks the run's config" in lines[1] and "lists no files" in lines[2]
     assert tree(tmp_path / "run") == before
     with pytest.raises(CheckpointError) as err:
-        checkpoint.choose(tmp_path / "run", step=90000)
+        choice.choose(tmp_path / "run", step=90000)
     assert str(err.value).startswith("checkpoint step00090000 is not usable: ") and "\n" not in str(err.value)
 
 
@@ -218,10 +218,10 @@ def test_a_planted_pickle_is_skipped_by_the_tools_and_refused_by_step(tmp_path):
     manifest["files"][MODEL_STATES] = digest(folder / MODEL_STATES)  # the manifest is integrity, not trust
     write_manifest(folder, manifest)
     lines = []
-    assert checkpoint.choose(tmp_path / "run", warn=lines.append).tag == "step00000002"
+    assert choice.choose(tmp_path / "run", warn=lines.append).tag == "step00000002"
     assert len(lines) == 1 and "would unpickle io.open" in lines[0]
     with pytest.raises(CheckpointError, match="checkpoint step00000004 is not usable: .*would unpickle io.open"):
-        checkpoint.choose(tmp_path / "run", step=4)
+        choice.choose(tmp_path / "run", step=4)
     assert not marker.exists()
 
 
@@ -230,7 +230,7 @@ def test_a_checkpoint_folder_linked_from_outside_is_not_a_candidate(tmp_path):
     make_checkpoint(root, 2)
     elsewhere = make_checkpoint(tmp_path / "elsewhere", 7)
     (root / checkpoint.tag(7)).symlink_to(elsewhere)
-    assert checkpoint.candidates(root) == ["step00000002"]
+    assert choice.candidates(root) == ["step00000002"]
 
 
 def test_the_pre_data_resume_check_skips_a_manifest_without_config(tmp_path):
