@@ -65,21 +65,12 @@ def check_run(run: RunConfig, world_size: int) -> None:
             raise ConfigError(f"sample: {e}") from None
 
 
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
 def check_init_weights(folder: str) -> None:
     """The folder's weights are safetensors (read without running anything), found before any work;
-    pickled weights (pytorch_model.bin) can run code when loaded, so they are named and never loaded."""
+    pickled weights (pytorch_model.bin) can run code when loaded, so they are named and never loaded
+    (pretrain/hf/folder_files.weight_map)."""
     try:
         HFWeights.open(folder)
-    except FormatError as e:
-        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in Path(folder).glob(pattern))
-        if not pickled:
-            raise
-        raise FormatError(f"{e}; {pickled[0]} is pickled, which can run code when loaded, so it is not read: save "
-                          f"the weights as safetensors (transformers: save_pretrained(..., safe_serialization=True))"
-                          ) from None
     except (OSError, ValueError, SafetensorError) as e:  # an unreadable file or index, a header that does not parse
         raise FormatError(f"{folder}: the weights cannot be read ({type(e).__name__}: {e})") from None
 

@@ -21,6 +21,7 @@ INDEX = "model.safetensors.index.json"
 CONFIG_MAX_BYTES = 1 << 20  # a config.json is a few KB
 INDEX_MAX_BYTES = 64 << 20  # a weight map: one line per tensor
 HEADER_MAX_BYTES = 16 << 20  # an 8B model's header is ~30 KB; safetensors itself allows up to 100 MB
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # named when they are all a folder has, never read
 
 
 class FormatError(ValueError):
@@ -80,7 +81,7 @@ def read_header(folder: str | Path, name: str) -> dict[str, list[int]]:
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FormatError(f"{path}: the safetensors header does not parse") from None
+        raise FormatError(f"{path}: the weights cannot be read (the safetensors header does not parse)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: the safetensors header is not a JSON object")
     shapes = {}
@@ -105,7 +106,11 @@ def weight_map(folder: str | Path) -> dict[str, str]:
         return mapping
     if (folder / WEIGHTS).exists() or (folder / WEIGHTS).is_symlink():
         return {name: WEIGHTS for name in read_header(folder, WEIGHTS)}
-    raise FormatError(f"{folder}: neither {WEIGHTS} nor {INDEX}")
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    hint = "" if not pickled else (
+        f"; {pickled[0]} is pickled, which can run code when loaded, so it is not read: save the weights as "
+        f"safetensors (transformers: save_pretrained(..., safe_serialization=True))")
+    raise FormatError(f"{folder}: neither {WEIGHTS} nor {INDEX}{hint}")
 
 
 def header_shapes(folder: str | Path, mapping: dict[str, str]) -> dict[str, list[int]]:

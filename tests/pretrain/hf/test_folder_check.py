@@ -79,7 +79,7 @@ def test_the_weights_are_checked_for_every_name(folder, tmp_path):
     ("index-names-outside", "outside"),
     ("index-names-fifo", "not a regular file"),
     ("header-too-large", "a safetensors header of"),
-    ("header-garbage", "the safetensors header does not parse"),
+    ("header-garbage", "the weights cannot be read (the safetensors header does not parse)"),
 ])
 def test_files_of_a_folder_are_read_inside_it_with_caps_and_never_echoed(tmp_path, plant, message):
     folder = write_folder(tmp_path / "model", max_bytes=200_000)  # sharded: an index names the files
