@@ -2,7 +2,8 @@
 
 One row per checkpoint in RUN_DIR/checkpoints/, newest first: step, tokens, when it was saved, world
 size, size on disk, and its state: `complete` (its manifest is there and every file has the size the
-manifest records), `damaged: <the first problem>`, or `partial` (a save that never finished: never
+manifest records: the resume's own check, pretrain/checkpoint/choice.py's `verify`, hashes aside),
+`damaged: <the first problem>`, or `partial` (a save that never finished: never
 loaded). --verify also checks every file's SHA-256 against the manifest (reads all the bytes), which
 is what a resume does before it trusts one. The newest complete one is marked `<- resume`: it is the
 one `resume=auto` would try first. Exit 0; 2 when RUN_DIR has no checkpoints folder.
@@ -15,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain.checkpoint.files import CheckpointError, check_hashes, check_sizes, read_manifest
+from pretrain.checkpoint import choice
+from pretrain.checkpoint.files import entries
 from pretrain.checkpoint.store import PARTIAL, ckpt_dir
 
 
@@ -25,7 +27,7 @@ def _step(name: str) -> int | None:
 
 
 def size_of(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    return sum((directory / name).lstat().st_size for name in entries(directory))  # links not followed
 
 
 def describe(directory: Path, verify: bool) -> dict:
@@ -33,22 +35,19 @@ def describe(directory: Path, verify: bool) -> dict:
            "bytes": size_of(directory)}
     if directory.name.endswith(PARTIAL):
         return {**row, "state": "partial"}
-    try:
-        manifest = read_manifest(directory)
-    except CheckpointError as e:
-        return {**row, "state": f"damaged: {e}"}
-    row.update(step=manifest["step"], tokens=manifest.get("tokens"), time=manifest.get("time"),
-               world_size=manifest.get("world_size"))
-    problem = check_sizes(directory, manifest)
-    if problem is None and verify:
-        problem = check_hashes(directory, sorted(manifest["files"]), manifest)
+    # The resume's own verdict (choice.verify); without --verify, the hashes are left out.
+    problem, manifest = choice.verify(directory, None if verify else (lambda names: []))
+    if manifest is not None:
+        row.update(step=manifest["step"], tokens=manifest.get("tokens"), time=manifest.get("time"),
+                   world_size=manifest.get("world_size"))
     return {**row, "state": "complete" if problem is None else f"damaged: {problem}"}
 
 
 def list_checkpoints(run_dir: str | Path, verify: bool = False) -> list[dict]:
     root = ckpt_dir(str(run_dir))
-    dirs = [p for p in root.iterdir() if p.is_dir() and _step(p.name) is not None]
-    rows = [describe(p, verify) for p in dirs]
+    names = set(choice.candidates(root)) | {p.name for p in root.iterdir() if p.name.endswith(PARTIAL) and p.is_dir()
+                                           and _step(p.name) is not None}
+    rows = [describe(root / name, verify) for name in names]
     return sorted(rows, key=lambda r: (r["step"] or 0, r["state"] != "partial"), reverse=True)
 
 

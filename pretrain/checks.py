@@ -18,6 +18,7 @@ from data_pipeline.piece import pad_vocab
 from data_pipeline.shards import Manifest
 from data_pipeline.tokenizer import fingerprint, load_tokenizer
 from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require
+from pretrain.domains import check_domains
 from pretrain.engine import ds_config
 from pretrain.engine.device import resolve_precision
 from pretrain.engine.zero_sizes import resolve_zero_sizes
@@ -32,6 +33,7 @@ from pretrain.objective.sampler import GenerateError, check_settings
 def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
     """Hydra's composed config -> a validated RunConfig (precision resolved for this machine)."""
     run = parse_config(cfg)
+    check_domains(run)  # first: the derived sizes below divide by model.n_heads
     run.deepspeed = resolve_zero_sizes(run.deepspeed, run.model)
     check_run(run, world_size)
     run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
@@ -63,21 +65,12 @@ def check_run(run: RunConfig, world_size: int) -> None:
             raise ConfigError(f"sample: {e}") from None
 
 
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
 def check_init_weights(folder: str) -> None:
     """The folder's weights are safetensors (read without running anything), found before any work;
-    pickled weights (pytorch_model.bin) can run code when loaded, so they are named and never loaded."""
+    pickled weights (pytorch_model.bin) can run code when loaded, so they are named and never loaded
+    (pretrain/hf/folder_files.weight_map)."""
     try:
         HFWeights.open(folder)
-    except FormatError as e:
-        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in Path(folder).glob(pattern))
-        if not pickled:
-            raise
-        raise FormatError(f"{e}; {pickled[0]} is pickled, which can run code when loaded, so it is not read: save "
-                          f"the weights as safetensors (transformers: save_pretrained(..., safe_serialization=True))"
-                          ) from None
     except (OSError, ValueError, SafetensorError) as e:  # an unreadable file or index, a header that does not parse
         raise FormatError(f"{folder}: the weights cannot be read ({type(e).__name__}: {e})") from None
 

@@ -2,7 +2,8 @@
 steps, a hung step. Each fault ends in a documented exit code, never in an orphaned rank, a silent
 exit 0 or a checkpoint of a broken state.
 
-- SIGTERM / SIGUSR1 (SLURM's preemption and time-limit warning, torchrun forwarding a stop) and the
+- SIGTERM / SIGUSR1 (SLURM's preemption and time-limit warning, torchrun forwarding a stop), a first
+  SIGINT (Ctrl-C; a second one ends the rank at once, by the signal's default action) and the
   death of the launcher that started this rank (pretrain/launcher_watch.py, watched from the rank's
   first line) only raise a flag. At every step boundary the ranks all-reduce their flags, so they
   all stop after the same step, save, and exit EXIT_PREEMPTED; a flag raised during start-up is
@@ -14,7 +15,8 @@ exit 0 or a checkpoint of a broken state.
 - The watchdog: no step finished for `trainer.watchdog_s` seconds dumps every thread's Python stack
   (faulthandler, which works even when the main thread is stuck in C code) and exits with code 1.
 - A peer that dies or stops: collectives time out after `cluster.timeout_s` (the process group's
-  timeout, set in engine.init_distributed), the rank exits non-zero, the launcher ends the rest.
+  timeout, set in engine.init_distributed), the rank exits non-zero, the launcher ends the rest. On
+  a timeout the surviving rank names the rank that stopped answering (pretrain/heartbeat.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ EXIT_CONFIG = 2  # a config or data error, found before any training
 EXIT_NON_FINITE = 3  # trainer.max_bad_steps consecutive non-finite steps
 EXIT_PREEMPTED = 75  # stopped by a signal or a dead launcher after saving a checkpoint (EX_TEMPFAIL): re-run to resume
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -57,10 +59,16 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            # A second Ctrl-C ends the rank at once, whatever it is doing (even inside a collective or a
+            # save, where a Python handler would wait): the kernel's default action, no traceback. A
+            # half-written save stays a .partial folder, which no resume loads and the next save removes.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         if self.reason is None:
             self.reason = f"received {signal.Signals(signum).name}"
-            print(f"rank {os.environ.get('RANK', '0')}: {self.reason}; stopping after this step", file=sys.stderr,
-                  flush=True)
+            again = "; Ctrl-C again stops at once without saving" if signum == signal.SIGINT else ""
+            print(f"rank {os.environ.get('RANK', '0')}: {self.reason}; stopping after this step{again}",
+                  file=sys.stderr, flush=True)
 
     def request(self, reason: str) -> None:
         if self.reason is None:
@@ -90,9 +98,16 @@ def peer_lost(e: BaseException) -> bool:
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e)
-    return isinstance(e, RuntimeError) and any(
+    return isinstance(e, RuntimeError) and (timed_out(e) or any(
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote process exited",
-                            "NCCL communicator was aborted"))
+                            "NCCL communicator was aborted")))
+
+
+def timed_out(e: BaseException) -> bool:
+    """A collective gave up waiting (gloo: "Timed out waiting 8000ms for recv ..."): a peer that stopped
+    answering rather than one that is gone (pretrain/heartbeat.py then names it)."""
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def exit_now(code: int) -> None:

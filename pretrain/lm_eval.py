@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def lm_eval_argv(argv: list[str]) -> list[str]:
@@ -51,6 +52,19 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"{USAGE}\nerror: {e}", file=sys.stderr)
         sys.exit(2)
+    from data_pipeline.shards import DataError
+    from pretrain.checkpoint.zero_files import CheckpointError
+    from pretrain.hf.folder_check import check_model_folder
+    from pretrain.hf.format import FormatError
+    from pretrain.hf.pretrained import SourceError
+
+    refused = (SourceError, FormatError, CheckpointError, DataError)  # SOURCE refused as generate refuses it
+    try:
+        if (Path(argv[0]) / "config.json").exists():  # a folder: checked in a second, before lm-eval starts
+            check_model_folder(argv[0])
+    except refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
@@ -59,7 +73,11 @@ def main(argv: list[str]) -> None:
     import pretrain.hf.harness  # noqa: F401  registers the model `llada`
 
     sys.argv = ["lm-eval", *args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

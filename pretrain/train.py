@@ -9,8 +9,11 @@ train, save, and optionally print a sample.
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the imports below take seconds: a launcher that dies meanwhile is noticed
+    import signal
+
     from pretrain.launcher_watch import watch
 
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C before training ends the rank, without a traceback
     watch()
 
 import dataclasses
@@ -33,10 +36,17 @@ from data_pipeline.config import check_command_line
 from data_pipeline.shards import FORMAT_VERSION, DataError, Manifest, read_manifest
 from data_pipeline.stream import TokenStream
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain.checkpoint import run_lock
+from pretrain import heartbeat
+from pretrain.checkpoint import choice, run_lock
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.files import CheckpointError, CheckpointWriteError
-from pretrain.checkpoint.resume_check import compare, config_dict, reapply_optimizer_settings, refuse_before_data
+from pretrain.checkpoint.resume_check import (
+    compare,
+    config_dict,
+    flatten,
+    reapply_optimizer_settings,
+    refuse_before_data,
+)
 from pretrain.checkpoint.universal import load_dir_for
 from pretrain.checks import load_config, validate_data
 from pretrain.config import ConfigError, RunConfig, total_steps
@@ -51,6 +61,7 @@ from pretrain.faults import (
     exit_now,
     peer_lost,
     stop_agreed,
+    timed_out,
     watch_launchers,
 )
 from pretrain.loop import NonFiniteError, Trainer
@@ -105,6 +116,32 @@ def write_setup(run: RunConfig, engine, cfg: DictConfig, world: int) -> None:
                  "param_dtype": str(next(engine.module.parameters()).dtype),  # what it really trains in
                  "deepspeed_config": engine.config}
         Path(run.run_dir, "setup.json").write_text(json.dumps(setup, indent=1, default=str))
+
+
+PATH_KEYS = ("run_dir", "data.dir", "data.tokenizer", "model.init_from")
+
+
+class RanksDisagree(ConfigError):
+    """Every rank finds the same difference: rank 0 alone prints it (two ranks' lines would interleave)."""
+
+
+def agree_on_config(run: RunConfig) -> None:
+    """One run, one directory: every rank must have resolved the same config (an override such as
+    run_dir=out_${oc.env:RANK}, or a relative path from another working directory, would make each
+    rank write its own run_dir and every checkpoint unusable). Compared before anything is written;
+    the first difference is one line naming the key, rank 0's value and the other rank's."""
+    mine = flatten(config_dict(run))
+    for key in PATH_KEYS:
+        if mine.get(key):
+            mine[key] = os.path.abspath(mine[key])
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        for key in sorted(set(everyone[0]) | set(theirs)):
+            if everyone[0].get(key) != theirs.get(key):
+                raise RanksDisagree(f"{key} differs between ranks: {everyone[0].get(key)!r} on rank 0, "
+                                  f"{theirs.get(key)!r} on rank {rank}; every rank of a run must resolve the same "
+                                  f"config (a per-rank ${{oc.env:...}} or a relative path in another directory?)")
 
 
 def lock_run_dir(run: RunConfig, rank: int) -> run_lock.RunLock | None:
@@ -177,9 +214,11 @@ def train(cfg: DictConfig) -> None:
     # From here on a SIGTERM/SIGUSR1 ends in a checkpoint, not a lost run. Before, while the rendezvous
     # may wait on a peer, it ends the rank at once: there is nothing to save yet.
     stop.install()
+    heartbeat.start(rank, world, run.cluster.timeout_s)  # names a peer that stops answering (pretrain/heartbeat.py)
     for warning in start_warnings if rank == 0 else ():
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     check_device(run)
+    agree_on_config(run)  # before any rank writes anything
     print(f"rank {rank}/{world} on host {socket.gethostname()}", flush=True)  # which node each rank ran on
     if stop_agreed(stop):  # stopped during start-up: no rank trains, none holds the lock or the port
         if rank == 0:
@@ -193,7 +232,7 @@ def train(cfg: DictConfig) -> None:
     cfg.model.vocab_size = run.model.vocab_size  # config.yaml records the vocabulary taken from the data
     cfg.model.mask_token = run.model.mask_token  # and a warm start's mask token (pretrain/hf/causal_import.py)
     # The checkpoint is chosen and verified, and its config compared, before the engine is built.
-    resume = checkpoint.find_resume(run.run_dir) if run.resume == "auto" else None
+    resume = choice.find_resume(run.run_dir) if run.resume == "auto" else None
     engine_run = run
     if resume is not None:
         check_resume(run, resume, manifest)
@@ -233,6 +272,7 @@ def teardown() -> None:
     """A clean end of the process group, so that no rank aborts in gloo's destructor at exit. Not
     between the jobs of a sweep, which share this process and its process group."""
     if dist.is_initialized() and HydraConfig.get().mode != RunMode.MULTIRUN:
+        heartbeat.stop()
         dist.barrier()
         dist.destroy_process_group()
 
@@ -257,7 +297,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         exit_now(1)
     except (ConfigError, DataError, CheckpointError, run_lock.RunLockError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not isinstance(e, RanksDisagree) or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         remove_if_empty(str(cfg.run_dir))
         exit_now(EXIT_CONFIG)
     except NonFiniteError as e:
@@ -266,6 +307,9 @@ def main(cfg: DictConfig) -> None:
     except Exception as e:
         if not peer_lost(e):
             raise
+        if timed_out(e) and (line := heartbeat.stopped_peer_line(dist.get_rank())):
+            print(f"error: {line}", file=sys.stderr, flush=True)
+            exit_now(1)
         text = str(e).strip().splitlines()
         print(f"error: rank {dist.get_rank()}: another rank is gone ({type(e).__name__}: {text[0] if text else ''}); "
               f"its own error, if it had one, is on its line", file=sys.stderr, flush=True)

@@ -45,27 +45,28 @@ def compare(saved: dict, current: dict, saved_data: str | None, current_data: st
 
 
 def refuse_before_data(run) -> None:
-    """resume=auto: the model shape, trainer.seq_len, seed and shuffle of the newest checkpoint whose
-    manifest reads are compared with this run's before any data is prepared, so a run that will be
-    refused builds nothing first (a seq_len change means another demo corpus). Keys not known yet
-    (model.vocab_size=null, taken from the data) are left to the full check after the data is ready."""
-    from pretrain.checkpoint.files import CheckpointError, read_manifest
-    from pretrain.checkpoint.store import ckpt_dir, complete_tags
+    """resume=auto: the model shape, trainer.seq_len, seed and shuffle of the newest checkpoint that
+    passes the resume's checks (hashes aside: choice.verify) are compared with this run's before any
+    data is prepared, so a run that will be refused builds nothing first (a seq_len change means
+    another demo corpus). Keys not known yet (model.vocab_size=null, taken from the data) are left to
+    the full check after the data is ready."""
+    from pretrain.checkpoint.choice import candidates, verify
+    from pretrain.checkpoint.store import ckpt_dir
     from pretrain.config import ConfigError
 
     if run.resume != "auto":
         return
     current = flatten(config_dict(run))
-    for tag in complete_tags(run.run_dir):
-        directory = ckpt_dir(run.run_dir) / tag
-        try:
-            saved = flatten(read_manifest(directory).get("config") or {})
-        except CheckpointError:
+    root = ckpt_dir(run.run_dir)
+    for tag in candidates(root):
+        problem, manifest = verify(root / tag, lambda names: [])  # the resume's verdict, without the hashing
+        if problem is not None:
             continue  # the resume reports it and tries the next older one
+        saved = flatten(manifest["config"])
         refused = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in MUST_MATCH
                    if current.get(k) is not None and saved.get(k) != current.get(k)]
         if refused:
-            raise ConfigError(f"{directory} was trained with another model or data; refusing to resume "
+            raise ConfigError(f"{root / tag} was trained with another model or data; refusing to resume "
                               f"({'; '.join(refused)}): use another run_dir, or resume=never with a fresh one")
         return
 

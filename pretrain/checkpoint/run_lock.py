@@ -11,6 +11,10 @@ it finds the lock no longer its own and says so.
 
 Taking over renames the stale file away and creates a new one with O_EXCL, so of two jobs that race
 for a stale lock exactly one wins.
+
+The lock is read through data_pipeline/confined.py (run_dir its root, a regular file, at most
+LOCK_MAX_BYTES): a run.lock that is a symlink out of run_dir, a FIFO or a device is an unreadable
+lock, never opened for reading; its content is never printed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline.confined import UnsafeFileError, read_capped
+
 LOCK = "run.lock"
+LOCK_MAX_BYTES = 4096  # host, pid, start time, job id: a few hundred bytes
+
+
+def read_lock(path: Path) -> bytes | None:
+    """The bytes of a lock file, or None when it is not a small regular file inside its folder (it is
+    then an unreadable lock). Raises FileNotFoundError when there is none."""
+    try:
+        return read_capped(path.parent, path.name, LOCK_MAX_BYTES)
+    except UnsafeFileError:
+        return None
 
 
 class RunLockError(RuntimeError):
@@ -120,9 +136,10 @@ class RunLock:
 
     def _read(self) -> dict | None:
         try:
-            return parse_holder(self.path.read_bytes())
+            data = read_lock(self.path)
         except OSError:
             return None
+        return parse_holder(data) if data is not None else None
 
     def is_mine(self) -> bool:
         return self._read() == self.info
@@ -154,10 +171,11 @@ def acquire(run_dir: str, stale_s: float) -> RunLock:
             lock.start_heartbeat()
             return lock
         try:
-            text, age = path.read_bytes(), time.time() - path.stat().st_mtime
+            before = os.lstat(path)  # the link itself, if it is one: its target is not this job's to stat
+            text, age = read_lock(path), time.time() - before.st_mtime
         except FileNotFoundError:
             continue  # released meanwhile
-        holder = parse_holder(text)
+        holder = parse_holder(text) if text is not None else None
         reason = stale_reason(holder, age, stale_s, host)
         if reason is None and holder is None:
             raise RunLockError(f"{path}: not a lock this framework wrote (unreadable), touched {age:.0f} s ago; it is "
@@ -171,7 +189,8 @@ def acquire(run_dir: str, stale_s: float) -> RunLock:
             os.rename(path, aside)
         except FileNotFoundError:
             continue  # another job took it over first; look again
-        if aside.read_bytes() != text:  # renamed a lock that a racing job had just created: give it back
+        moved = os.lstat(aside)
+        if (moved.st_ino, moved.st_dev) != (before.st_ino, before.st_dev):  # a racing job's new lock: give it back
             try:
                 os.link(aside, path)
             except FileExistsError:

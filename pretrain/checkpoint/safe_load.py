@@ -10,7 +10,7 @@ optimizer-state files (fp32 and bf16, ZeRO stages 1-3) and into the universal fo
 
 Three layers:
 - `refusal(path)` reads a file's pickle opcodes without executing them (torch's static disassembly)
-  and names what it would need beyond the allow-list: the resume check (store._problem) refuses such a
+  and names what it would need beyond the allow-list: the resume check (choice._problem) refuses such a
   file in one line naming it, before anything is loaded, and falls back like on a damaged file.
 - `weights_only_loads()` wraps DeepSpeed's own loading: TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes every
   torch.load weights-only even where the caller passes weights_only=False, with the allow-list added.
@@ -105,7 +105,7 @@ def _die_with_parent(parent: int) -> None:
     """This process and its workers (its process group: the caller starts it in a session of its own)
     end when `parent` dies, even by kill -9: the kernel sends SIGTERM (PR_SET_PDEATHSIG), whose handler
     kills the whole group, so no worker goes on writing into a .partial directory a rerun rewrites.
-    A SIGTERM or SIGUSR1 while the rank lives (a job-wide stop: scancel, a SLURM preemption) is the
+    A SIGTERM, SIGUSR1 or SIGINT while the rank lives (a job-wide stop: scancel, a SLURM preemption) is the
     rank's to handle: the conversion finishes, then the rank stops."""
     import ctypes
 
@@ -115,6 +115,7 @@ def _die_with_parent(parent: int) -> None:
 
     signal.signal(signal.SIGTERM, end_group)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the job: the rank stops after the conversion
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     end_group(signal.SIGTERM, None)  # it died before prctl: the signal will not come

@@ -18,12 +18,14 @@ leaves the previous checkpoint as it was and the half-written one is never picke
 `latest` file is not written: its rank 0 writes it before the other ranks finish.
 
 On resume every file of the newest complete checkpoint is checked against the manifest (ranks
-share the hashing); a damaged one is reported and the next older one is tried.
+share the hashing); a damaged one is reported and the next older one is tried. Which checkpoint
+a command uses (the resume and every tool, through one verdict): pretrain/checkpoint/choice.py.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import hashlib
 import json
@@ -44,19 +46,15 @@ from pretrain.checkpoint.files import (
     MANIFEST,
     CheckpointError,
     CheckpointWriteError,
-    check_hashes,
-    check_sizes,
     digest,
     files_of_rank,
     fsync_dir,
-    owner_rank,
     read_json,
-    read_manifest,
     write_atomic,
 )
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "Resume", "SaveClock", "ckpt_dir", "find_resume", "latest",
-           "load", "retain", "save", "tag"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "Resume", "SaveClock", "ckpt_dir", "latest", "load", "retain",
+           "save", "tag"]
 
 _TAG = re.compile(r"^step(\d{8,})$")
 PARTIAL = ".partial"
@@ -118,6 +116,29 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
+def _write_failure(path: Path, e: BaseException) -> str:
+    """One line for a failed checkpoint write. A full disk says so and where: torch's writer reports it
+    as `inline_container.cc:672 unexpected pos`, without errno, so the free space decides."""
+    full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+    if not full:
+        try:
+            full = shutil.disk_usage(_existing(path)).free < FULL_BELOW_BYTES
+        except OSError:
+            pass
+    return f"no space left on {_existing(path)}" if full else f"{path}: {_one_line(e)}"
+
+
+FULL_BELOW_BYTES = 1 << 20  # after a failed write, less free space than this means the write filled the disk
+
+
+def _existing(path: Path) -> Path:
+    """The nearest folder of `path` that exists (the file itself may be gone)."""
+    path = Path(path)
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _rank0_print(*lines: str) -> None:
     if dist.get_rank() == 0:
         for line in lines:
@@ -147,7 +168,7 @@ def save(engine, run_dir: str, step: int, trainer_state: dict, meta: dict, keep_
                 json.dump(trainer_state, f)
             files = {name: digest(partial / name, sync=True) for name in files_of_rank(partial, rank)}
         except OSError as e:
-            error = f"rank {rank}: {_one_line(e)}"  # an OSError's text names its file
+            error = f"rank {rank}: {_write_failure(partial, e)}"
     reports: list = [None] * world
     dist.all_gather_object(reports, (error, files))
     errors = [e for e, _ in reports if e]
@@ -155,7 +176,7 @@ def save(engine, run_dir: str, step: int, trainer_state: dict, meta: dict, keep_
         try:
             _finish(root, final, partial, step, world, reports, meta)
         except OSError as e:
-            errors = [f"rank 0: {_one_line(e)}"]
+            errors = [f"rank 0: {_write_failure(partial, e)}"]
     outcome = [errors]
     dist.broadcast_object_list(outcome, src=0)
     errors = outcome[0]
@@ -188,13 +209,13 @@ def _save_engine(engine, root: Path, name: str) -> str | None:
         try:
             type(writer).save(writer, state_dict, path)
         except Exception as e:  # torch.save reports a full disk as RuntimeError, open() as OSError
-            failures.append(f"{path}: {_one_line(e)}")
+            failures.append(_write_failure(Path(path), e))
 
     def copy_recovery_scripts(save_path):
         try:
             copy_scripts(save_path)
         except OSError as e:
-            failures.append(f"{save_path}: {_one_line(e)}")
+            failures.append(_write_failure(Path(save_path), e))
 
     writer.save, engine._copy_recovery_script = save_file, copy_recovery_scripts
     try:
@@ -285,79 +306,6 @@ class Resume:
     @property
     def world_size(self) -> int:
         return int(self.manifest.get("world_size", 0))
-
-
-def _problem(directory: Path) -> tuple[str | None, dict | None]:
-    """This rank's verdict on one checkpoint: its manifest, the sizes of all its files, and the
-    hashes of the files this rank wrote (or would load); the ranks share the hashing."""
-    try:
-        manifest = read_manifest(directory)
-    except CheckpointError as e:
-        return str(e), None
-    problem = check_sizes(directory, manifest)
-    if problem is None:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        mine = [n for n in sorted(manifest["files"]) if owner_rank(Path(n).name) % world == rank]
-        problem = check_hashes(directory, mine, manifest)
-        # The manifest sits beside the files, so matching it is integrity, not trust: no engine file
-        # may need anything beyond what DeepSpeed writes (read without executing it).
-        for name in (n for n in mine if n.endswith(".pt") and problem is None):
-            problem = safe_load.refusal(directory / name)
-    return problem, manifest
-
-
-def read_pointer(path: Path) -> str | None:
-    """What `latest` names, for messages only (resuming does not trust it): its text (bytes that are
-    not UTF-8 as \\xNN), or its repr when that is not one printable line; None when there is none."""
-    try:
-        data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-    except OSError as e:
-        return f"<unreadable: {e.strerror or e}>"
-    text = data.decode("utf-8", "backslashreplace").strip()
-    return text if text.isprintable() else repr(text)
-
-
-def find_resume(run_dir: str) -> Resume | None:
-    """The newest checkpoint whose every file matches its manifest, agreed by all ranks, or None
-    when run_dir has none. Skipped checkpoints are reported in one line each (rank 0). Raises a
-    one-line CheckpointError, before any training, when checkpoints exist but none is usable."""
-    root = ckpt_dir(run_dir)
-    if not root.is_dir():
-        return None
-    notes = [f"note: ignoring {p}: a save that did not finish" for p in sorted(root.iterdir())
-             if p.name.endswith(PARTIAL) and p.is_dir()]
-    candidates = sorted((p.name for p in root.iterdir() if _step_of(p.name) is not None and p.is_dir()),
-                        key=_step_of, reverse=True)
-    pointer_file = root / "latest"
-    pointer = read_pointer(pointer_file)
-    first_problem, chosen = None, None
-    for name in candidates:
-        local = _problem(root / name)
-        verdicts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, local[0])
-        problem = next((v for v in verdicts if v), None)
-        if problem is None:
-            chosen = Resume(name, root / name, local[1])
-            break
-        notes.append(f"warning: skipping checkpoint {name}: {problem}")
-        first_problem = first_problem or problem
-    if chosen is None:
-        _rank0_print(*notes)
-        if first_problem:
-            raise CheckpointError(f"no usable checkpoint in {root} ({len(candidates)} found; newest: {first_problem}); "
-                                  f"nothing was changed")
-        if pointer:
-            raise CheckpointError(f"{pointer_file} names {pointer}, which is not in {root}, and no complete "
-                                  f"checkpoint is there; remove {pointer_file} to start afresh")
-        return None
-    if pointer is not None and pointer != chosen.tag:
-        notes.append(f"warning: {pointer_file} names {pointer}; the newest usable checkpoint is {chosen.tag}")
-    if candidates[0] != chosen.tag:
-        notes.append(f"warning: resuming from {chosen.tag}, not the newest checkpoint {candidates[0]}")
-    _rank0_print(*notes)
-    return chosen
 
 
 def load(engine, resume: Resume, load_dir: Path) -> dict:

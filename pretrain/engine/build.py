@@ -8,12 +8,10 @@ CPU, and trainer.* switch activation checkpointing and regional torch.compile on
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import socket
 import warnings
-from pathlib import Path
 
 import deepspeed
 import torch
@@ -22,6 +20,7 @@ from deepspeed.accelerator import get_accelerator
 
 from pretrain.config import ConfigError, RunConfig, total_steps
 from pretrain.engine.lr_schedule import lr_fraction, step_to_position
+from pretrain.hf.folder_files import FormatError, read_json
 from pretrain.model.transformer import Block, LLaDAModel, compile_blocks
 
 deepspeed.utils.logger.setLevel(logging.WARNING)  # the framework logs what matters; DeepSpeed's INFO floods
@@ -168,9 +167,12 @@ def report_init_from(model: torch.nn.Module, folder: str) -> None:
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    origin = Path(folder) / "export.json"  # written by python -m pretrain.export
-    info = json.loads(origin.read_text()) if origin.is_file() else {}
-    step = f"step {info['step']} of {info['source']}" if info.get("step") is not None else "step unknown"
+    try:  # written by python -m pretrain.export; read inside the folder, size-capped
+        info = read_json(folder, "export.json", 1 << 16, "written by python -m pretrain.export")
+    except FormatError:
+        info = {}
+    known = isinstance(info.get("step"), int) and isinstance(info.get("source"), str)
+    step = f"step {info['step']} of {info['source'][:200]}" if known else "step unknown"
     print(f"init_from: loaded {params:,} parameters from {folder} ({step})", flush=True)
 
 

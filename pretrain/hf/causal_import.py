@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.tokenizer import MASK, ensure_special_tokens, fingerprint, mask_token
 from pretrain.config import ModelConfig
+from pretrain.hf.folder_files import INDEX, WEIGHTS, weight_map, weights_path
 from pretrain.hf.format import FormatError, read_config
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -153,13 +154,8 @@ def check_source(folder: str, model: ModelConfig, data_tokenizer: str | None) ->
 def weights_index(folder: str | Path) -> dict[str, str]:
     """Their tensor name -> the safetensors file that holds it (one file, or a sharded index)."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return json.loads(index.read_text())["weight_map"]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {name: single.name for name in f.keys()}
+    if any((folder / name).exists() for name in (INDEX, WEIGHTS)):
+        return weight_map(folder)  # read inside the folder, size-capped (pretrain/hf/folder_files.py)
     if any(folder.glob("pytorch_model*.bin")):
         raise FormatError(f"{folder}: only pickle weights (pytorch_model.bin), which are refused; convert them to "
                           f"safetensors (transformers: model.save_pretrained(out, safe_serialization=True))")
@@ -197,7 +193,7 @@ class CausalWeights:
 
     def get(self, name: str) -> torch.Tensor:
         theirs, file = self.ours[name]
-        with safe_open(self.folder / file, framework="pt") as f:
+        with safe_open(weights_path(self.folder, file), framework="pt") as f:
             tensor = f.get_tensor(theirs)
         if name in ("transformer.wte.weight", "transformer.ff_out.weight") and self.mask["new_rows"]:
             tensor = self.with_new_rows(tensor)
@@ -217,7 +213,7 @@ class CausalWeights:
     def shapes(self) -> dict[str, torch.Size]:
         shapes = {}
         for name, (theirs, file) in self.ours.items():
-            with safe_open(self.folder / file, framework="pt") as f:
+            with safe_open(weights_path(self.folder, file), framework="pt") as f:
                 shape = list(f.get_slice(theirs).get_shape())
             if name in ("transformer.wte.weight", "transformer.ff_out.weight"):
                 shape[0] = max(shape[0], self.vocab)

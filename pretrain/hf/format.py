@@ -31,10 +31,17 @@ from safetensors import safe_open
 
 from data_pipeline.config import CONF_DIR
 from pretrain.config import ModelConfig
+from pretrain.hf.folder_files import (  # noqa: F401  FormatError: its home is folder_files, its users import it here
+    CONFIG_MAX_BYTES,
+    INDEX,
+    WEIGHTS,
+    FormatError,
+    read_json,
+    weight_map,
+    weights_path,
+)
 from pretrain.model.transformer import HF_PREFIX
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # config.json's "precision": the weights' dtype
@@ -62,10 +69,6 @@ PUBLISHED_KEYS = sorted({
     "init_cutoff_factor", "init_device", "init_fn", "init_std", "mask_token_id", "mlp_ratio", "model_type",
     "pad_token_id", "precision", "residual_dropout", "use_cache", "transformers_version", "torch_dtype",
 })
-
-
-class FormatError(ValueError):
-    """A Hugging Face folder that is not a LLaDA model this framework can build, or not the one asked for."""
 
 
 def auto_map(code_repo: str | None) -> dict[str, str]:
@@ -117,13 +120,8 @@ def warm_start_keys(m: ModelConfig) -> dict:
 
 
 def read_config(folder: str | Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FormatError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    """config.json, read inside the folder with a size cap (pretrain/hf/folder_files.py)."""
+    return read_json(folder, "config.json", CONFIG_MAX_BYTES, "not a Hugging Face model folder")
 
 
 def model_config_from_hf(config: dict, where: str, attention: str = "auto", name: str = "hf") -> ModelConfig:
@@ -264,22 +262,15 @@ class HFWeights:
     @staticmethod
     def open(folder: str | Path) -> HFWeights:
         folder = Path(folder)
-        if (folder / INDEX).is_file():
-            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        elif (folder / WEIGHTS).is_file():
-            with safe_open(folder / WEIGHTS, framework="pt") as f:
-                weight_map = {k: WEIGHTS for k in f.keys()}
-        else:
-            raise FormatError(f"{folder}: neither {WEIGHTS} nor {INDEX}")
         files = {}
-        for key, file in weight_map.items():
+        for key, file in weight_map(folder).items():
             if not key.startswith(HF_PREFIX):
                 raise FormatError(f"{folder}: tensor {key!r} lacks the published {HF_PREFIX!r} prefix")
             files[key[len(HF_PREFIX):]] = file
         return HFWeights(folder, files)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.folder / self.files[name], framework="pt") as f:
+        with safe_open(weights_path(self.folder, self.files[name]), framework="pt") as f:
             return f.get_tensor(HF_PREFIX + name)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -289,7 +280,7 @@ class HFWeights:
     def shapes(self) -> dict[str, torch.Size]:
         shapes = {}
         for name, file in self.files.items():
-            with safe_open(self.folder / file, framework="pt") as f:
+            with safe_open(weights_path(self.folder, file), framework="pt") as f:
                 shapes[name] = torch.Size(f.get_slice(HF_PREFIX + name).get_shape())
         return shapes
 

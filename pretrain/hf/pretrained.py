@@ -17,11 +17,13 @@ from tokenizers import Tokenizer
 
 from data_pipeline.shards import DataError, Manifest
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain.checkpoint import ds_names
+from pretrain.checkpoint import choice
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.zero_files import open_checkpoint
 from pretrain.config import ModelConfig
-from pretrain.hf.format import FormatError, HFWeights, model_config, model_config_from_hf, read_config
+from pretrain.hf.folder_check import check_model_folder, check_model_values, compare_shapes
+from pretrain.hf.folder_files import weights_path
+from pretrain.hf.format import FormatError, HFWeights, model_config, read_config
 from pretrain.model.transformer import LLaDAModel
 
 
@@ -77,28 +79,15 @@ def check_shapes(found: dict[str, torch.Size], cfg: ModelConfig, where: str) -> 
         raise SourceError(f"{where}: {extra[0]} is not a parameter of the model")
 
 
-def complete_steps(run_dir: Path) -> list[int]:
-    """Steps that have a checkpoint tag directory with DeepSpeed's model states (for error messages)."""
-    root = checkpoint.ckpt_dir(str(run_dir))
-    steps = []
-    for d in sorted(root.glob("step*")) if root.is_dir() else []:
-        if d.name[4:].isdigit() and ds_names.has_model_states(d):
-            steps.append(int(d.name[4:]))
-    return steps
-
-
 def _run_source(run_dir: Path, step: int | None) -> Source:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     model = model_config(OmegaConf.to_container(cfg.model, resolve=True))
-    if step is None:
-        tag = checkpoint.latest(str(run_dir))
-        if tag is None:
-            raise SourceError(f"{run_dir}: no complete checkpoint in {checkpoint.ckpt_dir(str(run_dir))}")
-    else:
-        tag = checkpoint.tag(step)
-        if not ds_names.has_model_states(checkpoint.ckpt_dir(str(run_dir)) / tag):
-            raise SourceError(f"{run_dir}: no checkpoint at --step {step} (checkpoints at steps: "
-                              f"{complete_steps(run_dir) or 'none'})")
+    check_model_values(model, f"{run_dir}/config.yaml")
+    try:
+        chosen = choice.choose(run_dir, step)  # the verified choice every command makes
+    except checkpoint.CheckpointError as e:
+        raise SourceError(str(e)) from None
+    compare_shapes(open_checkpoint(chosen.directory).shapes, model, f"{run_dir}/config.yaml")
     data_dir = Path(cfg.data.dir)
     try:
         manifest = Manifest.load(data_dir)
@@ -106,16 +95,16 @@ def _run_source(run_dir: Path, step: int | None) -> Source:
         raise SourceError(f"{run_dir}: the run's data.dir={data_dir} (tokenizer and special ids) is unreadable: "
                           f"{e}") from None
     return Source(run_dir, model, manifest.eos_id, manifest.mask_id, data_dir / "tokenizer.json", data_dir,
-                  checkpoint.ckpt_dir(str(run_dir)) / tag, int(tag[4:]) if tag[4:].isdigit() else None)
+                  chosen.directory, int(chosen.manifest["step"]))
 
 
 def _folder_source(folder: Path) -> Source:
-    config = read_config(folder)
-    model = model_config_from_hf(config, str(folder))
+    config, model = check_model_folder(folder)  # values and weight headers, before anything is built
     for key in ("eos_token_id", "mask_token_id"):
         if key not in config:
             raise FormatError(f"{folder}/config.json has no {key!r}")
-    return Source(folder, model, config["eos_token_id"], config["mask_token_id"], folder / "tokenizer.json",
+    tokenizer = weights_path(folder, "tokenizer.json", "a model folder holds its tokenizer")
+    return Source(folder, model, config["eos_token_id"], config["mask_token_id"], tokenizer,
                   None, None, None)
 
 
@@ -159,7 +148,7 @@ def check_init_from(folder: str, expected: ModelConfig, data_tokenizer: str | No
     if not is_llada(config):
         check_source(folder, expected, data_tokenizer)
         return config
-    check_matches(model_config_from_hf(config, folder), expected, folder)
+    check_matches(check_model_folder(folder)[1], expected, folder)
     return config
 
 

@@ -146,20 +146,16 @@ MIN_SEQ_LEN = 16
 
 
 def check_config(m: ModelConfig, seq_len: int, activation_checkpointing: str | int) -> None:
-    """model.* and the trainer keys the model reads, before any work."""
+    """The relations between model.* keys and the trainer keys the model reads, before any work (each
+    key's own range: pretrain/domains.py, checked first)."""
     require(m.head_dim is not None or m.d_model % m.n_heads == 0,
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} (set model.head_dim)")
-    require(m.head_dim is None or m.head_dim > 0, f"model.head_dim={m.head_dim} must be positive (or null)")
     require(m.n_heads % m.n_kv_heads == 0,
             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     require(m.head_size % 2 == 0, f"model head dim {m.head_size} must be even for RoPE")
-    require(m.attention_anneal_steps >= 0, f"model.attention_anneal_steps={m.attention_anneal_steps} must be >= 0")
     check_scaling(m.rope_scaling)
     require(m.attention in ("auto", "sdpa", "flash"),
             f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
-    for key in ("n_layers", "d_model", "mlp_hidden_size", "max_sequence_length"):
-        require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
-    require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive (or null)")
     short = "" if seq_len >= MIN_SEQ_LEN else ": shorter windows hold too little context to learn from"
     require(MIN_SEQ_LEN <= seq_len <= m.max_sequence_length,
             f"trainer.seq_len={seq_len} is outside {MIN_SEQ_LEN}..model.max_sequence_length={m.max_sequence_length} "

@@ -222,3 +222,38 @@ def test_import_refuses_shards_of_another_tokenizer(exported, demo_shards):
     validate_data(compose_config(args), manifest)
     with pytest.raises(ConfigError, match=f"mask_token_id={manifest.mask_id}, but .* has mask_id=7"):
         validate_data(compose_config(args), dataclasses.replace(manifest, mask_id=7))
+
+
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
+def test_checkpoint_folders_that_lie_are_skipped_by_every_tool_which_changes_nothing(trained_run, tmp_path, capsys):
+    # Issue 26: a future-numbered folder with a random manifest failed export and evaluate; a planted
+    # pickle (manifest updated to match) was 28 lines advising weights_only=False.
+    import os
+
+    from pretrain.checkpoints import main as list_checkpoints
+    from pretrain.generate import main as generate
+    from tests.pretrain.checkpoint.test_checkpoint import file_hashes, plant_pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    marker = tmp_path / "pwned"
+    plant_pickle(run / "checkpoints" / "step00000030" / "zero_pp_rank_0_mp_rank_00_model_states.pt", marker)
+    (run / "checkpoints" / "step99999999").mkdir()
+    (run / "checkpoints" / "step99999999" / "manifest.json").write_bytes(os.urandom(200))
+    before = file_hashes(run)
+    main([str(run), str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["step"] == 15
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 2 and warnings[0].startswith("warning: skipping checkpoint step99999999: ")
+    assert warnings[1].startswith("warning: skipping checkpoint step00000030: ") and "would unpickle" in warnings[1]
+    for tool, args in ((main, [str(tmp_path / "o30"), "--step", "30"]), (generate, ["--prompt", "a", "--step", "30"])):
+        with pytest.raises(SystemExit) as e:
+            tool([str(run), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith("error: checkpoint step00000030 is not usable: ") and "would unpickle" in err
+    list_checkpoints([str(run), "--verify", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["state"] == "complete" for r in rows] == [False, False, True]  # 99999999, 30 (pickle), 15
+    assert file_hashes(run) == before and not marker.exists()  # the tools moved nothing aside, ran nothing

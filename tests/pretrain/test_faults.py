@@ -176,6 +176,10 @@ def test_a_stopped_peer_fails_the_job_within_the_timeout(tmp_path, demo_shards):
     # timeout_s for the collective, then up to 30 s for deepspeed's launcher to end the stopped rank.
     assert elapsed < 8 + 30 + 30, elapsed
     assert not processes_using(run_dir)
+    # The surviving rank names the one that stopped answering (its heartbeat stopped), in one line.
+    named = [line for line in err.splitlines() if "stopped answering" in line]
+    assert named and named[0].startswith("error: rank 0: rank 1 stopped answering (no heartbeat for "), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
 
 
 def param_and_optimizer_state(run_dir: Path, step: int) -> list[torch.Tensor]:

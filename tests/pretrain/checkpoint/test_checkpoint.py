@@ -194,6 +194,9 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk, demo_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert 1 <= len(errors) <= 2  # each rank that saw the disk full, unless the launcher stopped it first
     assert all("step00000006 could not be written" in e and "step00000003 is intact" in e for e in errors)
+    # What it is and where, not torch's "inline_container.cc:672 unexpected pos".
+    assert all(f"no space left on {run_dir / 'checkpoints'}" in e for e in errors), errors
+    assert "inline_container" not in proc.stderr
     assert tags(run_dir) == ["step00000003"]  # the half-written one is gone, its space freed
     intact = file_hashes(run_dir / "checkpoints" / "step00000003")
 
@@ -288,6 +291,9 @@ def test_flipped_byte_falls_back_to_the_previous_checkpoint(run_copy, demo_shard
     flip_byte(damaged, damaged.stat().st_size // 2)  # inside a weight tensor: torch.load would not notice
     proc = rerun(run_copy, demo_shards)
     assert f"skipping checkpoint step00000004: {damaged}: content differs" in proc.stdout
+    # The trainer, holding run.lock, moved it aside: no later resume or tool meets it again.
+    assert "moved aside to step00000004.rejected" in proc.stdout
+    assert (run_copy / "checkpoints" / "step00000004.rejected" / damaged.name).is_file()
     assert "at step 2" in proc.stdout and sorted(train_losses(run_copy)) == [1, 2, 3, 4]
     assert checkpoint.latest(str(run_copy)) == "step00000004"  # re-written, now whole
     manifest = json.loads((run_copy / "checkpoints" / "step00000004" / MANIFEST).read_text())
