@@ -25,7 +25,7 @@ from pretrain.hf.causal_import import is_llada
 from pretrain.hf.format import FormatError, HFWeights, read_config
 from pretrain.hf.pretrained import check_init_from
 from pretrain.model import transformer
-from pretrain.objective import diffusion
+from pretrain.objective import block, diffusion
 from pretrain.objective.sampler import GenerateError, check_settings
 
 
@@ -54,6 +54,7 @@ def check_run(run: RunConfig, world_size: int) -> None:
         except FormatError as e:
             raise ConfigError(f"model.init_from={run.model.init_from}: {e}") from None
     diffusion.check_config(run.mask, run.trainer.seq_len)
+    block.check_config(run.block, run.model, run.mask, run.trainer.seq_len)
     ds_config.check_config(run)
     if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
         s = run.sample

@@ -1,0 +1,118 @@
+"""Block diffusion's objective (pretrain/objective/block.py, noise.py): its limit cases in fp32, the
+block-size schedule, the keyed draws and complementary masks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import BlockConfig, BlockScheduleConfig
+from pretrain.model.transformer import LLaDAModel
+from pretrain.objective.block import block_size_at, block_times, inference_block_size, pass_block_size
+from pretrain.objective.diffusion import Linear, forward_process, model_loss_and_stats, random_length, sample_times
+from pretrain.objective.noise import complement, keyed_uniforms
+from tests.pretrain.model.test_model import tiny
+
+MASK = 96
+
+
+def model_and_batch(L=32, B=3, seed=0):
+    torch.manual_seed(seed)
+    return LLaDAModel(tiny()).float(), torch.randint(0, MASK, (B, L))
+
+
+def test_one_block_of_the_whole_sequence_is_llada():
+    model, x0 = model_and_batch()
+    B, L = x0.shape
+    t = sample_times("iid", B, 0, B, 1e-3, torch.Generator().manual_seed(2))
+    u = keyed_uniforms([11, 12, 13], L)
+    plain = forward_process(x0, MASK, t, Linear(), uniforms=u)
+    per_block = forward_process(x0, MASK, t[:, None], Linear(), uniforms=u)  # one block: the same masks
+    assert torch.equal(plain.masked, per_block.masked)
+    today = model_loss_and_stats(model, x0, plain)[0]
+    forced = model_loss_and_stats(model, x0, per_block, block_size=L)[0]  # the 2L pass with one block
+    torch.testing.assert_close(forced, today, rtol=0, atol=1e-6)
+    default = model_loss_and_stats(model, x0, per_block, block_size=pass_block_size(L, L))[0]
+    assert pass_block_size(L, L) is None and torch.equal(default, today)  # B = L takes today's path, bitwise
+
+
+def test_block_one_fully_masked_is_the_autoregressive_nll():
+    model, x0 = model_and_batch(L=16, B=2)
+    B, L = x0.shape
+    t = torch.ones(B, L, dtype=torch.float64)  # B = 1: one block per token, every one at t = 1
+    noisy = forward_process(x0, MASK, t, Linear(), uniforms=keyed_uniforms([1, 2], L))
+    assert noisy.masked.all()
+    loss = model_loss_and_stats(model, x0, noisy, block_size=1)[0]
+    model.cfg.attention_anneal_steps, model.step = 10**9, 0  # step 0 of an anneal: the causal mask
+    ce = []
+    for i in range(L):  # one causal forward per position: the clean tokens before i, a mask at i
+        ids = torch.cat([x0[:, :i], torch.full((B, 1), MASK)], dim=1)
+        ce.append(F.cross_entropy(model(ids)[:, -1].float(), x0[:, i], reduction="none"))
+    reference = torch.stack(ce, dim=1).mean()  # (1/L) sum_i CE_i, averaged over the batch
+    torch.testing.assert_close(loss, reference, rtol=0, atol=1e-5)
+
+
+def test_per_block_times_mask_each_block_at_its_own_rate():
+    L, nb = 4096, 4
+    x0 = torch.zeros(1, L, dtype=torch.long)
+    t = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
+    noisy = forward_process(x0, MASK, t, Linear(), uniforms=keyed_uniforms([5], L))
+    rates = noisy.masked.view(nb, L // nb).float().mean(1)
+    torch.testing.assert_close(rates, t[0].float(), rtol=0, atol=0.04)
+    torch.testing.assert_close(noisy.weight.view(nb, -1)[:, 0], 1 / t[0].float())
+    none = forward_process(x0, MASK, t, Linear(), uniforms=keyed_uniforms([5], L), elbo_weight=False)
+    assert torch.equal(none.weight, torch.ones_like(none.weight)) and torch.equal(none.masked, noisy.masked)
+
+
+def test_block_times_are_one_global_draw_sliced_by_rank():
+    whole = block_times("stratified", 4, 0, 4, 3, 1e-3, torch.Generator().manual_seed(0))
+    half = block_times("stratified", 4, 2, 2, 3, 1e-3, torch.Generator().manual_seed(0))
+    assert whole.shape == (4, 3) and torch.equal(whole[2:], half)
+    band = block_times("iid", 64, 0, 64, 2, 0.3, torch.Generator().manual_seed(0), high=0.8)
+    assert band.min() >= 0.3 and band.max() <= 0.8
+
+
+def schedule(unit="steps", points=((0, 1), (2, 4), (4, 16), (6, 8))):
+    return BlockConfig(size=None, schedule=BlockScheduleConfig(unit, [list(p) for p in points]), noise="block",
+                       weight="elbo", embedding_noise=0.0)
+
+
+def test_the_block_schedule_is_a_step_function_of_the_step():
+    b = schedule()
+    assert [block_size_at(b, 16, s, 100, 8) for s in range(8)] == [1, 1, 4, 4, 16, 16, 8, 8]
+    assert inference_block_size(b, 16, 100, 8) == 8
+    frac = schedule("fraction", ((0, 2), (0.5, 16)))
+    assert [block_size_at(frac, 16, s, 100, 10) for s in range(10)] == [2] * 5 + [16] * 5
+    assert inference_block_size(frac, 16, 100, 10) is None  # ends at the whole sequence: a plain LLaDA model
+    tokens = schedule("tokens", ((0, 2), (300, 4)))
+    assert [block_size_at(tokens, 16, s, 100, 10) for s in range(5)] == [2, 2, 2, 4, 4]
+
+
+def test_random_lengths_are_whole_blocks():
+    x0 = torch.zeros(2, 64, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    lengths = {random_length(x0, 1.0, g, multiple=16).shape[1] for _ in range(200)}
+    assert lengths == {16, 32, 48, 64}
+
+
+def test_keyed_masks_do_not_depend_on_the_layout():
+    # 1 rank x 2 micro-batches of 2 and 2 ranks x 1 micro-batch of 2: global sequences 0..3 each way
+    def seeds(first, n):
+        return [1000 + first + b for b in range(n)]  # the loop keys by (seed, step, first + b)
+
+    one_rank = torch.cat([keyed_uniforms(seeds(micro * 2, 2), 32) for micro in range(2)])
+    two_ranks = torch.cat([keyed_uniforms(seeds(rank * 2, 2), 32) for rank in range(2)])
+    assert torch.equal(one_rank, two_ranks)
+    assert not torch.equal(one_rank[0], one_rank[1])
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_the_complement_masks_the_rest_at_the_complementary_time(per_block):
+    x0 = torch.randint(0, MASK, (2, 16))
+    t = torch.tensor([[0.2, 0.7], [0.9, 0.4]], dtype=torch.float64) if per_block else torch.tensor([0.25, 0.6])
+    noisy = forward_process(x0, MASK, t, Linear(), uniforms=keyed_uniforms([3, 4], 16))
+    x2, both = complement(noisy, x0, MASK, Linear(), 1e-3)
+    assert torch.equal(x2, torch.cat([x0, x0])) and both.masked.shape == (4, 16)
+    assert torch.equal(both.masked[2:], ~noisy.masked)
+    p = noisy.p_mask.expand(2, 16)
+    torch.testing.assert_close(both.p_mask[2:].expand(2, 16), 1 - p)
+    torch.testing.assert_close(both.weight[2:].expand(2, 16), 1 / (1 - p))  # linear: 1 / t' with t' = 1 - t
