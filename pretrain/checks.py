@@ -17,7 +17,7 @@ from data_pipeline.config import compose
 from data_pipeline.piece import pad_vocab
 from data_pipeline.shards import Manifest
 from data_pipeline.tokenizer import fingerprint, load_tokenizer
-from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require
+from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require, total_steps
 from pretrain.engine import ds_config
 from pretrain.engine.device import resolve_precision
 from pretrain.engine.zero_sizes import resolve_zero_sizes
@@ -34,6 +34,9 @@ def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
     run = parse_config(cfg)
     run.deepspeed = resolve_zero_sizes(run.deepspeed, run.model)
     check_run(run, world_size)
+    t = run.trainer  # the size the model serves with: the one its last step trains with (saved, exported)
+    run.model.block_size = block.inference_block_size(run.block, t.seq_len, t.global_batch_size * t.seq_len,
+                                                      total_steps(t))
     run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
     return run
 

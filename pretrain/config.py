@@ -50,6 +50,7 @@ class ModelConfig:
     attention_anneal_steps: int  # 0: bidirectional; N: the causal mask relaxed over N steps (DiffuLLaMA)
     shift_prediction: bool  # Dream's shift: the output at i predicts the token at i + 1
     mask_token: dict[str, Any] | None  # {token, id, origin}: filled at start from the source and the data
+    block_size: int | None  # the block size the model serves with (block diffusion): filled at start from block.*
 
     @property
     def head_size(self) -> int:

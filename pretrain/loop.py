@@ -256,6 +256,9 @@ class Trainer:
         self.engine.eval()
         self.engine.module.step = self.state.step
         rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
+        # A block model is scored at the size its last step trained with (the block NELBO); none: LLaDA's.
+        size = pass_block_size(block_size_at(self.run.block, self.run.trainer.seq_len, self.state.step - 1,
+                                             self.tokens_per_step, self.total_steps), self.run.trainer.seq_len)
         sums = NelboSums()
         for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
             if self.stop_agreed_now():  # the checkpoint first: a stop leaves ~30 s before SIGKILL
@@ -266,7 +269,7 @@ class Trainer:
             x0 = batch["tokens"].to(self.device).long()
             sums.sums += nelbo_of_batch(self.engine, x0, self.mask_id, self.run.trainer.eval_mc_num, rng,
                                         self.prompt_len(batch), batch_size=x0.shape[0],
-                                        doc_start=self.doc_start(batch, x0.shape[1])).sums
+                                        doc_start=self.doc_start(batch, x0.shape[1]), block_size=size).sums
         totals = sums.sums.to(self.device)
         dist.all_reduce(totals)
         estimate = NelboSums(totals.cpu()).estimate()

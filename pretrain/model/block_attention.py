@@ -34,6 +34,14 @@ def may_attend(q: torch.Tensor, kv: torch.Tensor, seq_len: int, block_size: int)
     return same_noisy_block | noisy_sees_clean | clean_sees_clean
 
 
+def block_causal(seq_len: int, block_size: int, device) -> torch.Tensor:
+    """[L, L] bool: the served model's attention over one sequence (sampling, likelihood of a prefix):
+    a block sees itself and the blocks before it. The block being decoded sees the clean blocks before
+    it as the noisy half does in training; the clean blocks see what they saw in the clean half."""
+    block = torch.arange(seq_len, device=device) // block_size
+    return block[:, None] >= block[None, :]
+
+
 def doubled_segments(doc_start: torch.Tensor) -> torch.Tensor:
     """[B, L] document starts -> [B, 2L] document ids: the clean half repeats the noisy half's."""
     seg = segment_ids(doc_start)

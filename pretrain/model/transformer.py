@@ -36,7 +36,7 @@ import torch.utils.checkpoint
 from pretrain.config import ConfigError, ModelConfig, require
 from pretrain.model.anneal import annealed_mask
 from pretrain.model.attention import sdpa_attention, select_attention
-from pretrain.model.block_attention import select_block_attention
+from pretrain.model.block_attention import block_causal, select_block_attention
 from pretrain.model.output_head import OutputHead
 from pretrain.model.rope import apply_rope, check_scaling, rope_tables
 
@@ -217,6 +217,12 @@ class LLaDAModel(nn.Module):
             cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
             attention = self.block_attention
             docs = attention.mask(L, block_size, input_ids.device, doc_start)
+        elif block_size is not None:  # the served block model over one sequence: block causal (dense, SDPA)
+            x = t.wte(input_ids)
+            attention = sdpa_attention
+            docs = block_causal(L, block_size, input_ids.device)[None, None]
+            if doc_start is not None:
+                docs = docs & sdpa_attention.documents(doc_start)
         else:
             x = t.wte(input_ids)
             docs = self.attention.documents(doc_start) if doc_start is not None else None

@@ -116,3 +116,69 @@ def test_the_complement_masks_the_rest_at_the_complementary_time(per_block):
     p = noisy.p_mask.expand(2, 16)
     torch.testing.assert_close(both.p_mask[2:].expand(2, 16), 1 - p)
     torch.testing.assert_close(both.weight[2:].expand(2, 16), 1 / (1 - p))  # linear: 1 / t' with t' = 1 - t
+
+
+def test_a_prompt_that_ends_inside_a_block_decodes_the_rest_of_that_block_first():
+    from pretrain.objective.block_sampling import pieces
+
+    assert pieces(5, 11, 4) == [3, 4, 4]  # positions 5-7, 8-11, 12-15
+    assert pieces(8, 8, 4) == [4, 4]
+    assert pieces(6, 5, 4) == [2, 3]  # the last piece cut at P + gen_length
+
+
+def test_block_sampling_never_lets_a_later_block_change_an_earlier_one():
+    from pretrain.objective.block_sampling import generate_blocks
+
+    model, _ = model_and_batch()
+    model.eval()
+    prompt = torch.randint(0, MASK, (1, 6))
+    out = generate_blocks(model, prompt, 10, 10, MASK, block_size=4)
+    assert out.shape == (1, 16) and torch.equal(out[:, :6], prompt) and not (out == MASK).any()
+    # decoding only to the end of the second block gives the same first tokens: blocks are causal
+    short = generate_blocks(model, prompt, 6, 6, MASK, block_size=4)
+    assert torch.equal(short, out[:, :12])
+
+
+def causal_nll(model, x0):
+    """sum_i CE at i of the model fed the clean tokens before i and a mask at i (one causal forward per i)."""
+    model.cfg.attention_anneal_steps, model.step = 10**9, 0
+    B, L = x0.shape
+    ce = [F.cross_entropy(model(torch.cat([x0[:, :i], torch.full((B, 1), MASK)], 1))[:, -1].float(), x0[:, i],
+                          reduction="none") for i in range(L)]
+    model.cfg.attention_anneal_steps, model.step = 0, None
+    return torch.stack(ce, 1)
+
+
+def test_the_block_nelbo_of_block_one_is_the_autoregressive_nll():
+    from pretrain.objective.likelihood import answer_nll, elbo_terms
+
+    model, x0 = model_and_batch(L=12, B=2)
+    model.eval()
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    terms = elbo_terms(model, x0, maskable, MASK, 2, torch.Generator().manual_seed(0), block_size=1)
+    reference = causal_nll(model, x0).sum(1).double()  # one token per block: always masked, weight 1
+    torch.testing.assert_close(terms, reference[:, None].expand(2, 2), rtol=0, atol=1e-4)
+    # a prompt of 5 tokens: blocks of 1, so -log p(answer | prompt) is the answer's causal NLL
+    nll, _ = answer_nll(model, x0[0, :5].tolist(), x0[0, 5:].tolist(), MASK, 1, torch.Generator().manual_seed(0),
+                        block_size=1)
+    assert abs(nll - reference.new_tensor(causal_nll(model, x0[:1])[0, 5:].sum().item()).item()) < 1e-4
+
+
+def test_the_block_nelbo_scores_the_rest_of_a_block_the_prompt_ends_in():
+    from pretrain.objective import likelihood
+
+    model, x0 = model_and_batch(L=16, B=1)
+    calls = []
+    maskable = torch.arange(16)[None, :] >= 6  # the prompt ends inside block 1 (positions 4..7)
+    original = likelihood.masked_cross_entropy
+    likelihood.masked_cross_entropy = lambda f, ids, t, rows, docs, bs: calls.append(rows.clone()) or original(
+        model, ids, t, rows, docs, bs)
+    try:
+        likelihood.block_elbo_terms(model, x0, maskable, MASK, 8, torch.Generator().manual_seed(0), block_size=4)
+    finally:
+        likelihood.masked_cross_entropy = original
+    rows = calls[-1]
+    assert not rows[:, :6].any()  # the prompt is never masked
+    for j in (1, 2, 3):  # every block with something maskable masks 1..n_j of it in every draw
+        n = rows[:, 4 * j: 4 * j + 4].sum(1)
+        assert (n >= 1).all() and (n <= (2 if j == 1 else 4)).all()
