@@ -29,6 +29,7 @@ from pretrain.faults import (
     inject_loss_fault,
     stop_agreed,
 )
+from pretrain.model.block_attention import FlexBlockAttention
 from pretrain.model.flops import flops_per_token, peak_tflops
 from pretrain.monitor.metrics import MetricsLogger, console_line
 from pretrain.monitor.train_stats import LogWindow, device_name
@@ -80,7 +81,9 @@ class Trainer:
         self.bad_steps = NonFiniteSteps(t.max_bad_steps)
         self.total_steps = total_steps(t)
         self.window = LogWindow(run.logging.t_buckets, self.device)  # what the next log line reports
-        self.flops_per_token = flops_per_token(run.model, t.seq_len)
+        self.sparse_attention = isinstance(engine.module.block_attention, FlexBlockAttention)
+        if run.block.embedding_noise > 0:
+            engine.module.embedding_noise = (run.block.embedding_noise, mask_id)
         self.peak_tflops = peak_tflops(device_name(self.device), run.cluster.peak_tflops)
 
     # -- state -------------------------------------------------------------------------------
@@ -228,11 +231,14 @@ class Trainer:
         return self.stop.agree(bool(flag.item()))
 
     def log_window(self, steps_this_process: int) -> None:
-        stats = self.window.summarize(self.run.mask.normalize, self.world, self.flops_per_token, self.peak_tflops)
+        seq_len = self.run.trainer.seq_len
+        size = block_size_at(self.run.block, seq_len, self.state.step - 1, self.tokens_per_step,
+                             self.total_steps)  # the size the step just trained used
+        # MFU: the FLOPs executed at this block size (the 2L pass; pretrain/model/flops.py)
+        fpt = flops_per_token(self.run.model, seq_len, size, self.sparse_attention)
+        stats = self.window.summarize(self.run.mask.normalize, self.world, fpt, self.peak_tflops)
         grad_norm = self.engine.get_global_grad_norm()
         loss_name = "loss/per_token" if self.run.mask.normalize == "tokens" else "loss/per_masked_token"
-        size = block_size_at(self.run.block, self.run.trainer.seq_len, self.state.step - 1, self.tokens_per_step,
-                             self.total_steps)  # the size the step just trained used
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
                   loss_name: stats["loss"], **stats, "lr": self.engine.get_lr()[0],
                   "block_size": size if size < self.run.trainer.seq_len else None,

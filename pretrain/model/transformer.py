@@ -189,6 +189,9 @@ class LLaDAModel(nn.Module):
         # The training step, set by the loop; it picks the annealed mask (model.attention_anneal_steps).
         # None (evaluation and sampling outside training): bidirectional.
         self.step: int | None = None
+        # (std, mask id), set by the loop from block.embedding_noise: in training, Gaussian noise of this std
+        # on the masked tokens' embeddings (LLaDA 2.0's conversion from an AR model); None: off.
+        self.embedding_noise: tuple[float, int] | None = None
         self._rope: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_activation_checkpointing(self, spec: str | int) -> None:
@@ -203,6 +206,13 @@ class LLaDAModel(nn.Module):
                                               self.cfg.rope_scaling)
         return self._rope[key]
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(ids)
+        if self.embedding_noise is not None and self.training:  # the global RNG: saved with the checkpoint
+            std, mask_id = self.embedding_noise
+            x = x + (ids == mask_id)[..., None].to(x.dtype) * std * torch.randn_like(x)
+        return x
+
     def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
                clean_ids: torch.Tensor | None = None, block_size: int | None = None) -> torch.Tensor:
         """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm). With `clean_ids`
@@ -213,18 +223,18 @@ class LLaDAModel(nn.Module):
         cos, sin = self.rope(L, input_ids.device)
         attention = None
         if clean_ids is not None:
-            x = t.wte(torch.cat([input_ids, clean_ids], dim=1))
+            x = self.embed(torch.cat([input_ids, clean_ids], dim=1))
             cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
             attention = self.block_attention
             docs = attention.mask(L, block_size, input_ids.device, doc_start)
         elif block_size is not None:  # the served block model over one sequence: block causal (dense, SDPA)
-            x = t.wte(input_ids)
+            x = self.embed(input_ids)
             attention = sdpa_attention
             docs = block_causal(L, block_size, input_ids.device)[None, None]
             if doc_start is not None:
                 docs = docs & sdpa_attention.documents(doc_start)
         else:
-            x = t.wte(input_ids)
+            x = self.embed(input_ids)
             docs = self.attention.documents(doc_start) if doc_start is not None else None
             mask = None if self.step is None else annealed_mask(L, self.step, self.cfg.attention_anneal_steps,
                                                                 input_ids.device)

@@ -58,3 +58,17 @@ def test_flex_forward_equals_the_dense_mask(documents):
     want = dense(q, k, v, dense.mask(L, B, q.device, doc_start))
     got = flex(q, k, v, flex.mask(L, B, q.device, doc_start))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_noise_touches_only_masked_tokens_in_training():
+    torch.manual_seed(0)
+    model = LLaDAModel(tiny())
+    ids = torch.randint(0, 96, (2, 16))
+    ids[:, 8:] = 96
+    plain = model.embed(ids)
+    model.embedding_noise = (0.5, 96)
+    noisy = model.embed(ids)
+    assert torch.equal(noisy[:, :8], plain[:, :8]) and not torch.allclose(noisy[:, 8:], plain[:, 8:])
+    assert (noisy[:, 8:] - plain[:, 8:]).std().item() == pytest.approx(0.5, rel=0.1)
+    model.eval()
+    assert torch.equal(model.embed(ids), plain)  # evaluation and sampling see no noise
