@@ -99,7 +99,10 @@ def measure_noise(model, x0, mask_id, run, name: str, band, complementary: bool,
     losses, grad_sum, grad_sq = [], None, 0.0
     for seed in range(seeds):
         g = torch.Generator().manual_seed(seed)
-        t = block_times("iid", B, 0, B, L // block, low, g, high) if block else sample_times("iid", B, 0, B, low, g, high)
+        if block:
+            t = block_times("iid", B, 0, B, L // block, low, g, high)
+        else:
+            t = sample_times("iid", B, 0, B, low, g, high)
         noisy = forward_process(x0, mask_id, t, schedule, g)
         x, batch = complement(noisy, x0, mask_id, schedule, cfg.eps) if complementary else (x0, noisy)
         loss, _ = model_loss_and_stats(model, x, batch, "tokens", block_size=block)
@@ -121,7 +124,8 @@ def noise_table(model, x0, mask_id, run, seeds: int) -> None:
     print(f"{'objective':<9} {'case':<21} {'loss mean':>10} {'loss std':>9} {'grad std':>9} {'per cost: loss':>15} "
           f"{'grad':>7}")
     for r in rows:
-        print(f"{r['objective']:<9} {r['case']:<21} {r['loss_mean']:>10.4f} {r['loss_std']:>9.4f} {r['grad_std']:>9.4f} "
+        print(f"{r['objective']:<9} {r['case']:<21} {r['loss_mean']:>10.4f} {r['loss_std']:>9.4f} "
+              f"{r['grad_std']:>9.4f} "
               f"{r['loss_std_per_cost']:>15.4f} {r['grad_std_per_cost']:>7.4f}")
     print(json.dumps({"seeds": seeds, "batch": list(x0.shape), "rows": rows}))
 

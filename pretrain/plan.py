@@ -31,9 +31,9 @@ from pretrain.checks import compose_config, resolve_vocab
 from pretrain.config import ConfigError, RunConfig
 from pretrain.engine.zero_sizes import block_params
 from pretrain.model.flops import flops_per_token, peak_tflops
-from pretrain.objective.block import all_sizes
 from pretrain.model.output_head import CHUNK_ELEMENTS
 from pretrain.model.transformer import checkpoint_stride, padded_width
+from pretrain.objective.block import all_sizes
 
 GB = 1e9
 MASKED_SHARE = 0.5  # E[t] under the paper's t ~ U(0, 1): half the positions are masked on average

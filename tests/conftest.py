@@ -127,8 +127,8 @@ def resumed_run(tmp_path_factory, demo_shards):
     return run_dir, first.stdout + second.stdout
 
 
-# A tiny block-diffusion model (docs/block_diffusion.md): block 4 for steps 1-2, then 16 (tests/pretrain/test_block_train.py,
-# and the export / generate of a block model).
+# A tiny block-diffusion model (docs/block_diffusion.md): block 4 for steps 1-2, then 16
+# (tests/pretrain/test_block_train.py, and the export / generate of a block model).
 BLOCK_ARGS = ["block.schedule={unit:steps,points:[[0,4],[2,16]]}", "trainer.precision=fp32", "trainer.ckpt_every=2",
               "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", "trainer.max_steps=4"]
 
@@ -141,7 +141,8 @@ def block_run(tmp_path_factory, demo_shards):
     import shutil
 
     root = tmp_path_factory.mktemp("block")
-    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "pretrain.train"]
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                "pretrain.train"]
     straight = root / "straight"
     run_train(torchrun, straight, demo_shards, *BLOCK_ARGS, timeout=600)
     resumed = root / "resumed"

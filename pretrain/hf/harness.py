@@ -147,7 +147,7 @@ class LLaDAHarness(LM):
     def nll(self, context: list[int], continuation: list[int], item: int, choice: int) -> float:
         generator = torch.Generator().manual_seed(draw_seed(self.seed, item, choice))
         return answer_nll(self.model, context, continuation, self.source.mask_id, self.mc_num, generator,
-                          self.batch_size, self._device, self.source.model.block_size)[0]  # block NELBO if a block model
+                          self.batch_size, self._device, self.source.model.block_size)[0]  # a block model: block NELBO
 
     @torch.no_grad()
     def greedy(self, context: list[int], continuation: list[int]) -> bool:

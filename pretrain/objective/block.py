@@ -66,12 +66,14 @@ def check_config(b: BlockConfig, m: ModelConfig, mask: MaskConfig, seq_len: int)
     require(b.embedding_noise >= 0, f"block.embedding_noise={b.embedding_noise} must be >= 0")
     if b.schedule is not None:
         s = b.schedule
-        require(b.size is None, f"block.size={b.size} is set with block.schedule: the schedule decides, set block.size=null")
+        require(b.size is None,
+                f"block.size={b.size} is set with block.schedule: the schedule decides, set block.size=null")
         require(s.unit in UNITS, f"block.schedule.unit={s.unit!r} is not one of {', '.join(UNITS)}")
         pts = s.points
         require(len(pts) > 0 and all(isinstance(p, list) and len(p) == 2 for p in pts),
                 f"block.schedule.points={pts} must be a non-empty list of [position, block size]")
-        require([p[0] for p in pts] == sorted(p[0] for p in pts), f"block.schedule.points={pts}: positions must not decrease")
+        require([p[0] for p in pts] == sorted(p[0] for p in pts),
+                f"block.schedule.points={pts}: positions must not decrease")
         require(s.unit != "fraction" or all(0 <= p[0] <= 1 for p in pts),
                 f"block.schedule.points={pts}: with block.schedule.unit=fraction positions are in [0, 1]")
     for size in all_sizes(b, seq_len):

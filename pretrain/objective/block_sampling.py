@@ -40,7 +40,8 @@ def generate_blocks(model, prompt: torch.Tensor, gen_length: int, steps: int, ma
     """prompt [B, P] -> [B, P + gen_length], block by block. Calls the model `steps` times in all."""
     lengths = pieces(prompt.shape[1], gen_length, block_size)
     if steps < len(lengths):
-        raise GenerateError(f"steps={steps} is fewer than the {len(lengths)} blocks to decode (block size {block_size})")
+        raise GenerateError(f"steps={steps} is fewer than the {len(lengths)} blocks to decode "
+                            f"(block size {block_size})")
     base, extra = divmod(steps, len(lengths))
     forward, x = block_forward(model, block_size), prompt
     for i, n in enumerate(lengths):

@@ -142,9 +142,9 @@ def check_config(m: MaskConfig, seq_len: int) -> None:
 
 def sample_times(method: str, n_global: int, first: int, n: int, eps: float, generator: torch.Generator,
                  high: float = 1.0):
-    """t in [eps, high] (mask.band clips both ends) for sequences first..first+n-1 of a global batch of n_global. `generator` must be
-    seeded identically on every rank (from the step): each rank draws the global batch's times and
-    keeps its own slice, so stratification holds across data-parallel ranks.
+    """t in [eps, high] (mask.band clips both ends) for sequences first..first+n-1 of a global batch of
+    n_global. `generator` must be seeded identically on every rank (from the step): each rank draws the
+    global batch's times and keeps its own slice, so stratification holds across data-parallel ranks.
       iid:        independent u ~ U(0, 1)
       stratified: one offset u0, then u_i = (u0 + i / n_global) mod 1 (evenly spaced)
       antithetic: pairs (u, 1 - u) for sequences 2j and 2j + 1
