@@ -50,6 +50,12 @@ def derived_seed(*parts: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
+def mask_uniforms(seed: int, step: int, first: int, n: int, length: int) -> torch.Tensor:
+    """The masking draws of global sequences first..first+n-1 of a step: keyed by (seed, step, global
+    index), whatever the ranks and micro-batches (pretrain/objective/noise.py)."""
+    return keyed_uniforms([derived_seed("mask", seed, step, first + b) for b in range(n)], length)
+
+
 @dataclass
 class LoopState:
     step: int = 0
@@ -146,7 +152,7 @@ class Trainer:
             t = block_times(m.time_sampling, n_global, first, B, L // size, low, time_rng, high)
         else:
             t = sample_times(m.time_sampling, n_global, first, B, low, time_rng, high)
-        uniforms = keyed_uniforms([derived_seed("mask", self.run.seed, step, first + b) for b in range(B)], L)
+        uniforms = mask_uniforms(self.run.seed, step, first, B, L)
         elbo = blk.weight == "elbo"
         noisy = forward_process(x0, self.mask_id, t, self.schedule, prompt_len=self.prompt_len(batch),
                                 uniforms=uniforms, elbo_weight=elbo)

@@ -95,14 +95,17 @@ def test_random_lengths_are_whole_blocks():
 
 
 def test_keyed_masks_do_not_depend_on_the_layout():
-    # 1 rank x 2 micro-batches of 2 and 2 ranks x 1 micro-batch of 2: global sequences 0..3 each way
-    def seeds(first, n):
-        return [1000 + first + b for b in range(n)]  # the loop keys by (seed, step, first + b)
+    from pretrain.loop import mask_uniforms
 
-    one_rank = torch.cat([keyed_uniforms(seeds(micro * 2, 2), 32) for micro in range(2)])
-    two_ranks = torch.cat([keyed_uniforms(seeds(rank * 2, 2), 32) for rank in range(2)])
+    # the loop's first global index of (micro, rank): (micro * world + rank) * micro_batch
+    def first(micro, world, rank, b=2):
+        return (micro * world + rank) * b
+
+    one_rank = torch.cat([mask_uniforms(0, 7, first(micro, 1, 0), 2, 32) for micro in range(2)])  # 1 rank x 2 micro
+    two_ranks = torch.cat([mask_uniforms(0, 7, first(0, 2, rank), 2, 32) for rank in range(2)])  # 2 ranks x 1
     assert torch.equal(one_rank, two_ranks)
     assert not torch.equal(one_rank[0], one_rank[1])
+    assert not torch.equal(mask_uniforms(0, 8, 0, 2, 32), one_rank[:2])  # another step: other masks
 
 
 @pytest.mark.parametrize("per_block", [False, True])
