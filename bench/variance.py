@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -136,7 +137,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="sequences in the fixed batch")
     parser.add_argument("--run-dir", default="outputs/bench/variance-model")
     parser.add_argument("--noise", action="store_true", help="the noise band and complementary masks, B = L and 16")
+    parser.add_argument("--source", help="with --noise: a finished run's model and held-out windows instead "
+                                         "(e.g. bench/block.py's B = L run), mask=linear")
     args = parser.parse_args()
+    if args.noise and args.source:
+        from pretrain.evaluate import windows
+        from pretrain.hf.pretrained import load_model, open_source
+
+        source = open_source(args.source)
+        data_dir = source.data_dir if source.data_dir.is_absolute() else ROOT / source.data_dir
+        rows = [r for r, _, _ in windows(data_dir, Manifest.load(data_dir), "heldout")][: args.batch]
+        x0 = torch.tensor(np.stack(rows).astype(np.int64))
+        run = compose_config(["model=tiny", f"model.vocab_size={source.model.vocab_size}"])  # mask=linear's keys
+        print(f"model from {args.source}; fixed held-out batch {tuple(x0.shape)}; {args.seeds} seeds")
+        return noise_table(load_model(source).train(False), x0, source.mask_id, run, args.seeds)
     torch.manual_seed(0)
     run, model = trained_model(ROOT / args.run_dir)
     manifest = Manifest.load(ROOT / run.data.dir)
