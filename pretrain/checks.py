@@ -17,7 +17,7 @@ from data_pipeline.config import compose
 from data_pipeline.piece import pad_vocab
 from data_pipeline.shards import Manifest
 from data_pipeline.tokenizer import fingerprint, load_tokenizer
-from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require
+from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require, total_steps
 from pretrain.domains import check_domains
 from pretrain.engine import ds_config
 from pretrain.engine.device import resolve_precision
@@ -26,7 +26,7 @@ from pretrain.hf.causal_import import is_llada
 from pretrain.hf.format import FormatError, HFWeights, read_config
 from pretrain.hf.pretrained import check_init_from
 from pretrain.model import transformer
-from pretrain.objective import diffusion
+from pretrain.objective import block, diffusion
 from pretrain.objective.sampler import GenerateError, check_settings
 
 
@@ -36,6 +36,9 @@ def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
     check_domains(run)  # first: the derived sizes below divide by model.n_heads
     run.deepspeed = resolve_zero_sizes(run.deepspeed, run.model)
     check_run(run, world_size)
+    t = run.trainer  # the size the model serves with: the one its last step trains with (saved, exported)
+    run.model.block_size = block.inference_block_size(run.block, t.seq_len, t.global_batch_size * t.seq_len,
+                                                      total_steps(t))
     run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
     return run
 
@@ -56,6 +59,7 @@ def check_run(run: RunConfig, world_size: int) -> None:
         except FormatError as e:
             raise ConfigError(f"model.init_from={run.model.init_from}: {e}") from None
     diffusion.check_config(run.mask, run.trainer.seq_len)
+    block.check_config(run.block, run.model, run.mask, run.trainer.seq_len)
     ds_config.check_config(run)
     if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
         s = run.sample

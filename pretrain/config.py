@@ -50,6 +50,7 @@ class ModelConfig:
     attention_anneal_steps: int  # 0: bidirectional; N: the causal mask relaxed over N steps (DiffuLLaMA)
     shift_prediction: bool  # Dream's shift: the output at i predicts the token at i + 1
     mask_token: dict[str, Any] | None  # {token, id, origin}: filled at start from the source and the data
+    block_size: int | None  # the block size the model serves with (block diffusion): filled at start from block.*
 
     @property
     def head_size(self) -> int:
@@ -67,6 +68,24 @@ class MaskConfig:
     random_length_prob: float  # share of batches cut to a random length (not in the conditional form)
     conditional: bool  # prompt/response data: prompt tokens never masked, loss per response token
     prompt_len: int | None  # the prompt length of samples that carry none (conditional form only)
+    band: list[float] | None  # [low, high]: t drawn in [max(eps, low), high] (clipped noise); null: [eps, 1]
+    complementary: bool  # each sequence also trained with the complement of its mask (pretrain/objective/noise.py)
+
+
+@dataclass
+class BlockScheduleConfig:
+    unit: str  # steps | tokens | fraction, as optim.schedule
+    points: list[Any]  # [[position, block size], ...]: the size of the last point at or before the step
+
+
+@dataclass
+class BlockConfig:
+    """Block diffusion (pretrain/objective/block.py; docs/block_diffusion.md)."""
+    size: int | None  # tokens per block; null: the whole sequence (LLaDA, no clean half)
+    schedule: BlockScheduleConfig | None  # block size over the run (LLaDA 2.0's WSD); null: `size` throughout
+    noise: str  # block: one t per block (BD3LM) | sequence: one t per sequence (dFactory)
+    weight: str  # elbo: the schedule's ELBO weight (BD3LM) | none: every masked token weighs 1 (dFactory)
+    embedding_noise: float  # std of Gaussian noise on masked tokens' embeddings in training (LLaDA 2.0 conversion)
 
 
 
@@ -181,6 +200,7 @@ class RunConfig:
     resume: str
     model: ModelConfig
     mask: MaskConfig
+    block: BlockConfig
     data: DataConfig
     build: BuildConfig
     optim: OptimConfig

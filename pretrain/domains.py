@@ -91,11 +91,16 @@ DOMAINS: dict[str, Domain] = {
     "model.init_std": POSITIVE_NUMBER,
     "model.head_dim": nullable(POSITIVE_INT),
     "model.attention_anneal_steps": NON_NEGATIVE_INT,
+    "model.block_size": nullable(POSITIVE_INT),  # filled at start from block= (the last step's size)
     # mask
     "mask.eps": OPEN_UNIT,
     "mask.exponent": Domain("must be > 0", lambda v: _number(v) and v > 0),
     "mask.random_length_prob": UNIT,
     "mask.prompt_len": nullable(NON_NEGATIVE_INT),
+    "mask.band[*]": UNIT,  # [low, high]; low < high is block.py's check
+    # block diffusion
+    "block.size": nullable(POSITIVE_INT),  # divides seq_len: block.py's check
+    "block.embedding_noise": NON_NEGATIVE,
     # optim
     "optim.lr": POSITIVE_NUMBER,
     "optim.betas": BETAS,

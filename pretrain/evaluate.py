@@ -89,7 +89,7 @@ def evaluate_nelbo(model, source: Source, directory: Path, split: str, max_seque
         # A model trained with model.document_mask is scored the way it was trained: within documents.
         doc_start = torch.from_numpy(np.stack([s for _, _, s in chunk])) if source.model.document_mask else None
         sums.sums += nelbo_of_batch(model, x0, source.mask_id, mc_num, generator, prompt_len, batch_size,
-                                    doc_start).sums
+                                    doc_start, source.model.block_size).sums  # a block model: the block NELBO
     est = sums.estimate()
     if est.sequences < MIN_SEQUENCES_FOR_SE:
         print(f"warning: {directory} split {split!r} gave {est.sequences} sequence(s) of {manifest.seq_len} tokens: "
@@ -145,7 +145,8 @@ def evaluate_choices(model, source: Source, items: list[dict], mc_num: int, batc
         nll, se = [], []
         for j, choice in enumerate(choices):
             generator = torch.Generator().manual_seed(draw_seed(seed, n, j))  # order-independent draws
-            mean, err = answer_nll(model, prompt, choice, source.mask_id, mc_num, generator, batch_size, device)
+            mean, err = answer_nll(model, prompt, choice, source.mask_id, mc_num, generator, batch_size, device,
+                                   source.model.block_size)
             nll.append(mean)
             se.append(err if math.isfinite(err) else None)  # one draw: no spread to measure
         pick = int(np.argmin(nll))

@@ -34,6 +34,7 @@ from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.format import FormatError
 from pretrain.hf.pretrained import SourceError, load_model, open_source
+from pretrain.objective.block_sampling import generate_blocks
 from pretrain.objective.sampler import REMASKING, GenerateError, check_settings, cut_completion, generate
 
 
@@ -105,8 +106,12 @@ def main(argv: list[str]) -> None:
         batch = encoded[lo: lo + args.batch_size]
         width = max(len(ids) for ids in batch)
         padded = torch.tensor([[source.eos_id] * (width - len(ids)) + ids for ids in batch], device=device)
-        out = generate(model, padded, args.gen_length, args.steps, source.mask_id, args.block_length,
-                       args.temperature, args.cfg_scale, args.remasking, args.seed + lo)
+        if source.model.block_size:  # a block diffusion model: block by block (objective/block_sampling.py)
+            out = generate_blocks(model, padded, args.gen_length, args.steps, source.mask_id, source.model.block_size,
+                                  args.temperature, args.cfg_scale, args.remasking, args.seed + lo)
+        else:
+            out = generate(model, padded, args.gen_length, args.steps, source.mask_id, args.block_length,
+                           args.temperature, args.cfg_scale, args.remasking, args.seed + lo)
         for i, row in enumerate(out[:, width:].tolist()):
             ids, text, finish = cut_completion(row, tok.decode, source.eos_id, args.stop)
             if args.output == "text":

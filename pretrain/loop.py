@@ -29,9 +29,11 @@ from pretrain.faults import (
     inject_loss_fault,
     stop_agreed,
 )
+from pretrain.model.block_attention import FlexBlockAttention
 from pretrain.model.flops import flops_per_token, peak_tflops
 from pretrain.monitor.metrics import MetricsLogger, console_line
 from pretrain.monitor.train_stats import LogWindow, device_name
+from pretrain.objective.block import block_size_at, block_times, pass_block_size
 from pretrain.objective.diffusion import (
     forward_process,
     make_schedule,
@@ -40,11 +42,18 @@ from pretrain.objective.diffusion import (
     sample_times,
 )
 from pretrain.objective.likelihood import NelboSums, nelbo_of_batch
+from pretrain.objective.noise import complement, keyed_uniforms
 
 
 def derived_seed(*parts: int | str) -> int:
     """A seed for one purpose at one step, the same on every rank and in every process."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def mask_uniforms(seed: int, step: int, first: int, n: int, length: int) -> torch.Tensor:
+    """The masking draws of global sequences first..first+n-1 of a step: keyed by (seed, step, global
+    index), whatever the ranks and micro-batches (pretrain/objective/noise.py)."""
+    return keyed_uniforms([derived_seed("mask", seed, step, first + b) for b in range(n)], length)
 
 
 @dataclass
@@ -70,7 +79,6 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.state = LoopState()
         self.batches_this_process = 0  # what the train stream's state counts from
-        self.mask_rng = torch.Generator().manual_seed(derived_seed("mask", run.seed, self.rank))
         self.schedule = make_schedule(run.mask)
         self.save_clock = checkpoint.SaveClock(t.ckpt_every_minutes)
         self.saved_step: int | None = None  # the step of this process's last complete checkpoint
@@ -79,7 +87,9 @@ class Trainer:
         self.bad_steps = NonFiniteSteps(t.max_bad_steps)
         self.total_steps = total_steps(t)
         self.window = LogWindow(run.logging.t_buckets, self.device)  # what the next log line reports
-        self.flops_per_token = flops_per_token(run.model, t.seq_len)
+        self.sparse_attention = isinstance(engine.module.block_attention, FlexBlockAttention)
+        if run.block.embedding_noise > 0:
+            engine.module.embedding_noise = (run.block.embedding_noise, mask_id)
         self.peak_tflops = peak_tflops(device_name(self.device), run.cluster.peak_tflops)
 
     # -- state -------------------------------------------------------------------------------
@@ -87,17 +97,13 @@ class Trainer:
         return {"step": self.state.step, "batches": self.state.batches, "skipped_steps": self.state.skipped_steps,
                 "tokens": self.state.step * self.tokens_per_step, "world_size": self.world,
                 "data": self.train_stream.state_dict(self.batches_this_process),
-                "mask_rng": checkpoint.rng_state(self.mask_rng),
                 "torch_rng": checkpoint.encode_bytes(torch.get_rng_state())}
 
     def load_trainer_state(self, saved: dict) -> None:
         """A saved state from this rank, or, at another world size, rank 0's without its RNG states
-        (checkpoint.load): then the masking RNG is re-seeded from the step."""
+        (checkpoint.load). The masks need no state: they are keyed by step and sequence (micro_step);
+        a `mask_rng` in older checkpoints is ignored."""
         self.train_stream.load_state_dict(saved["data"])
-        if "mask_rng" in saved:
-            checkpoint.set_rng_state(self.mask_rng, saved["mask_rng"])
-        else:
-            self.mask_rng.manual_seed(derived_seed("mask", self.run.seed, self.rank, saved["step"]))
         if "torch_rng" in saved:
             torch.set_rng_state(checkpoint.decode_bytes(saved["torch_rng"]))
         self.state = LoopState(step=saved["step"], batches=saved["batches"],
@@ -122,18 +128,40 @@ class Trainer:
         """Where documents begin (model.document_mask=true), cut to the batch's length."""
         return batch["doc_start"][:, :length].to(self.device) if "doc_start" in batch else None
 
+    def block_size(self) -> int:
+        """The block size of the step being trained (block.size / block.schedule); seq_len: none."""
+        return block_size_at(self.run.block, self.run.trainer.seq_len, self.state.step, self.tokens_per_step,
+                             self.total_steps)
+
     def micro_step(self, batch: dict, micro: int) -> None:
-        # Cut and times are drawn from generators seeded by the step, so all ranks agree on them.
-        m, step = self.run.mask, self.state.step
+        # Cut and times are drawn from generators seeded by the step, the masks by step and sequence
+        # (objective/noise.py): every rank agrees, and another data-parallel layout draws the same.
+        m, blk, step = self.run.mask, self.run.block, self.state.step
         self.engine.module.step = step  # the annealed attention mask of this step (model.attention_anneal_steps)
+        size = self.block_size()
+        blocks = size < self.run.trainer.seq_len
         cut_rng = torch.Generator().manual_seed(derived_seed("cut", self.run.seed, step, micro))
-        x0 = random_length(batch["tokens"].to(self.device).long(), m.random_length_prob, cut_rng)
-        B = x0.shape[0]
+        x0 = random_length(batch["tokens"].to(self.device).long(), m.random_length_prob, cut_rng,
+                           multiple=size if blocks else 1)
+        B, L = x0.shape
+        first = (micro * self.world + self.rank) * B  # this micro-batch's first sequence in the global batch
+        low, high = (max(m.eps, m.band[0]), m.band[1]) if m.band is not None else (m.eps, 1.0)
         time_rng = torch.Generator().manual_seed(derived_seed("time", self.run.seed, step))
-        t = sample_times(m.time_sampling, self.run.trainer.global_batch_size, (micro * self.world + self.rank) * B, B,
-                         m.eps, time_rng)
-        noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
-        loss, stats = model_loss_and_stats(self.engine, x0, noisy, m.normalize, self.doc_start(batch, x0.shape[1]))
+        n_global = self.run.trainer.global_batch_size
+        if blocks and blk.noise == "block":
+            t = block_times(m.time_sampling, n_global, first, B, L // size, low, time_rng, high)
+        else:
+            t = sample_times(m.time_sampling, n_global, first, B, low, time_rng, high)
+        uniforms = mask_uniforms(self.run.seed, step, first, B, L)
+        elbo = blk.weight == "elbo"
+        noisy = forward_process(x0, self.mask_id, t, self.schedule, prompt_len=self.prompt_len(batch),
+                                uniforms=uniforms, elbo_weight=elbo)
+        doc_start = self.doc_start(batch, L)
+        if m.complementary:
+            x0, noisy = complement(noisy, x0, self.mask_id, self.schedule, m.eps, elbo)
+            doc_start = None if doc_start is None else torch.cat([doc_start, doc_start])
+        loss, stats = model_loss_and_stats(self.engine, x0, noisy, m.normalize, doc_start,
+                                           block_size=pass_block_size(size, L))
         loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
@@ -209,11 +237,17 @@ class Trainer:
         return self.stop.agree(bool(flag.item()))
 
     def log_window(self, steps_this_process: int) -> None:
-        stats = self.window.summarize(self.run.mask.normalize, self.world, self.flops_per_token, self.peak_tflops)
+        seq_len = self.run.trainer.seq_len
+        size = block_size_at(self.run.block, seq_len, self.state.step - 1, self.tokens_per_step,
+                             self.total_steps)  # the size the step just trained used
+        # MFU: the FLOPs executed at this block size (the 2L pass; pretrain/model/flops.py)
+        fpt = flops_per_token(self.run.model, seq_len, size, self.sparse_attention)
+        stats = self.window.summarize(self.run.mask.normalize, self.world, fpt, self.peak_tflops)
         grad_norm = self.engine.get_global_grad_norm()
         loss_name = "loss/per_token" if self.run.mask.normalize == "tokens" else "loss/per_masked_token"
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
                   loss_name: stats["loss"], **stats, "lr": self.engine.get_lr()[0],
+                  "block_size": size if size < self.run.trainer.seq_len else None,
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "skipped_steps": self.state.skipped_steps}
         self.metrics.log(record)
@@ -234,6 +268,9 @@ class Trainer:
         self.engine.eval()
         self.engine.module.step = self.state.step
         rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
+        # A block model is scored at the size its last step trained with (the block NELBO); none: LLaDA's.
+        size = pass_block_size(block_size_at(self.run.block, self.run.trainer.seq_len, self.state.step - 1,
+                                             self.tokens_per_step, self.total_steps), self.run.trainer.seq_len)
         sums = NelboSums()
         for batch in itertools.islice(iter(make_loader(self.eval_stream)), self.run.trainer.eval_batches):
             if self.stop_agreed_now():  # the checkpoint first: a stop leaves ~30 s before SIGKILL
@@ -244,7 +281,7 @@ class Trainer:
             x0 = batch["tokens"].to(self.device).long()
             sums.sums += nelbo_of_batch(self.engine, x0, self.mask_id, self.run.trainer.eval_mc_num, rng,
                                         self.prompt_len(batch), batch_size=x0.shape[0],
-                                        doc_start=self.doc_start(batch, x0.shape[1])).sums
+                                        doc_start=self.doc_start(batch, x0.shape[1]), block_size=size).sums
         totals = sums.sums.to(self.device)
         dist.all_reduce(totals)
         estimate = NelboSums(totals.cpu()).estimate()

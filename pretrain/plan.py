@@ -33,6 +33,7 @@ from pretrain.engine.zero_sizes import block_params
 from pretrain.model.flops import flops_per_token, peak_tflops
 from pretrain.model.output_head import CHUNK_ELEMENTS
 from pretrain.model.transformer import checkpoint_stride, padded_width
+from pretrain.objective.block import all_sizes
 
 GB = 1e9
 MASKED_SHARE = 0.5  # E[t] under the paper's t ~ U(0, 1): half the positions are masked on average
@@ -70,12 +71,24 @@ class Plan:
 
 def activation_bytes(run: RunConfig, stride: int) -> float:
     m, t = run.model, run.trainer
-    tokens = t.micro_batch_size * t.seq_len
+    tokens = t.micro_batch_size * t.seq_len * block_factor(run)
     per_block = 2 * (6 * m.d_model + 2 * m.n_kv_heads * m.head_size + 3 * padded_width(m.mlp_hidden_size)) * tokens
     if stride == 0:
         return m.n_layers * per_block
     checkpointed = math.ceil(m.n_layers / stride)
     return checkpointed * 2 * m.d_model * tokens + (m.n_layers - checkpointed) * per_block + per_block
+
+
+def block_factor(run: RunConfig) -> int:
+    """2 when any step of the run trains blocks (x_t with x_0, 2L tokens): memory is the schedule's peak."""
+    return 2 if min(all_sizes(run.block, run.trainer.seq_len)) < run.trainer.seq_len else 1
+
+
+def plan_flops_per_token(run: RunConfig) -> int:
+    """The most expensive step of the block schedule (the smallest block < L), as FlexAttention
+    executes it on a GPU; plain LLaDA otherwise."""
+    size = min(all_sizes(run.block, run.trainer.seq_len))
+    return flops_per_token(run.model, run.trainer.seq_len, size, sparse=True)
 
 
 def loss_bytes(run: RunConfig) -> float:
@@ -91,7 +104,7 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     m, t, c = run.model, run.trainer, run.cluster
     gpus = c.nodes * c.gpus_per_node
     params = total_params(m)
-    fpt = flops_per_token(m, t.seq_len)
+    fpt = plan_flops_per_token(run)
     accumulation = t.global_batch_size // (t.micro_batch_size * gpus)
     tokens_per_step = t.global_batch_size * t.seq_len
     states = 16 * params / gpus

@@ -68,6 +68,7 @@ from pretrain.loop import NonFiniteError, Trainer
 from pretrain.model.anneal import anneal_beyond_end
 from pretrain.model.transformer import count_params
 from pretrain.monitor.metrics import MetricsLogger
+from pretrain.objective.block_sampling import generate_blocks
 from pretrain.objective.sampler import generate
 
 
@@ -173,8 +174,12 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
     tok = load_tokenizer(Path(run.data.dir) / "tokenizer.json", root=run.data.dir)
     prompt = torch.tensor([tok.encode(run.sample.prompt).ids], device=engine.device)
     engine.eval()
-    out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
-                   block_length=run.sample.block_length, temperature=run.sample.temperature, seed=run.seed)
+    if run.model.block_size:  # a block diffusion model decodes block by block (objective/block_sampling.py)
+        out = generate_blocks(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
+                              run.model.block_size, temperature=run.sample.temperature, seed=run.seed)
+    else:
+        out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
+                       block_length=run.sample.block_length, temperature=run.sample.temperature, seed=run.seed)
     if dist.get_rank() == 0:
         print(f"sample: {tok.decode(out[0].tolist())!r}", flush=True)  # repr: whitespace stays visible
 
@@ -231,6 +236,7 @@ def train(cfg: DictConfig) -> None:
 
     cfg.model.vocab_size = run.model.vocab_size  # config.yaml records the vocabulary taken from the data
     cfg.model.mask_token = run.model.mask_token  # and a warm start's mask token (pretrain/hf/causal_import.py)
+    cfg.model.block_size = run.model.block_size  # and the block size it serves with (objective/block.py)
     # The checkpoint is chosen and verified, and its config compared, before the engine is built.
     resume = choice.find_resume(run.run_dir) if run.resume == "auto" else None
     engine_run = run

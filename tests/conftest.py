@@ -125,3 +125,30 @@ def resumed_run(tmp_path_factory, demo_shards):
     second = run_train(train, run_dir, demo_shards, "trainer.max_steps=4", *MONITOR_ARGS)
     assert "at step 2" in second.stdout
     return run_dir, first.stdout + second.stdout
+
+
+# A tiny block-diffusion model (docs/block_diffusion.md): block 4 for steps 1-2, then 16
+# (tests/pretrain/test_block_train.py, and the export / generate of a block model).
+BLOCK_ARGS = ["block.schedule={unit:steps,points:[[0,4],[2,16]]}", "trainer.precision=fp32", "trainer.ckpt_every=2",
+              "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", "trainer.max_steps=4"]
+
+
+@pytest.fixture(scope="session")
+def block_run(tmp_path_factory, demo_shards):
+    """Trained straight for 4 steps on 2 ranks under ZeRO-3 (torchrun, fp32; checkpoints at 2 and 4), and
+    a copy of it resumed from its step-2 checkpoint, across the block-size change: (straight, resumed,
+    the resumed process's stdout)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("block")
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                "pretrain.train"]
+    straight = root / "straight"
+    run_train(torchrun, straight, demo_shards, *BLOCK_ARGS, timeout=600)
+    resumed = root / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step00000004")
+    (resumed / "metrics.jsonl").unlink()
+    torchrun[4] = str(free_port())
+    proc = run_train(torchrun, resumed, demo_shards, *BLOCK_ARGS, timeout=600)
+    return straight, resumed, proc.stdout

@@ -115,7 +115,8 @@ def warm_start_keys(m: ModelConfig) -> dict:
     keys = {"include_qkv_bias": m.qkv_bias, "weight_tying": m.tie_embeddings,
             "qk_norm": "per_head_rms" if m.qk_norm else None, "head_dim": m.head_dim,
             "rope_scaling": m.rope_scaling, "shift_prediction": m.shift_prediction,
-            "mask_token_origin": m.mask_token["origin"] if m.mask_token else None}
+            "mask_token_origin": m.mask_token["origin"] if m.mask_token else None,
+            "block_size": m.block_size}  # block diffusion: block-causal attention (docs/block_diffusion.md)
     return {k: v for k, v in keys.items() if v}
 
 
@@ -150,7 +151,8 @@ def model_config_from_hf(config: dict, where: str, attention: str = "auto", name
     return model_config({**sizes, **warm, "name": name, "attention": attention,
                          "init_std": config.get("init_std", 0.02), "qk_norm": qk_norm is not None,
                          "head_dim": config.get("head_dim"), "rope_scaling": config.get("rope_scaling"),
-                         "shift_prediction": bool(config.get("shift_prediction", False)), "mask_token": mask})
+                         "shift_prediction": bool(config.get("shift_prediction", False)), "mask_token": mask,
+                         "block_size": config.get("block_size")})
 
 
 def model_config(section: dict) -> ModelConfig:

@@ -37,6 +37,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.pretrained import load_model, open_source
+from pretrain.objective.block_sampling import generate_blocks
 from pretrain.objective.likelihood import answer_nll, draw_seed
 from pretrain.objective.sampler import REMASKING, check_settings, cut_completion, generate
 
@@ -146,7 +147,7 @@ class LLaDAHarness(LM):
     def nll(self, context: list[int], continuation: list[int], item: int, choice: int) -> float:
         generator = torch.Generator().manual_seed(draw_seed(self.seed, item, choice))
         return answer_nll(self.model, context, continuation, self.source.mask_id, self.mc_num, generator,
-                          self.batch_size, self._device)[0]
+                          self.batch_size, self._device, self.source.model.block_size)[0]  # a block model: block NELBO
 
     @torch.no_grad()
     def greedy(self, context: list[int], continuation: list[int]) -> bool:
@@ -225,8 +226,12 @@ class LLaDAHarness(LM):
                 s = prepared[batch[0]][1]
                 prompt = torch.tensor([prepared[i][0] for i in batch], device=self._device)
                 seed = self.seed * 1_000_003 + (requests[batch[0]].doc_id or 0)
-                x = generate(self.model, prompt, s["gen_length"], s["steps"], self.source.mask_id, s["block_length"],
-                             s["temperature"], s["cfg"], s["remasking"], seed)
+                if self.source.model.block_size:  # a block diffusion model (objective/block_sampling.py)
+                    x = generate_blocks(self.model, prompt, s["gen_length"], s["steps"], self.source.mask_id,
+                                        self.source.model.block_size, s["temperature"], s["cfg"], s["remasking"], seed)
+                else:
+                    x = generate(self.model, prompt, s["gen_length"], s["steps"], self.source.mask_id,
+                                 s["block_length"], s["temperature"], s["cfg"], s["remasking"], seed)
                 for i, row in zip(batch, x[:, prompt.shape[1]:].tolist(), strict=True):
                     out[i] = cut_completion(row, self.tok.decode, self.source.eos_id, s["until"])[1]
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

@@ -3,6 +3,13 @@
 FLOPs per token of training = 6 x (every matmul parameter: the blocks' projections and the untied
 output head; the input embedding is a lookup, not a matmul) + 12 x layers x d_model x seq_len for
 bidirectional attention (QK^T and AV, forward and backward; not halved, since there is no causal mask).
+
+Block diffusion (block size B < L) runs x_t and x_0 together, 2L tokens, per L trained tokens: the
+FLOPs per trained token are those executed, so the blocks' projections count twice (the output head
+once: it reads the noisy half) and the attention counts the (query, key) pairs computed. Dense SDPA
+(the CPU path) computes all (2L)^2 pairs; FlexAttention skips the empty tiles and computes about the
+pairs the mask opens (`block_attention_pairs`, at tile granularity in practice). MFU reports these
+executed FLOPs for the step's block size and backend (`sparse`), not the L-token model FLOPs.
 """
 
 from __future__ import annotations
@@ -36,8 +43,21 @@ def matmul_params(m: ModelConfig) -> int:
     return m.n_layers * (attn + ffn) + d * m.vocab_size
 
 
-def flops_per_token(m: ModelConfig, seq_len: int) -> int:
-    return 6 * matmul_params(m) + 12 * m.n_layers * m.d_model * seq_len
+def block_attention_pairs(seq_len: int, block_size: int) -> int:
+    """The (query, key) pairs BD3LM's mask opens over 2L tokens: noisy-noisy within a block, noisy to
+    the clean blocks before, clean to the clean blocks up to its own."""
+    n = seq_len // block_size
+    return block_size * seq_len + block_size**2 * (n * (n - 1) // 2) + block_size**2 * (n * (n + 1) // 2)
+
+
+def flops_per_token(m: ModelConfig, seq_len: int, block_size: int | None = None, sparse: bool = False) -> int:
+    """Executed training FLOPs per trained token; `block_size` < seq_len: the 2L pass (dense, or with
+    `sparse` the pairs FlexAttention computes)."""
+    if block_size is None or block_size >= seq_len:
+        return 6 * matmul_params(m) + 12 * m.n_layers * m.d_model * seq_len
+    head = m.d_model * m.vocab_size
+    pairs = block_attention_pairs(seq_len, block_size) if sparse else (2 * seq_len) ** 2
+    return 6 * (2 * (matmul_params(m) - head) + head) + 12 * m.n_layers * m.d_model * pairs // seq_len
 
 
 def peak_tflops(device_name: str, override: float | None = None) -> float | None:

@@ -36,6 +36,7 @@ import torch.utils.checkpoint
 from pretrain.config import ConfigError, ModelConfig, require
 from pretrain.model.anneal import annealed_mask
 from pretrain.model.attention import sdpa_attention, select_attention
+from pretrain.model.block_attention import block_causal, select_block_attention
 from pretrain.model.output_head import OutputHead
 from pretrain.model.rope import apply_rope, check_scaling, rope_tables
 
@@ -171,6 +172,7 @@ class LLaDAModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attention = select_attention(cfg.attention)
+        self.block_attention = select_block_attention(cfg.attention)  # x_t with x_0 (block diffusion)
         self.transformer = nn.ModuleDict(dict(
             wte=Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std),
             blocks=nn.ModuleList(Block(cfg, self.attention) for _ in range(cfg.n_layers)),
@@ -183,6 +185,9 @@ class LLaDAModel(nn.Module):
         # The training step, set by the loop; it picks the annealed mask (model.attention_anneal_steps).
         # None (evaluation and sampling outside training): bidirectional.
         self.step: int | None = None
+        # (std, mask id), set by the loop from block.embedding_noise: in training, Gaussian noise of this std
+        # on the masked tokens' embeddings (LLaDA 2.0's conversion from an AR model); None: off.
+        self.embedding_noise: tuple[float, int] | None = None
         self._rope: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_activation_checkpointing(self, spec: str | int) -> None:
@@ -197,35 +202,60 @@ class LLaDAModel(nn.Module):
                                               self.cfg.rope_scaling)
         return self._rope[key]
 
-    def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm)."""
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(ids)
+        if self.embedding_noise is not None and self.training:  # the global RNG: saved with the checkpoint
+            std, mask_id = self.embedding_noise
+            x = x + (ids == mask_id)[..., None].to(x.dtype) * std * torch.randn_like(x)
+        return x
+
+    def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
+               clean_ids: torch.Tensor | None = None, block_size: int | None = None) -> torch.Tensor:
+        """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm). With `clean_ids`
+        [B, L] (block diffusion, pretrain/model/block_attention.py): one pass over input_ids followed by
+        clean_ids, both at positions 0..L-1, under the block mask of `block_size`; the noisy half's output."""
         t = self.transformer
-        x = t.wte(input_ids)
-        cos, sin = self.rope(input_ids.shape[1], input_ids.device)
-        docs = self.attention.documents(doc_start) if doc_start is not None else None
+        L = input_ids.shape[1]
+        cos, sin = self.rope(L, input_ids.device)
         attention = None
-        mask = None if self.step is None else annealed_mask(input_ids.shape[1], self.step,
-                                                            self.cfg.attention_anneal_steps, input_ids.device)
-        if mask is not None:  # annealing: a dense mask, which only SDPA takes (with the documents' mask, if any)
+        if clean_ids is not None:
+            x = self.embed(torch.cat([input_ids, clean_ids], dim=1))
+            cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
+            attention = self.block_attention
+            docs = attention.mask(L, block_size, input_ids.device, doc_start)
+        elif block_size is not None:  # the served block model over one sequence: block causal (dense, SDPA)
+            x = self.embed(input_ids)
             attention = sdpa_attention
-            docs = mask if doc_start is None else sdpa_attention.documents(doc_start) & mask
+            docs = block_causal(L, block_size, input_ids.device)[None, None]
+            if doc_start is not None:
+                docs = docs & sdpa_attention.documents(doc_start)
+        else:
+            x = self.embed(input_ids)
+            docs = self.attention.documents(doc_start) if doc_start is not None else None
+            mask = None if self.step is None else annealed_mask(L, self.step, self.cfg.attention_anneal_steps,
+                                                                input_ids.device)
+            if mask is not None:  # annealing: a dense mask, which only SDPA takes (with the documents' mask, if any)
+                attention = sdpa_attention
+                docs = mask if doc_start is None else sdpa_attention.documents(doc_start) & mask
         k = self.checkpoint_every
         for i, block in enumerate(t.blocks):
             if k and i % k == 0 and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, docs, attention, use_reentrant=False)
             else:
                 x = block(x, cos, sin, docs, attention)
-        return x
+        return x[:, :L]
 
     def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, masked: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, masked: torch.Tensor | None = None,
+                clean_ids: torch.Tensor | None = None, block_size: int | None = None):
         """input_ids [B, L] -> logits [B, L, vocab]. No time input: the mask ratio is read off the input.
         With `targets` [B, L] and `masked` [B, L] bool (training): the head and cross-entropy on the
         masked positions only -> (cross-entropy, argmax == target), one per masked position in
         row-major order (the order of `logits[masked]`); the full logits never exist.
-        `doc_start` [B, L] bool: attend only within each document (model.document_mask)."""
+        `doc_start` [B, L] bool: attend only within each document (model.document_mask).
+        `clean_ids` [B, L] and `block_size`: block diffusion's x_t-with-x_0 pass (`hidden`)."""
         t = self.transformer
-        x = self.hidden(input_ids, doc_start)
+        x = self.hidden(input_ids, doc_start, clean_ids, block_size)
         if self.cfg.shift_prediction:
             x = shift_hidden(x)
         if targets is None:

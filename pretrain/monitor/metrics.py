@@ -132,6 +132,8 @@ def console_line(r: dict, total_steps: int | None = None, eta: str | None = None
     parts = [f"step {r['step']}/{total_steps}" if total_steps else f"step {r['step']:>6}", f"loss {r['loss']:.4f}"]
     if "masked_acc" in r:
         parts.append(f"acc {r['masked_acc']:.3f}")
+    if r.get("block_size") is not None:  # block diffusion: the size this step trained with
+        parts.append(f"block {r['block_size']}")
     parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm'] or 0:.3f}",
               f"{r['tokens_per_s']:,.0f} tok/s", f"{r['tflops_per_device']:.3g} TFLOP/s/dev"]
     if "mfu" in r:

@@ -42,6 +42,10 @@ class Schedule:
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         return -self.alpha_prime(t) / (1 - self.alpha(t))
 
+    def time_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The time whose masking probability is p (the inverse of mask_probability)."""
+        raise NotImplementedError
+
 
 class Linear(Schedule):
     """LLaDA: alpha = 1 - t, so p_mask = t and the weight is 1 / t = 1 / p_mask."""
@@ -52,6 +56,9 @@ class Linear(Schedule):
     def alpha_prime(self, t):
         return -torch.ones_like(t)
 
+    def time_of(self, p):
+        return p
+
 
 class Cosine(Schedule):
     """alpha = cos(pi t / 2): masks fewer tokens early, more late."""
@@ -61,6 +68,9 @@ class Cosine(Schedule):
 
     def alpha_prime(self, t):
         return -math.pi / 2 * torch.sin(math.pi / 2 * t)
+
+    def time_of(self, p):
+        return 2 / math.pi * torch.arccos(1 - p)
 
 
 class Polynomial(Schedule):
@@ -75,6 +85,9 @@ class Polynomial(Schedule):
     def alpha_prime(self, t):
         return -self.k * t ** (self.k - 1)
 
+    def time_of(self, p):
+        return p ** (1 / self.k)
+
 
 class LogLinear(Schedule):
     """MDLM's log-linear noise, sigma(t) = -log(1 - (1 - eps) t), so alpha = 1 - (1 - eps) t: the
@@ -88,6 +101,9 @@ class LogLinear(Schedule):
 
     def alpha_prime(self, t):
         return -(1 - self.eps) * torch.ones_like(t)
+
+    def time_of(self, p):
+        return (p / (1 - self.eps)).clamp_max(1.0)
 
 
 SCHEDULES = {"linear": lambda cfg: Linear(), "cosine": lambda cfg: Cosine(),
@@ -115,15 +131,20 @@ def check_config(m: MaskConfig, seq_len: int) -> None:
         require(m.conditional, f"mask.prompt_len={m.prompt_len} is set but mask.conditional=false")
         require(0 <= m.prompt_len < seq_len, f"mask.prompt_len={m.prompt_len} must be in [0, trainer.seq_len="
                                              f"{seq_len}): a prompt that fills the sequence leaves no response")
+    if m.band is not None:
+        require(len(m.band) == 2 and 0 <= m.band[0] < m.band[1] <= 1,
+                f"mask.band={list(m.band)} must be [low, high] with 0 <= low < high <= 1 (or null)")
+        require(m.band[1] > m.eps, f"mask.band={list(m.band)}: high must exceed mask.eps={m.eps}")
     require(not (m.conditional and m.random_length_prob > 0),
             f"mask.random_length_prob={m.random_length_prob} with mask.conditional=true would cut into prompts; "
             f"set it to 0")
 
 
-def sample_times(method: str, n_global: int, first: int, n: int, eps: float, generator: torch.Generator):
-    """t in [eps, 1] for sequences first..first+n-1 of a global batch of n_global. `generator` must be
-    seeded identically on every rank (from the step): each rank draws the global batch's times and
-    keeps its own slice, so stratification holds across data-parallel ranks.
+def sample_times(method: str, n_global: int, first: int, n: int, eps: float, generator: torch.Generator,
+                 high: float = 1.0):
+    """t in [eps, high] (mask.band clips both ends) for sequences first..first+n-1 of a global batch of
+    n_global. `generator` must be seeded identically on every rank (from the step): each rank draws the
+    global batch's times and keeps its own slice, so stratification holds across data-parallel ranks.
       iid:        independent u ~ U(0, 1)
       stratified: one offset u0, then u_i = (u0 + i / n_global) mod 1 (evenly spaced)
       antithetic: pairs (u, 1 - u) for sequences 2j and 2j + 1
@@ -137,7 +158,7 @@ def sample_times(method: str, n_global: int, first: int, n: int, eps: float, gen
         u = torch.stack([half, 1 - half], dim=1).flatten()[:n_global]
     else:
         raise ValueError(f"mask.time_sampling={method!r} is not one of iid, stratified, antithetic")
-    return eps + (1 - eps) * u[first: first + n]
+    return eps + (high - eps) * u[first: first + n]
 
 
 # -- the forward process and the loss ---------------------------------------------------------------
@@ -145,28 +166,40 @@ def sample_times(method: str, n_global: int, first: int, n: int, eps: float, gen
 class NoisyBatch:
     input_ids: torch.Tensor  # [B, L] x0 with masked positions replaced by the mask id
     masked: torch.Tensor  # [B, L] bool
-    p_mask: torch.Tensor  # [B, 1] the masking probability of each sequence
-    weight: torch.Tensor  # [B, 1] the ELBO weight of a masked token of each sequence
+    p_mask: torch.Tensor  # [B, 1] the masking probability of each sequence ([B, L]: per token, block diffusion)
+    weight: torch.Tensor  # [B, 1] the ELBO weight of a masked token of each sequence ([B, L]: per token)
     response_len: torch.Tensor | None = None  # [B, 1] tokens after the prompt (conditional form only)
     t: torch.Tensor | None = None  # [B] the masking time of each sequence (for metrics by noise level)
 
 
 def forward_process(x0: torch.Tensor, mask_id: int, t: torch.Tensor, schedule: Schedule,
-                    generator: torch.Generator, prompt_len: torch.Tensor | None = None) -> NoisyBatch:
+                    generator: torch.Generator | None = None, prompt_len: torch.Tensor | None = None,
+                    uniforms: torch.Tensor | None = None, elbo_weight: bool = True) -> NoisyBatch:
     """Masks each token of sequence b independently with probability 1 - alpha(t_b); with
-    `prompt_len` [B], positions before prompt_len[b] are never masked (the conditional form)."""
+    `prompt_len` [B], positions before prompt_len[b] are never masked (the conditional form).
+    `t` [B] (one time per sequence) or [B, n_blocks] (block diffusion: one per block of L / n_blocks
+    tokens). The draws are `uniforms` [B, L] (objective/draws.py: keyed by sequence) or, without
+    them, torch.rand from `generator`. `elbo_weight=False`: every masked token weighs 1 (dFactory)."""
     B, L = x0.shape
     t = t.to(torch.float64)  # the weights of small t need the precision
-    p_mask = schedule.mask_probability(t)[:, None]
-    weight = schedule.weight(t)[:, None]
-    masked = torch.rand(B, L, generator=generator, device=generator.device).to(x0.device) < p_mask.to(x0.device)
+    p_mask, weight = schedule.mask_probability(t), schedule.weight(t)
+    if not elbo_weight:
+        weight = torch.ones_like(weight)
+    if t.dim() == 1:
+        p_mask, weight = p_mask[:, None], weight[:, None]
+    else:  # per block -> per token
+        p_mask, weight = (v.repeat_interleave(L // t.shape[1], dim=1) for v in (p_mask, weight))
+    if uniforms is None:
+        uniforms = torch.rand(B, L, generator=generator, device=generator.device)
+    masked = uniforms.to(x0.device) < p_mask.to(x0.device)
     response_len = None
     if prompt_len is not None:
         prompt_len = prompt_len.to(x0.device)[:, None]
         masked &= torch.arange(L, device=x0.device)[None, :] >= prompt_len
         response_len = (L - prompt_len).float()
+    seq_t = t if t.dim() == 1 else t.mean(dim=1)
     return NoisyBatch(torch.where(masked, mask_id, x0), masked, p_mask.float().to(x0.device),
-                      weight.float().to(x0.device), response_len, t.float().to(x0.device))
+                      weight.float().to(x0.device), response_len, seq_t.float().to(x0.device))
 
 
 @dataclass
@@ -199,11 +232,15 @@ def diffusion_loss_and_stats(logits: torch.Tensor, x0: torch.Tensor, batch: Nois
 
 
 def model_loss_and_stats(model, x0: torch.Tensor, batch: NoisyBatch, normalize: str = "tokens",
-                         doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, SequenceStats]:
+                         doc_start: torch.Tensor | None = None,
+                         block_size: int | None = None) -> tuple[torch.Tensor, SequenceStats]:
     """What training calls: the same loss and statistics as diffusion_loss_and_stats(model(ids), ...),
     but the model applies its output head to the masked positions only (pretrain/model/output_head.py),
-    so the [B, L, vocab] logits never exist. `model` is the LLaDAModel or the engine wrapping it."""
-    ce, correct = model(batch.input_ids, doc_start=doc_start, targets=x0, masked=batch.masked)
+    so the [B, L, vocab] logits never exist. `model` is the LLaDAModel or the engine wrapping it.
+    `block_size` (block diffusion): the model also reads the clean x0 under the block mask; None (or
+    callers' B = L, see objective/block.py) is LLaDA's pass over the noisy sequence alone."""
+    clean = {} if block_size is None else {"clean_ids": x0, "block_size": block_size}
+    ce, correct = model(batch.input_ids, doc_start=doc_start, targets=x0, masked=batch.masked, **clean)
     return loss_and_stats_from_ce(ce, correct, x0, batch, normalize)
 
 
@@ -228,11 +265,12 @@ def loss_and_stats_from_ce(ce: torch.Tensor, correct: torch.Tensor, x0: torch.Te
     return loss, stats
 
 
-def random_length(x0: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+def random_length(x0: torch.Tensor, prob: float, generator: torch.Generator, multiple: int = 1) -> torch.Tensor:
     """With probability `prob`, cut the whole batch to a length L' ~ U{1..L} (the paper does this for
-    1% of batches so the model also sees short inputs). Seed `generator` identically on every rank
-    (from the step) so that all ranks cut the same way."""
+    1% of batches so the model also sees short inputs); L' ~ U{m, 2m, ..., L} with `multiple` m (block
+    diffusion: whole blocks). Seed `generator` identically on every rank (from the step) so that all
+    ranks cut the same way."""
     L = x0.shape[1]
     draw = torch.rand(1, generator=generator).item()
-    new_len = int(torch.randint(1, L + 1, (1,), generator=generator).item())
+    new_len = multiple * int(torch.randint(1, L // multiple + 1, (1,), generator=generator).item())
     return x0[:, :new_len] if draw < prob else x0

@@ -31,14 +31,17 @@ Forward = Callable[[torch.Tensor], torch.Tensor]  # ids [B, L] -> logits [B, L, 
 
 
 def masked_cross_entropy(forward: Forward, ids: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
-                         doc_start: torch.Tensor | None = None) -> torch.Tensor:
+                         doc_start: torch.Tensor | None = None, block_size: int | None = None) -> torch.Tensor:
     """The cross-entropy (fp32) of the positions `rows` [B, L] marks, in row-major order. A LLaDAModel,
     or a DeepSpeed engine around one, applies its output head to those positions only, as training
     does, so the [B, L, vocab] logits never exist (4 GB at micro batch 4 for the 126k vocabulary) and
     `doc_start` (model.document_mask) keeps attention within documents; any other forward
     ids -> logits is scored from its full logits."""
     if isinstance(getattr(forward, "module", forward), LLaDAModel):
-        return forward(ids, doc_start=doc_start, targets=targets, masked=rows)[0]
+        clean = {} if block_size is None else {"clean_ids": targets, "block_size": block_size}
+        return forward(ids, doc_start=doc_start, targets=targets, masked=rows, **clean)[0]
+    if block_size is not None:
+        raise ValueError("a block diffusion likelihood needs a LLaDAModel (its x_t-with-x_0 pass)")
     if doc_start is not None:
         raise ValueError("document-masked attention needs a LLaDAModel")
     return F.cross_entropy(forward(ids)[rows].float(), targets[rows], reduction="none")
@@ -64,12 +67,15 @@ def draw_masks(maskable: torch.Tensor, counts: torch.Tensor, generator: torch.Ge
 @torch.no_grad()
 def elbo_terms(forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, mask_id: int, mc_num: int,
                generator: torch.Generator, batch_size: int | None = None,
-               doc_start: torch.Tensor | None = None) -> torch.Tensor:
+               doc_start: torch.Tensor | None = None, block_size: int | None = None) -> torch.Tensor:
     """x0 [B, L], maskable [B, L] -> [B, mc_num]: per draw, (n / l) x the summed cross-entropy (nats) of
     the l masked tokens; each is an unbiased estimate of the NELBO of the sequence's maskable tokens.
     Runs ceil(B * mc_num / batch_size) forward passes whatever the data (ZeRO-3 ranks stay in step).
-    `doc_start` [B, L] bool: attention stays within documents (model.document_mask)."""
+    `doc_start` [B, L] bool: attention stays within documents (model.document_mask). `block_size` (a
+    block diffusion model, smaller than L): block_elbo_terms."""
     B, L = x0.shape
+    if block_size is not None and block_size < L:
+        return block_elbo_terms(forward, x0, maskable, mask_id, mc_num, generator, block_size, batch_size, doc_start)
     n = maskable.sum(1).cpu()
     counts = stratified_counts(n, mc_num, generator)
     masks = draw_masks(maskable, counts, generator).to(x0.device).reshape(B * mc_num, L)
@@ -88,6 +94,43 @@ def elbo_terms(forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, mask_
         seq = rows.nonzero()[:, 0]
         terms[lo:hi] = torch.zeros(hi - lo, dtype=torch.float64, device=x0.device).index_add_(0, seq, ce.double())
     return (terms * weights).reshape(B, mc_num)
+
+
+def block_elbo_terms(forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, mask_id: int, mc_num: int,
+                     generator: torch.Generator, block_size: int, batch_size: int | None = None,
+                     doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    """The block NELBO: in each block j (absolute positions; a last block may be shorter), exactly
+    l_j ~ U{1..n_j} of its n_j maskable tokens are masked (stratified over the draws) and weighted
+    n_j / l_j, all blocks in one x_t-with-x_0 pass. Per draw, the sum over blocks estimates the sum of
+    each block's NELBO given the clean blocks before it: a bound on -log p of the maskable tokens. A
+    prompt's tokens are never masked, so a prompt that ends inside a block leaves that block's rest
+    maskable; a block with nothing maskable adds 0."""
+    B, L = x0.shape
+    nb = -(-L // block_size)
+    padded = torch.zeros(B, nb * block_size, dtype=torch.bool)
+    padded[:, :L] = maskable.cpu()
+    per_block = padded.view(B * nb, block_size)
+    n = per_block.sum(1)
+    counts = stratified_counts(n, mc_num, generator)  # [B * nb, K]
+    masks = draw_masks(per_block, counts, generator)  # [B * nb, K, bs]
+    masks = masks.view(B, nb, mc_num, block_size).permute(0, 2, 1, 3).reshape(B * mc_num, -1)[:, :L].to(x0.device)
+    w = (n.clamp_min(1)[:, None] / counts * (n > 0)[:, None]).double()  # [B * nb, K]
+    w = w.view(B, nb, mc_num).permute(0, 2, 1).repeat_interleave(block_size, dim=2).reshape(B * mc_num, -1)[:, :L]
+    w = w.to(x0.device)
+    targets = x0.repeat_interleave(mc_num, dim=0)
+    noisy = torch.where(masks, mask_id, targets)
+    docs = doc_start.to(x0.device).repeat_interleave(mc_num, dim=0) if doc_start is not None else None
+    batch_size = batch_size or B * mc_num
+    terms = torch.zeros(B * mc_num, dtype=torch.float64, device=x0.device)
+    for lo in range(0, B * mc_num, batch_size):
+        hi = min(lo + batch_size, B * mc_num)
+        rows = masks[lo:hi]
+        ce = masked_cross_entropy(forward, noisy[lo:hi], targets[lo:hi], rows,
+                                  docs[lo:hi] if docs is not None else None, block_size)
+        seq = rows.nonzero()[:, 0]
+        terms[lo:hi] = torch.zeros(hi - lo, dtype=torch.float64, device=x0.device).index_add_(
+            0, seq, ce.double() * w[lo:hi][rows])
+    return terms.reshape(B, mc_num)
 
 
 @dataclass
@@ -132,7 +175,7 @@ class NelboSums:
 
 def nelbo_of_batch(forward: Forward, x0: torch.Tensor, mask_id: int, mc_num: int, generator: torch.Generator,
                    prompt_len: torch.Tensor | None = None, batch_size: int | None = None,
-                   doc_start: torch.Tensor | None = None) -> NelboSums:
+                   doc_start: torch.Tensor | None = None, block_size: int | None = None) -> NelboSums:
     """The estimate's sums for one batch; with prompt_len [B], the prompt is never masked nor scored;
     with doc_start [B, L], attention stays within documents."""
     B, L = x0.shape
@@ -140,7 +183,8 @@ def nelbo_of_batch(forward: Forward, x0: torch.Tensor, mask_id: int, mc_num: int
     if prompt_len is not None:
         maskable &= torch.arange(L, device=x0.device)[None, :] >= prompt_len.to(x0.device)[:, None]
     sums = NelboSums()
-    sums.add(elbo_terms(forward, x0, maskable, mask_id, mc_num, generator, batch_size, doc_start), maskable.sum(1))
+    sums.add(elbo_terms(forward, x0, maskable, mask_id, mc_num, generator, batch_size, doc_start, block_size),
+             maskable.sum(1))
     return sums
 
 
@@ -151,13 +195,14 @@ def draw_seed(seed: int, item: int, choice: int) -> int:
 
 
 def answer_nll(forward: Forward, prompt: list[int], answer: list[int], mask_id: int, mc_num: int,
-               generator: torch.Generator, batch_size: int | None = None, device="cpu") -> tuple[float, float]:
+               generator: torch.Generator, batch_size: int | None = None, device="cpu",
+               block_size: int | None = None) -> tuple[float, float]:
     """The paper's conditional likelihood: an estimate of -log p(answer | prompt) (nats, summed over the
     answer's tokens; an upper bound in expectation) and its Monte Carlo standard error. The prompt is
     never masked; the draws are batched."""
     x0 = torch.tensor([prompt + answer], device=device)
     maskable = torch.zeros_like(x0, dtype=torch.bool)
     maskable[0, len(prompt):] = True
-    terms = elbo_terms(forward, x0, maskable, mask_id, mc_num, generator, batch_size)[0]
+    terms = elbo_terms(forward, x0, maskable, mask_id, mc_num, generator, batch_size, block_size=block_size)[0]
     se = (terms.std() / math.sqrt(mc_num)).item() if mc_num > 1 else float("nan")
     return terms.mean().item(), se

@@ -30,7 +30,7 @@ class LLaDAConfig(PretrainedConfig):
                  init_std: float = 0.02, include_qkv_bias: bool = False, qk_norm: str | None = None,
                  weight_tying: bool = False, rope_scaling: dict | None = None, shift_prediction: bool = False,
                  mask_token_id: int = 126336, eos_token_id: int = 126081, pad_token_id: int = 126081,
-                 use_cache: bool = False, **kwargs):
+                 use_cache: bool = False, block_size: int | None = None, **kwargs):
         self.d_model, self.n_heads, self.n_layers = d_model, n_heads, n_layers
         self.n_kv_heads = n_kv_heads if n_kv_heads is not None else n_heads
         self.mlp_hidden_size, self.vocab_size = mlp_hidden_size, vocab_size
@@ -39,6 +39,7 @@ class LLaDAConfig(PretrainedConfig):
         self.init_std = init_std
         self.include_qkv_bias, self.qk_norm, self.weight_tying = include_qkv_bias, qk_norm, weight_tying
         self.shift_prediction = shift_prediction
+        self.block_size = block_size  # block diffusion: each block attends to itself and the blocks before it
         if isinstance(getattr(type(self), "rope_scaling", None), property):
             self.rope_parameters = rope_scaling  # transformers 5: rope_scaling is a (deprecated) alias of this
         else:

@@ -159,6 +159,11 @@ class LLaDAModel(nn.Module):
                 mask = attention_mask.bool()[:, None, None, :]
             else:  # [B, 1 or H, L, L], as SDPA takes it: bool (True = attend) or additive
                 mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(x.dtype)
+        if getattr(self.config, "block_size", None):  # block diffusion: a block sees itself and the blocks before it
+            block = torch.arange(x.shape[1], device=x.device) // self.config.block_size
+            causal = (block[:, None] >= block[None, :])[None, None]
+            mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool
+                                                else mask.masked_fill(~causal, float("-inf")))
         hidden = [x] if output_hidden_states else None
         for block in t.blocks:
             x = block(x, cos, sin, mask)

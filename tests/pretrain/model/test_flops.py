@@ -68,3 +68,31 @@ def test_mfu_of_a_known_config():
     assert out["mfu"] == pytest.approx(expected)
     assert out["step_time_s"] == pytest.approx(2.0)
     assert "mfu" not in throughput_metrics(1000, 1.0, 1, 1, flops, peak=None)  # no peak, no MFU
+
+
+@pytest.mark.parametrize("L,B", [(16, 1), (16, 4), (24, 8), (16, 16)])
+def test_block_attention_pairs_are_the_pairs_the_mask_opens(L, B):
+    from pretrain.model.block_attention import may_attend
+    from pretrain.model.flops import block_attention_pairs
+
+    pos = torch.arange(2 * L)
+    assert block_attention_pairs(L, B) == int(may_attend(pos[:, None], pos[None, :], L, B).sum())
+
+
+def test_the_2l_pass_counts_its_executed_flops():
+    m = compose_config(["model=llada_1b"]).model
+    L, head = 4096, m.d_model * m.vocab_size
+    assert flops_per_token(m, L, block_size=L) == flops_per_token(m, L)  # one block: LLaDA's pass
+    dense = flops_per_token(m, L, block_size=32)
+    assert dense == 6 * (2 * (LLADA_1B_MATMUL - head) + head) + 12 * 22 * 2048 * 4 * L  # (2L)^2 pairs / L tokens
+    assert flops_per_token(m, L, block_size=32, sparse=True) < dense
+
+
+def test_the_planner_plans_the_block_schedules_peak():
+    from pretrain.plan import make_plan
+
+    plain = make_plan(compose_config(["model=llada_1b", "cluster=gpu_node"], world_size=8), mfu=0.4)
+    block = make_plan(compose_config(["model=llada_1b", "cluster=gpu_node", "block=llada2_wsd"], world_size=8), mfu=0.4)
+    m = compose_config(["model=llada_1b"]).model
+    assert block.flops_per_token == flops_per_token(m, 4096, block_size=1, sparse=True)  # the schedule's block 1
+    assert block.activations_gb == pytest.approx(2 * plain.activations_gb)  # x_t with x_0: 2L tokens

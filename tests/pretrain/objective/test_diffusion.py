@@ -28,7 +28,7 @@ def mask_probability(u, eps):
 
 def mask_cfg(schedule="linear", exponent=2.0, **kw) -> MaskConfig:
     fields = dict(schedule=schedule, eps=EPS, exponent=exponent, time_sampling="iid", normalize="tokens",
-                  random_length_prob=0.01, conditional=False, prompt_len=None)
+                  random_length_prob=0.01, conditional=False, prompt_len=None, band=None, complementary=False)
     return MaskConfig(**{**fields, **kw})
 
 
