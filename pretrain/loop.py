@@ -20,6 +20,7 @@ from data_pipeline.stream import TokenStream, make_loader
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.resume_check import config_dict
 from pretrain.config import RunConfig, total_steps
+from pretrain.engine.expert_balance import ExpertBalance
 from pretrain.faults import (
     NonFiniteSteps,
     SampleLog,
@@ -30,6 +31,7 @@ from pretrain.faults import (
     stop_agreed,
 )
 from pretrain.model.flops import flops_per_token, peak_tflops
+from pretrain.model.moe import router_loss
 from pretrain.monitor.metrics import MetricsLogger, console_line
 from pretrain.monitor.train_stats import LogWindow, device_name
 from pretrain.objective.diffusion import (
@@ -81,6 +83,7 @@ class Trainer:
         self.window = LogWindow(run.logging.t_buckets, self.device)  # what the next log line reports
         self.flops_per_token = flops_per_token(run.model, t.seq_len)
         self.peak_tflops = peak_tflops(device_name(self.device), run.cluster.peak_tflops)
+        self.experts = ExpertBalance(engine.module, self.device)  # model.moe: bias update and load metrics
 
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -135,7 +138,9 @@ class Trainer:
         noisy = forward_process(x0, self.mask_id, t, self.schedule, self.mask_rng, self.prompt_len(batch))
         loss, stats = model_loss_and_stats(self.engine, x0, noisy, m.normalize, self.doc_start(batch, x0.shape[1]))
         loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
-        self.engine.backward(loss)
+        aux = router_loss(self.engine.module)  # model.moe's auxiliary and z-losses (0.0 when off)
+        self.experts.add_loss(aux)
+        self.engine.backward(loss + aux)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         self.window.add(loss.detach().float(), stats, x0.shape[1])
 
@@ -161,6 +166,7 @@ class Trainer:
                     samples.add(batch)
                 self.micro_step(batch, micro)
             skipped = finish_step(self.engine)
+            self.experts.end_step()
             self.window.end_step(time.perf_counter() - step_start)
             self.state.step += 1
             self.state.batches += self.accum
@@ -215,7 +221,7 @@ class Trainer:
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
                   loss_name: stats["loss"], **stats, "lr": self.engine.get_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "skipped_steps": self.state.skipped_steps}
+                  "skipped_steps": self.state.skipped_steps, **self.experts.summary()}
         self.metrics.log(record)
         if self.rank == 0:
             per_step = (time.perf_counter() - self.started) / steps_this_process
