@@ -22,6 +22,13 @@ from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.zero_files import open_checkpoint
 from pretrain.config import ModelConfig
 from pretrain.hf.format import FormatError, HFWeights, model_config, model_config_from_hf, read_config
+from pretrain.hf.moe_format import (
+    LLaDA2Weights,
+    checkpoint_buffers,
+    folder_buffers,
+    is_llada2,
+    model_config_from_llada2,
+)
 from pretrain.model.transformer import LLaDAModel
 
 
@@ -51,13 +58,24 @@ class Source:
         """(name, tensor) one parameter at a time: fp32 from a checkpoint, the stored dtype from a folder."""
         if self.is_run:
             yield from open_checkpoint(self.checkpoint_dir).tensors()
+        elif self.model.moe is not None:  # LLaDA 2.0's MoE format (pretrain/hf/moe_format.py)
+            yield from ((n, t) for n, t in LLaDA2Weights(self.path, self.model).tensors()
+                        if not n.endswith("expert_bias"))
         else:
             yield from HFWeights.open(self.path).tensors()
 
     def shapes(self) -> dict[str, torch.Size]:
         if self.is_run:
             return open_checkpoint(self.checkpoint_dir).shapes
+        if self.model.moe is not None:
+            return {n: t.shape for n, t in self.tensors()}
         return HFWeights.open(self.path).shapes()
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The model's buffers that are state (model.moe's expert biases), fp32; none for a dense model."""
+        if self.model.moe is None:
+            return {}
+        return checkpoint_buffers(self.checkpoint_dir) if self.is_run else folder_buffers(self.path, self.model)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -111,7 +129,7 @@ def _run_source(run_dir: Path, step: int | None) -> Source:
 
 def _folder_source(folder: Path) -> Source:
     config = read_config(folder)
-    model = model_config_from_hf(config, str(folder))
+    model = model_config_from_llada2(config, str(folder)) if is_llada2(config) else model_config_from_hf(config, str(folder))
     for key in ("eos_token_id", "mask_token_id"):
         if key not in config:
             raise FormatError(f"{folder}/config.json has no {key!r}")
@@ -139,6 +157,7 @@ def load_model(source: Source, device: str | torch.device = "cpu", dtype: torch.
     for name, tensor in source.tensors():
         state[name] = tensor.to(device=device, dtype=dtype)
     check_shapes({n: t.shape for n, t in state.items()}, source.model, str(source.path))
+    state.update({n: b.to(device) for n, b in source.buffers().items()})  # fp32 whatever `dtype`
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = ["transformer.ff_out.weight"] if source.model.tie_embeddings else []
     if missing != tied or unexpected:
