@@ -115,7 +115,8 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     peak = peak_tflops(device_name or "", c.peak_tflops) if (device_name or c.peak_tflops) else None
     budget = t.max_tokens if t.max_tokens is not None else (t.max_steps * tokens_per_step if t.max_steps else None)
     step_s = tokens_per_step * fpt / (gpus * peak * 1e12 * mfu) if peak else None
-    return Plan(model=m.name, gpus=gpus, params=params, active_params=active_params(m), flops_per_token=fpt, tokens_per_step=tokens_per_step,
+    return Plan(model=m.name, gpus=gpus, params=params, active_params=active_params(m), flops_per_token=fpt,
+                tokens_per_step=tokens_per_step,
                 accumulation=accumulation, model_states_gb=states / GB, gathered_gb=gathered / GB,
                 activations_gb=configured / GB, activations_none_gb=acts[0] / GB, activations_full_gb=acts[1] / GB,
                 loss_gb=loss / GB, total_gb=total / GB, gpu_memory_gb=c.gpu_memory_gb, comm_gb_per_step=comm / GB,

@@ -129,7 +129,8 @@ def _run_source(run_dir: Path, step: int | None) -> Source:
 
 def _folder_source(folder: Path) -> Source:
     config = read_config(folder)
-    model = model_config_from_llada2(config, str(folder)) if is_llada2(config) else model_config_from_hf(config, str(folder))
+    read = model_config_from_llada2 if is_llada2(config) else model_config_from_hf
+    model = read(config, str(folder))
     for key in ("eos_token_id", "mask_token_id"):
         if key not in config:
             raise FormatError(f"{folder}/config.json has no {key!r}")

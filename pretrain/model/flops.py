@@ -1,7 +1,8 @@
 """FLOPs per token and the accelerators' peak throughput: the two numbers behind MFU.
 
 FLOPs per token of training = 6 x (every matmul parameter a token uses: the blocks' projections (of a
-mixture of experts: the router, the top_k experts and the shared ones) and the untied output head; the input embedding is a lookup, not a matmul) + 12 x layers x d_model x seq_len for
+mixture of experts: the router, the top_k experts and the shared ones) and the untied output head; the
+input embedding is a lookup, not a matmul) + 12 x layers x d_model x seq_len for
 bidirectional attention (QK^T and AV, forward and backward; not halved, since there is no causal mask).
 """
 

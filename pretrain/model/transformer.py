@@ -39,8 +39,8 @@ import torch.utils.checkpoint
 
 from pretrain.config import ConfigError, ModelConfig, require
 from pretrain.model.anneal import annealed_mask
-from pretrain.model.moe import MoEFeedForward, check_moe
 from pretrain.model.attention import sdpa_attention, select_attention
+from pretrain.model.moe import MoEFeedForward, check_moe
 from pretrain.model.output_head import OutputHead
 from pretrain.model.rope import apply_rope, check_scaling, rope_tables
 

@@ -33,7 +33,8 @@ class LLaDA2MoeConfig(PretrainedConfig):
         self.num_experts, self.num_experts_per_tok = num_experts, num_experts_per_tok
         self.moe_intermediate_size, self.num_shared_experts = moe_intermediate_size, num_shared_experts
         self.first_k_dense_replace, self.score_function = first_k_dense_replace, score_function
-        self.moe_router_enable_expert_bias, self.n_group, self.topk_group = moe_router_enable_expert_bias, n_group, topk_group
+        self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
+        self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
         self.initializer_range, self.mask_token_id, self.use_cache = initializer_range, mask_token_id, use_cache
         kwargs["tie_word_embeddings"] = False
