@@ -217,3 +217,30 @@ def folder_buffers(folder: str | Path, m: ModelConfig) -> dict[str, torch.Tensor
             out[f"transformer.blocks.{i}.moe.router.expert_bias"] = \
                 w.get(name).float() if name in w.files else torch.zeros(m.moe.num_experts)
     return out
+
+
+class OursNamed(dict):
+    """A LLaDA 2.0 folder's tensors already under our names (model.init_from's rank 0 holds them all)."""
+
+    def get(self, name: str) -> torch.Tensor:  # HFWeights' interface
+        return self[name]
+
+
+def check_llada2_matches(found: ModelConfig, expected: ModelConfig, where: str) -> None:
+    """model.init_from: the folder's shapes and routing are the run's model= (the bias rate and the losses
+    may differ)."""
+    keys = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_size", "mlp_hidden_size", "vocab_size",
+            "rope_theta", "partial_rotary_factor")
+    for key in keys:
+        a, b = getattr(found, key), getattr(expected, key)
+        if b is not None and a != b:
+            raise FormatError(f"{where}/config.json gives model.{key}={a!r}, but model.{key}={b!r} "
+                              f"(model={expected.name})")
+    if expected.moe is None or not expected.qk_norm:
+        raise FormatError(f"{where} is a LLaDA 2.0 mixture of experts; model={expected.name} is not (model.moe, "
+                          f"model.qk_norm)")
+    for key in ("num_experts", "top_k", "expert_hidden_size", "num_shared_experts", "first_dense_layers",
+                "score_func", "expert_bias", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob"):
+        a, b = getattr(found.moe, key), getattr(expected.moe, key)
+        if a != b:
+            raise FormatError(f"{where}/config.json gives model.moe.{key}={a!r}, but model.moe.{key}={b!r}")

@@ -24,6 +24,8 @@ from pretrain.config import ModelConfig
 from pretrain.hf.format import FormatError, HFWeights, model_config, model_config_from_hf, read_config
 from pretrain.hf.moe_format import (
     LLaDA2Weights,
+    OursNamed,
+    check_llada2_matches,
     checkpoint_buffers,
     folder_buffers,
     is_llada2,
@@ -176,6 +178,9 @@ def check_init_from(folder: str, expected: ModelConfig, data_tokenizer: str | No
     from pretrain.hf.format import check_matches
 
     config = read_config(folder)
+    if is_llada2(config):  # LLaDA 2.0's MoE format: the same shapes and routing as model=
+        check_llada2_matches(model_config_from_llada2(config, folder), expected, folder)
+        return config
     if not is_llada(config):
         check_source(folder, expected, data_tokenizer)
         return config
@@ -193,10 +198,16 @@ def copy_weights_into(model: torch.nn.Module, folder: str) -> None:
     from pretrain.hf.causal_import import CausalWeights, is_llada
 
     cfg = model.cfg
-    weights = HFWeights.open(folder) if is_llada(read_config(folder)) else CausalWeights.open(folder, cfg)
-    shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters()}
-    weights.check_names(shapes)
     writer = not dist.is_initialized() or dist.get_rank() == 0
+    if is_llada2(read_config(folder)):  # every rank sets the expert biases (buffers: not partitioned)
+        weights = OursNamed(dict(LLaDA2Weights(folder, cfg).tensors()) if writer else {})
+        with torch.no_grad():
+            for name, b in folder_buffers(folder, cfg).items():
+                model.get_buffer(name).copy_(b)
+    else:
+        weights = HFWeights.open(folder) if is_llada(read_config(folder)) else CausalWeights.open(folder, cfg)
+        shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters()}
+        weights.check_names(shapes)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if hasattr(p, "ds_id"):  # partitioned by ZeRO-3

@@ -8,11 +8,14 @@ import json
 import os
 import subprocess
 
+import pytest
 import torch
 
+from pretrain.checks import compose_config
 from pretrain.export import export
+from pretrain.hf.format import FormatError
 from pretrain.hf.moe_format import EXPERT_PROJ, from_llada2, to_llada2
-from pretrain.hf.pretrained import load_model, open_source
+from pretrain.hf.pretrained import check_init_from, copy_weights_into, load_model, open_source
 from pretrain.model.transformer import LLaDAModel
 from tests.pretrain.hf.venvs import transformers_venv
 from tests.pretrain.model.test_moe import moe_config
@@ -71,6 +74,15 @@ def test_export_of_the_zero3_run_reads_back_and_loads_offline(moe_run, tmp_path)
     with torch.no_grad():
         want = ours(ids)
         assert torch.equal(load_model(open_source(out))(ids), want)
+    # model.init_from (continued pretraining, fine-tuning): the folder's weights and biases into a fresh model
+    run_model = compose_config(["model=tiny_moe", "model.vocab_size=1024"]).model
+    check_init_from(str(out), run_model)
+    fresh = LLaDAModel(run_model).eval()
+    copy_weights_into(fresh, str(out))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), want)
+    with pytest.raises(FormatError, match="model.moe.top_k=2, but model.moe.top_k=3"):
+        check_init_from(str(out), compose_config(["model=tiny_moe", "model.moe.top_k=3"]).model)
     torch.save(ids, tmp_path / "ids.pt")
     (tmp_path / "load.py").write_text(LOAD)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS"))}
