@@ -19,43 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import BuildConfig, DataConfig
+from pretrain.model.config import ModelConfig, MoEConfig  # noqa: F401  (the network's config lives beside it)
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; raised before any expensive step."""
-
-
-@dataclass
-class ModelConfig:
-    name: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    mlp_hidden_size: int
-    vocab_size: int | None  # None: taken from the data (pretrain.checks.resolve_vocab) before the model is built
-    max_sequence_length: int
-    rope_theta: float
-    rms_norm_eps: float
-    init_std: float
-    attention: str  # auto | sdpa | flash
-    document_mask: bool  # attend only within each packed document (the loop passes the documents' starts)
-    init_from: str | None  # a Hugging Face folder: an export of ours, or a Llama / Qwen2 / Qwen3 causal LM
-    # What autoregressive sources need (pretrain/hf/causal_import.py); the defaults are LLaDA's.
-    head_dim: int | None  # null: d_model / n_heads (Qwen3 sets it apart)
-    qkv_bias: bool  # biases on q, k, v (Qwen2)
-    qk_norm: bool  # RMSNorm per head on q and k before RoPE (Qwen3)
-    tie_embeddings: bool  # the output head is the input embedding (small Llama 3.2 / Qwen models)
-    rope_scaling: dict[str, Any] | None  # transformers' Llama 3 dict (rope_type: llama3, factor, ...) or null
-    attention_anneal_steps: int  # 0: bidirectional; N: the causal mask relaxed over N steps (DiffuLLaMA)
-    shift_prediction: bool  # Dream's shift: the output at i predicts the token at i + 1
-    mask_token: dict[str, Any] | None  # {token, id, origin}: filled at start from the source and the data
-    block_size: int | None  # the block size the model serves with (block diffusion): filled at start from block.*
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
-
 
 
 @dataclass

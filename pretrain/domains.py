@@ -92,6 +92,19 @@ DOMAINS: dict[str, Domain] = {
     "model.head_dim": nullable(POSITIVE_INT),
     "model.attention_anneal_steps": NON_NEGATIVE_INT,
     "model.block_size": nullable(POSITIVE_INT),  # filled at start from block= (the last step's size)
+    "model.partial_rotary_factor": Domain("must be in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    # model.moe (null: dense); the relations between them are pretrain/model/moe.py's check_moe
+    "model.moe.num_experts": POSITIVE_INT,
+    "model.moe.top_k": POSITIVE_INT,
+    "model.moe.expert_hidden_size": POSITIVE_INT,
+    "model.moe.num_shared_experts": NON_NEGATIVE_INT,
+    "model.moe.first_dense_layers": NON_NEGATIVE_INT,
+    "model.moe.bias_update_rate": NON_NEGATIVE,
+    "model.moe.n_group": POSITIVE_INT,
+    "model.moe.topk_group": POSITIVE_INT,
+    "model.moe.routed_scaling_factor": POSITIVE_NUMBER,
+    "model.moe.aux_loss_coef": NON_NEGATIVE,
+    "model.moe.z_loss_coef": NON_NEGATIVE,
     # mask
     "mask.eps": OPEN_UNIT,
     "mask.exponent": Domain("must be > 0", lambda v: _number(v) and v > 0),

@@ -43,6 +43,7 @@ from pretrain.hf.format import (
     write_weights,
 )
 from pretrain.hf.modeling import MODELING_DIR, MODELING_FILES
+from pretrain.hf.moe_format import export_llada2
 from pretrain.hf.pretrained import SourceError, check_shapes, open_source
 
 
@@ -69,15 +70,19 @@ def export(source_path: str | Path, out_dir: str | Path, step: int | None = None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        files = write_weights(tmp, shapes, source.tensors(), DTYPES[dtype], max_bytes)
-        config = hf_config(source.model, source.eos_id, source.mask_id, DTYPES[dtype], code_repo)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if source.model.moe is not None:  # LLaDA 2.0's MoE format, with its own modeling code (one file)
+            files = export_llada2(tmp, {**dict(source.tensors()), **source.buffers()}, source.model, source.eos_id,
+                                  source.mask_id, DTYPES[dtype])
+        else:
+            files = write_weights(tmp, shapes, source.tensors(), DTYPES[dtype], max_bytes)
+            config = hf_config(source.model, source.eos_id, source.mask_id, DTYPES[dtype], code_repo)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_tokenizer(tmp, tokenizer.to_str(), eos, mask, source.model.max_sequence_length)
         # Where the weights came from, beside config.json (which keeps exactly the published keys):
         # model.init_from prints it when a run starts from this folder.
         (tmp / "export.json").write_text(json.dumps({"source": str(source.checkpoint_dir or source.path),
                                                      "step": source.step, "dtype": dtype}, indent=1) + "\n")
-        for name in MODELING_FILES:
+        for name in MODELING_FILES if source.model.moe is None else ():
             shutil.copyfile(MODELING_DIR / name, tmp / name)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above

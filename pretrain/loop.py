@@ -20,6 +20,7 @@ from data_pipeline.stream import TokenStream, make_loader
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.resume_check import config_dict
 from pretrain.config import RunConfig, total_steps
+from pretrain.engine.expert_balance import ExpertBalance
 from pretrain.faults import (
     NonFiniteSteps,
     SampleLog,
@@ -31,6 +32,7 @@ from pretrain.faults import (
 )
 from pretrain.model.block_attention import FlexBlockAttention
 from pretrain.model.flops import flops_per_token, peak_tflops
+from pretrain.model.moe import router_loss
 from pretrain.monitor.metrics import MetricsLogger, console_line
 from pretrain.monitor.train_stats import LogWindow, device_name
 from pretrain.objective.block import block_size_at, block_times, pass_block_size
@@ -91,6 +93,7 @@ class Trainer:
         if run.block.embedding_noise > 0:
             engine.module.embedding_noise = (run.block.embedding_noise, mask_id)
         self.peak_tflops = peak_tflops(device_name(self.device), run.cluster.peak_tflops)
+        self.experts = ExpertBalance(engine.module, self.device)  # model.moe: bias update and load metrics
 
     # -- state -------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -163,7 +166,9 @@ class Trainer:
         loss, stats = model_loss_and_stats(self.engine, x0, noisy, m.normalize, doc_start,
                                            block_size=pass_block_size(size, L))
         loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
-        self.engine.backward(loss)
+        aux = router_loss(self.engine.module)  # model.moe's auxiliary and z-losses (0.0 when off)
+        self.experts.add_loss(aux)
+        self.engine.backward(loss + aux)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         self.window.add(loss.detach().float(), stats, x0.shape[1])
 
@@ -189,6 +194,7 @@ class Trainer:
                     samples.add(batch)
                 self.micro_step(batch, micro)
             skipped = finish_step(self.engine)
+            self.experts.end_step()
             self.window.end_step(time.perf_counter() - step_start)
             self.state.step += 1
             self.state.batches += self.accum
@@ -249,7 +255,7 @@ class Trainer:
                   loss_name: stats["loss"], **stats, "lr": self.engine.get_lr()[0],
                   "block_size": size if size < self.run.trainer.seq_len else None,
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "skipped_steps": self.state.skipped_steps}
+                  "skipped_steps": self.state.skipped_steps, **self.experts.summary()}
         self.metrics.log(record)
         if self.rank == 0:
             per_step = (time.perf_counter() - self.started) / steps_this_process

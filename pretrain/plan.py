@@ -41,7 +41,15 @@ MASKED_SHARE = 0.5  # E[t] under the paper's t ~ U(0, 1): half the positions are
 
 def total_params(m) -> int:
     matrices = 1 if m.tie_embeddings else 2  # embedding and head, one matrix when tied
-    return m.n_layers * block_params(m) + matrices * m.vocab_size * m.d_model + m.d_model
+    return sum(block_params(m, i) for i in range(m.n_layers)) + matrices * m.vocab_size * m.d_model + m.d_model
+
+
+def active_params(m) -> int:
+    """The parameters one token uses: all but the routed experts it is not sent to (model.moe)."""
+    e = m.moe
+    idle = 0 if e is None else sum(3 * m.d_model * e.expert_hidden_size * (e.num_experts - e.top_k)
+                                   for i in range(m.n_layers) if m.is_moe_layer(i))
+    return total_params(m) - idle
 
 
 @dataclass
@@ -49,6 +57,7 @@ class Plan:
     model: str
     gpus: int
     params: int
+    active_params: int  # per token (a mixture of experts: the top_k routed experts, not all)
     flops_per_token: int
     tokens_per_step: int
     accumulation: int
@@ -119,7 +128,8 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     peak = peak_tflops(device_name or "", c.peak_tflops) if (device_name or c.peak_tflops) else None
     budget = t.max_tokens if t.max_tokens is not None else (t.max_steps * tokens_per_step if t.max_steps else None)
     step_s = tokens_per_step * fpt / (gpus * peak * 1e12 * mfu) if peak else None
-    return Plan(model=m.name, gpus=gpus, params=params, flops_per_token=fpt, tokens_per_step=tokens_per_step,
+    return Plan(model=m.name, gpus=gpus, params=params, active_params=active_params(m), flops_per_token=fpt,
+                tokens_per_step=tokens_per_step,
                 accumulation=accumulation, model_states_gb=states / GB, gathered_gb=gathered / GB,
                 activations_gb=configured / GB, activations_none_gb=acts[0] / GB, activations_full_gb=acts[1] / GB,
                 loss_gb=loss / GB, total_gb=total / GB, gpu_memory_gb=c.gpu_memory_gb, comm_gb_per_step=comm / GB,
@@ -147,7 +157,8 @@ def report(p: Plan, run: RunConfig) -> str:
     t = run.trainer
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines = [
-        f"model {p.model}: {p.params / 1e9:.2f}B parameters, {p.flops_per_token / 1e9:.1f} GFLOPs per token "
+        f"model {p.model}: {p.params / 1e9:.2f}B parameters ({p.active_params / 1e9:.2f}B active), "
+        f"{p.flops_per_token / 1e9:.1f} GFLOPs per token "
         f"(seq {t.seq_len})",
         f"layout: {p.gpus} GPUs ({run.cluster.name}), micro batch {t.micro_batch_size}, global {t.global_batch_size}"
         f" -> {p.accumulation} accumulation steps, {p.tokens_per_step:,} tokens per step",

@@ -152,3 +152,18 @@ def block_run(tmp_path_factory, demo_shards):
     torchrun[4] = str(free_port())
     proc = run_train(torchrun, resumed, demo_shards, *BLOCK_ARGS, timeout=600)
     return straight, resumed, proc.stdout
+
+
+# The tiny mixture of experts (conf/model/tiny_moe.yaml) trained 4 steps on 2 ranks under ZeRO-3 in fp32,
+# saving at steps 2 and 4 (tests/pretrain/test_moe_train.py, tests/pretrain/hf/test_moe_format.py).
+MOE_ARGS = ["model=tiny_moe", "trainer.precision=fp32", "trainer.max_steps=4", "trainer.ckpt_every=2",
+            "trainer.keep_last=0"]
+
+
+@pytest.fixture(scope="session")
+def moe_run(tmp_path_factory, demo_shards) -> Path:
+    run_dir = tmp_path_factory.mktemp("moe") / "run"
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                "pretrain.train"]
+    run_train(launcher, run_dir, demo_shards, *MOE_ARGS)
+    return run_dir

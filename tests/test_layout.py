@@ -92,7 +92,10 @@ def test_data_pipeline_imports_nothing_from_pretrain_or_launch():
 
 
 def test_config_imports_no_domain_module():
-    assert import_graph(REPO)["pretrain.config"] <= {"data_pipeline.config"}
+    """The run config composes the sections' own configs (the data's, the network's), which import nothing."""
+    graph = import_graph(REPO)
+    assert graph["pretrain.config"] <= {"data_pipeline.config", "pretrain.model.config"}
+    assert graph["pretrain.model.config"] == set()
 
 
 def test_the_circle_check_finds_a_planted_circle(tmp_path):

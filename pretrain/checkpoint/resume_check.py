@@ -15,7 +15,13 @@ MUST_MATCH = ("model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_he
               "trainer.seq_len", "seed", "data.shuffle_buffer",
               # the warm-start keys (issue 22): a checkpoint saved before they existed is LLaDA's, their default
               "model.head_dim", "model.qkv_bias", "model.qk_norm", "model.tie_embeddings", "model.rope_scaling",
-              "model.shift_prediction")
+              "model.shift_prediction",
+              # the mixture of experts (issue 28): its shapes and routing (bias_update_rate, aux_loss_coef and
+              # z_loss_coef may change); a checkpoint saved before these keys existed is dense, full RoPE
+              "model.partial_rotary_factor", "model.moe.num_experts", "model.moe.top_k", "model.moe.expert_hidden_size",
+              "model.moe.num_shared_experts", "model.moe.first_dense_layers", "model.moe.score_func",
+              "model.moe.expert_bias", "model.moe.n_group", "model.moe.topk_group", "model.moe.routed_scaling_factor",
+              "model.moe.norm_topk_prob")
 # Where the run is and what it logs; not worth a line.
 IGNORED_PREFIXES = ("run_dir", "logging.", "resume", "sample.", "deepspeed.checkpoint")
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from pretrain.config import ConfigError, RunConfig, total_steps
+from pretrain.engine.expert_balance import keep_bias_fp32
 from pretrain.engine.lr_schedule import lr_fraction, step_to_position
 from pretrain.hf.folder_files import FormatError, read_json
 from pretrain.model.transformer import Block, LLaDAModel, compile_blocks
@@ -202,4 +203,5 @@ def build_engine(run: RunConfig, world_size: int):
     optimizer = make_optimizer(model, run)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lr_scheduler(optimizer, run))
+    keep_bias_fp32(engine.module)  # model.moe: the expert bias stays fp32 whatever the weights' dtype
     return engine

@@ -7,6 +7,7 @@ module refuses it. `check_config` is the engine's start-up check (run by pretrai
 from __future__ import annotations
 
 from pretrain.config import ConfigError, RunConfig, require
+from pretrain.engine import expert_parallel
 from pretrain.engine.device import PRECISION_CHOICES
 
 OPTIMIZER_IMPLS = ("torch", "deepspeed_fused")  # built by pretrain/engine/build.py's OPTIMIZERS
@@ -17,6 +18,7 @@ def check_config(run: RunConfig) -> None:
             f"trainer.precision={run.trainer.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     require(run.optim.impl in OPTIMIZER_IMPLS,
             f"optim.impl={run.optim.impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
+    expert_parallel.check_config(run)  # model.moe: expert parallelism and its limits
     check_section(run.deepspeed)
 
 

@@ -16,11 +16,22 @@ from __future__ import annotations
 from pretrain.config import ModelConfig
 
 
-def block_params(m: ModelConfig) -> int:
+def ffn_params(m: ModelConfig, layer: int) -> int:
+    """A layer's feed-forward: the dense SwiGLU, or the router, every routed expert and the shared ones."""
+    if not m.is_moe_layer(layer):
+        return 3 * m.d_model * m.mlp_hidden_size
+    e = m.moe
+    return m.d_model * e.num_experts + 3 * m.d_model * e.expert_hidden_size * (e.num_experts + e.num_shared_experts)
+
+
+def block_params(m: ModelConfig, layer: int | None = None) -> int:
+    """One block's parameters; layer None: the largest block (a mixture of experts' when there is one)."""
+    if layer is None:
+        return max(block_params(m, i) for i in range(m.n_layers))
     d, hd = m.d_model, m.head_size
     extra = (m.n_heads + 2 * m.n_kv_heads) * hd if m.qkv_bias else 0  # q, k, v biases
     extra += 2 * hd if m.qk_norm else 0
-    return 2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd + 3 * d * m.mlp_hidden_size + 2 * d + extra
+    return 2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd + ffn_params(m, layer) + 2 * d + extra
 
 
 def derived_sizes(m: ModelConfig) -> dict[str, int]:

@@ -24,6 +24,15 @@ from pretrain.config import ModelConfig
 from pretrain.hf.folder_check import check_model_folder, check_model_values, compare_shapes
 from pretrain.hf.folder_files import weights_path
 from pretrain.hf.format import FormatError, HFWeights, model_config, read_config
+from pretrain.hf.moe_format import (
+    LLaDA2Weights,
+    OursNamed,
+    check_llada2_matches,
+    checkpoint_buffers,
+    folder_buffers,
+    is_llada2,
+    model_config_from_llada2,
+)
 from pretrain.model.transformer import LLaDAModel
 
 
@@ -53,13 +62,24 @@ class Source:
         """(name, tensor) one parameter at a time: fp32 from a checkpoint, the stored dtype from a folder."""
         if self.is_run:
             yield from open_checkpoint(self.checkpoint_dir).tensors()
+        elif self.model.moe is not None:  # LLaDA 2.0's MoE format (pretrain/hf/moe_format.py)
+            yield from ((n, t) for n, t in LLaDA2Weights(self.path, self.model).tensors()
+                        if not n.endswith("expert_bias"))
         else:
             yield from HFWeights.open(self.path).tensors()
 
     def shapes(self) -> dict[str, torch.Size]:
         if self.is_run:
             return open_checkpoint(self.checkpoint_dir).shapes
+        if self.model.moe is not None:
+            return {n: t.shape for n, t in self.tensors()}
         return HFWeights.open(self.path).shapes()
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The model's buffers that are state (model.moe's expert biases), fp32; none for a dense model."""
+        if self.model.moe is None:
+            return {}
+        return checkpoint_buffers(self.checkpoint_dir) if self.is_run else folder_buffers(self.path, self.model)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -99,7 +119,12 @@ def _run_source(run_dir: Path, step: int | None) -> Source:
 
 
 def _folder_source(folder: Path) -> Source:
-    config, model = check_model_folder(folder)  # values and weight headers, before anything is built
+    config = read_config(folder)
+    if is_llada2(config):  # LLaDA 2.0's MoE format: its reader checks names and shapes as it loads
+        model = model_config_from_llada2(config, str(folder))
+        check_model_values(model, f"{folder}/config.json")
+    else:
+        config, model = check_model_folder(folder)  # values and weight headers, before anything is built
     for key in ("eos_token_id", "mask_token_id"):
         if key not in config:
             raise FormatError(f"{folder}/config.json has no {key!r}")
@@ -128,6 +153,7 @@ def load_model(source: Source, device: str | torch.device = "cpu", dtype: torch.
     for name, tensor in source.tensors():
         state[name] = tensor.to(device=device, dtype=dtype)
     check_shapes({n: t.shape for n, t in state.items()}, source.model, str(source.path))
+    state.update({n: b.to(device) for n, b in source.buffers().items()})  # fp32 whatever `dtype`
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = ["transformer.ff_out.weight"] if source.model.tie_embeddings else []
     if missing != tied or unexpected:
@@ -145,6 +171,9 @@ def check_init_from(folder: str, expected: ModelConfig, data_tokenizer: str | No
     from pretrain.hf.format import check_matches
 
     config = read_config(folder)
+    if is_llada2(config):  # LLaDA 2.0's MoE format: the same shapes and routing as model=
+        check_llada2_matches(model_config_from_llada2(config, folder), expected, folder)
+        return config
     if not is_llada(config):
         check_source(folder, expected, data_tokenizer)
         return config
@@ -162,10 +191,16 @@ def copy_weights_into(model: torch.nn.Module, folder: str) -> None:
     from pretrain.hf.causal_import import CausalWeights, is_llada
 
     cfg = model.cfg
-    weights = HFWeights.open(folder) if is_llada(read_config(folder)) else CausalWeights.open(folder, cfg)
-    shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters()}
-    weights.check_names(shapes)
     writer = not dist.is_initialized() or dist.get_rank() == 0
+    if is_llada2(read_config(folder)):  # every rank sets the expert biases (buffers: not partitioned)
+        weights = OursNamed(dict(LLaDA2Weights(folder, cfg).tensors()) if writer else {})
+        with torch.no_grad():
+            for name, b in folder_buffers(folder, cfg).items():
+                model.get_buffer(name).copy_(b)
+    else:
+        weights = HFWeights.open(folder) if is_llada(read_config(folder)) else CausalWeights.open(folder, cfg)
+        shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters()}
+        weights.check_names(shapes)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if hasattr(p, "ds_id"):  # partitioned by ZeRO-3

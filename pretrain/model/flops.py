@@ -1,7 +1,8 @@
 """FLOPs per token and the accelerators' peak throughput: the two numbers behind MFU.
 
-FLOPs per token of training = 6 x (every matmul parameter: the blocks' projections and the untied
-output head; the input embedding is a lookup, not a matmul) + 12 x layers x d_model x seq_len for
+FLOPs per token of training = 6 x (every matmul parameter a token uses: the blocks' projections (of a
+mixture of experts: the router, the top_k experts and the shared ones) and the untied output head; the
+input embedding is a lookup, not a matmul) + 12 x layers x d_model x seq_len for
 bidirectional attention (QK^T and AV, forward and backward; not halved, since there is no causal mask).
 
 Block diffusion (block size B < L) runs x_t and x_0 together, 2L tokens, per L trained tokens: the
@@ -35,12 +36,20 @@ PEAK_TFLOPS_BF16 = (
 )
 
 
+def ffn_matmul_params(m: ModelConfig, layer: int) -> int:
+    """A layer's feed-forward weights that one token multiplies: the dense SwiGLU, or (model.moe) the
+    router, its top_k experts and the shared experts (the active parameters, not all experts)."""
+    if not m.is_moe_layer(layer):
+        return 3 * m.d_model * m.mlp_hidden_size  # ff_proj (gate), up_proj, ff_out
+    e = m.moe
+    return m.d_model * e.num_experts + 3 * m.d_model * e.expert_hidden_size * (e.top_k + e.num_shared_experts)
+
+
 def matmul_params(m: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: attention and SwiGLU projections and the head."""
     d, hd = m.d_model, m.head_size
     attn = d * m.n_heads * hd * 2 + d * m.n_kv_heads * hd * 2  # q, attn_out; k, v
-    ffn = 3 * d * m.mlp_hidden_size  # ff_proj (gate), up_proj, ff_out
-    return m.n_layers * (attn + ffn) + d * m.vocab_size
+    return sum(attn + ffn_matmul_params(m, i) for i in range(m.n_layers)) + d * m.vocab_size
 
 
 def block_attention_pairs(seq_len: int, block_size: int) -> int:

@@ -56,6 +56,9 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device,
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, L, H, D]; rotates pairs (i, i + D/2), as LLaDA and Llama do."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:  # partial rotary (LLaDA 2.0): the first r dims of each head turn, the rest pass
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)

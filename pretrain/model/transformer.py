@@ -21,6 +21,10 @@ tied to the input embedding (`tie_embeddings`: one parameter, `transformer.wte.w
 causal mask relaxed over the first steps (`attention_anneal_steps`, pretrain/model/anneal.py); and
 Dream's shifted prediction (`shift_prediction`, `shift_hidden` below).
 
+A mixture of experts (`model.moe`, pretrain/model/moe.py) replaces the feed-forward of the layers from
+`moe.first_dense_layers` on (names `blocks.{i}.moe.*`); `partial_rotary_factor` < 1 turns only the
+first part of each head (LLaDA 2.0: half).
+
 `check_config` is the model's start-up check (run by pretrain/checks.py).
 """
 
@@ -37,6 +41,7 @@ from pretrain.config import ConfigError, ModelConfig, require
 from pretrain.model.anneal import annealed_mask
 from pretrain.model.attention import sdpa_attention, select_attention
 from pretrain.model.block_attention import block_causal, select_block_attention
+from pretrain.model.moe import MoEFeedForward, check_moe
 from pretrain.model.output_head import OutputHead
 from pretrain.model.rope import apply_rope, check_scaling, rope_tables
 
@@ -86,7 +91,7 @@ class Block(nn.Module):
     the block's weights at once, so forward may use them directly (the padded FFN) and may be
     compiled as one region with no ZeRO hooks inside."""
 
-    def __init__(self, cfg: ModelConfig, attention):
+    def __init__(self, cfg: ModelConfig, attention, layer: int = 0):
         super().__init__()
         d, hd, std = cfg.d_model, cfg.head_size, cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers)  # residual writers: keeps the stream's variance flat in depth
@@ -103,11 +108,15 @@ class Block(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.attn_out = Linear(cfg.n_heads * hd, d, out_std)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.ff_proj = Linear(d, cfg.mlp_hidden_size, std)  # the SwiGLU gate
-        self.up_proj = Linear(d, cfg.mlp_hidden_size, std)
-        self.ff_out = Linear(cfg.mlp_hidden_size, d, out_std)
+        self.moe = MoEFeedForward(cfg, std, out_std) if cfg.is_moe_layer(layer) else None  # pretrain/model/moe.py
+        if self.moe is None:
+            self.ff_proj = Linear(d, cfg.mlp_hidden_size, std)  # the SwiGLU gate
+            self.up_proj = Linear(d, cfg.mlp_hidden_size, std)
+            self.ff_out = Linear(cfg.mlp_hidden_size, d, out_std)
 
     def ffn(self, m: torch.Tensor) -> torch.Tensor:
+        if self.moe is not None:
+            return self.moe(m)
         gate, up, out = self.ff_proj.weight, self.up_proj.weight, self.ff_out.weight
         if self.ffn_pad:  # zero units: silu(0) * 0 = 0 in, zero columns out; their gradients are cut off by the pad
             gate, up = F.pad(gate, (0, 0, 0, self.ffn_pad)), F.pad(up, (0, 0, 0, self.ffn_pad))
@@ -155,6 +164,7 @@ def check_config(m: ModelConfig, seq_len: int, activation_checkpointing: str | i
             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     require(m.head_size % 2 == 0, f"model head dim {m.head_size} must be even for RoPE")
     check_scaling(m.rope_scaling)
+    check_moe(m)
     require(m.attention in ("auto", "sdpa", "flash"),
             f"model.attention={m.attention!r} is not one of auto, sdpa, flash")
     short = "" if seq_len >= MIN_SEQ_LEN else ": shorter windows hold too little context to learn from"
@@ -175,7 +185,7 @@ class LLaDAModel(nn.Module):
         self.block_attention = select_block_attention(cfg.attention)  # x_t with x_0 (block diffusion)
         self.transformer = nn.ModuleDict(dict(
             wte=Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std),
-            blocks=nn.ModuleList(Block(cfg, self.attention) for _ in range(cfg.n_layers)),
+            blocks=nn.ModuleList(Block(cfg, self.attention, i) for i in range(cfg.n_layers)),
             ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
             ff_out=OutputHead(cfg.d_model, cfg.vocab_size, cfg.init_std),  # untied output head
         ))
@@ -198,7 +208,7 @@ class LLaDAModel(nn.Module):
         key = (seq_len, str(device))
         if key not in self._rope:
             with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable by autograd later
-                self._rope[key] = rope_tables(seq_len, self.cfg.head_size, self.cfg.rope_theta, device,
+                self._rope[key] = rope_tables(seq_len, self.cfg.rotary_dim, self.cfg.rope_theta, device,
                                               self.cfg.rope_scaling)
         return self._rope[key]
 
@@ -290,4 +300,9 @@ def count_params(model: nn.Module) -> dict[str, int]:
     total = sum(numel(p) for p in model.parameters())
     embeddings = {id(p): p for p in (model.transformer.wte.weight, model.transformer.ff_out.weight)}  # once if tied
     embedding = sum(numel(p) for p in embeddings.values())
-    return {"params": total, "non_embedding_params": total - embedding}
+    idle = sum(numel(b.moe.experts.gate_proj) + numel(b.moe.experts.up_proj) + numel(b.moe.experts.down_proj)
+               for b in model.transformer.blocks if b.moe is not None)  # all routed experts' weights ...
+    m = model.cfg.moe
+    idle = idle * (m.num_experts - m.top_k) // m.num_experts if m else 0  # ... less the top_k a token uses
+    return {"params": total, "non_embedding_params": total - embedding,
+            "active_params": total - idle, "active_non_embedding_params": total - embedding - idle}

@@ -28,6 +28,7 @@ class Panel:
     log_y: bool = False
     percent: bool = False
     focus: bool = False  # the whole range, and an inset zoomed on the points after the first tenth of the run
+    bucket: str = "t "  # a prefix panel's legend: this, then the key's suffix
 
 
 PANELS = (
@@ -40,6 +41,10 @@ PANELS = (
     Panel("grad_norm", "gradient norm (before clipping)", "grad_norm", log_y=True),
     Panel("tokens_per_s", "throughput, tokens/s (all devices)", "tokens_per_s"),
     Panel("mfu", "model FLOPs utilization", "mfu", percent=True),
+    Panel("moe_load", "expert load per layer: tokens per expert, max / mean", "moe_load/", bucket="layer "),
+    Panel("moe_idle", "share of experts idle in the window, per layer", "moe_idle/", bucket="layer "),
+    Panel("moe_bias", "expert bias range (max - min), per layer", "moe_bias/", bucket="layer "),
+    Panel("moe_loss", "router auxiliary + z-loss", "moe_loss"),
 )
 LINE_STYLES = ("-", "--", ":", "-.")
 
@@ -98,7 +103,7 @@ def draw(ax, panel: Panel, runs: list[Run], x: str) -> bool:
             colors = plt.cm.viridis([j / max(len(keys) - 1, 1) for j in range(len(keys))])
             for key, color in zip(keys, colors, strict=True):
                 xs, ys = run.series(key, x)
-                bucket = "t " + key[len(panel.key):]
+                bucket = panel.bucket + key[len(panel.key):]
                 style = LINE_STYLES[i % len(LINE_STYLES)]
                 ax.plot(xs, ys, style, color=color, lw=1.2, label=bucket if i == 0 else None)
                 drawn = True

@@ -26,7 +26,7 @@ def full_run():
     """A run with every optional section present (a SLURM layout, fault lists), unchecked."""
     return parse_config(compose(["cluster=slurm", "cluster.slurm.partition=gpu", "fault.nan_steps=[3]",
                                  "fault.nan_ranks=[0]", "fault.sleep_at_step=2", "mask.prompt_len=8",
-                                 "mask.band=[0.3,0.8]"]))
+                                 "mask.band=[0.3,0.8]", "model=tiny_moe"]))
 
 
 def _set(obj, name: str, value) -> None:

@@ -14,7 +14,7 @@ from tests.conftest import MONITOR_ARGS, REPO, child_env, read_metrics, run_trai
 
 PYTHON = [sys.executable, "-m", "pretrain.train"]
 
-ALL_PNGS = {f"{p.file}.png" for p in PANELS} | {"overview.png"}
+ALL_PNGS = {f"{p.file}.png" for p in PANELS if not p.file.startswith("moe_")} | {"overview.png"}  # a dense run
 
 
 @pytest.fixture(scope="session")
