@@ -42,6 +42,8 @@ def describe(directory: Path, verify: bool) -> dict:
     problem = check_sizes(directory, manifest)
     if problem is None and verify:
         problem = check_hashes(directory, sorted(manifest["files"]), manifest)
+        if problem is None:
+            row["verified_files"] = len(manifest["files"])
     return {**row, "state": "complete" if problem is None else f"damaged: {problem}"}
 
 
@@ -87,6 +89,10 @@ def main(argv: list[str]) -> None:
             print(json.dumps(r))
     else:
         print(table(rows) if rows else f"no checkpoints in {ckpt_dir(args.run_dir)}")
+        if args.verify:  # say what was checked: a table alone looks the same as without --verify
+            verified = [r for r in rows if "verified_files" in r]
+            print(f"verified the SHA-256 of {sum(r['verified_files'] for r in verified)} files in {len(verified)} "
+                  f"complete checkpoint{'s' * (len(verified) != 1)}; {len(rows) - len(verified)} not complete")
 
 
 if __name__ == "__main__":

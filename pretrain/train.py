@@ -157,7 +157,8 @@ def check_prebuilt_data(run: RunConfig) -> None:
 
 
 def train(cfg: DictConfig) -> None:
-    run = load_config(cfg, world_size_from_env())  # every config error before any work
+    # every config error before any work; model.init_from alone takes the architecture from its folder
+    run = load_config(cfg, world_size_from_env(), list(HydraConfig.get().overrides.task))
     if run.cluster.device == "cpu":
         bound_cpu_kernel_caches()
     refuse_before_data(run)  # a resume that will be refused builds no data first
@@ -218,6 +219,12 @@ def train(cfg: DictConfig) -> None:
         trainer.load_trainer_state(saved)
         if rank == 0:
             print(f"resumed from {resume.directory} at step {trainer.state.step}", flush=True)
+            if trainer.done():  # re-running a finished run is not an error, but say so
+                t = run.trainer
+                limit = (f"trainer.max_steps={t.max_steps}" if t.max_steps is not None
+                         else f"trainer.max_tokens={t.max_tokens}")
+                print(f"run_dir={run.run_dir} already finished at step {trainer.state.step} ({limit}): nothing to "
+                      f"train; a larger {limit.split('=')[0]} trains on", flush=True)
     outcome = trainer.train()
     if outcome == "done" and run.sample.at_end:
         print_sample(run, engine, manifest)
@@ -257,7 +264,10 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         exit_now(1)
     except (ConfigError, DataError, CheckpointError, run_lock.RunLockError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # Before the process group every rank of a node checks the same config and files: one line per
+        # node is enough. After it, an error may be one rank's own (a shard it read): each says its own.
+        if dist.is_initialized() or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
         remove_if_empty(str(cfg.run_dir))
         exit_now(EXIT_CONFIG)
     except NonFiniteError as e:
