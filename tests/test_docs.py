@@ -220,7 +220,9 @@ def test_the_using_a_model_guide_exports_evaluates_samples_and_agrees_with_lm_ev
     samples = [json.loads(x) for p in (root / "results").rglob("samples_my_task_*.jsonl")
                for x in p.read_text().splitlines()]
     theirs = {s["doc_id"]: [-float(r[0][0]) for r in s["resps"]] for s in samples}
-    assert [theirs[d] for d in sorted(theirs)] == pytest.approx(ours["nll"], rel=1e-5)
+    assert sorted(theirs) == list(range(len(ours["nll"])))
+    for doc, nll in enumerate(ours["nll"]):
+        assert theirs[doc] == pytest.approx(nll, rel=1e-5)
 
 
 def test_the_checkpoints_guide_says_what_it_verified_and_that_a_finished_run_is_finished(guides_root):
