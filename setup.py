@@ -27,7 +27,8 @@ setup(
         "gpu": ["flash-attn>=2.5"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
         # Using a trained model: AutoModel loading of exports (their modeling code is shipped with each) and
-        # lm-evaluation-harness (python -m pretrain.lm_eval). Not needed to train.
+        # lm-evaluation-harness (python -m pretrain.lm_eval). Not needed to train. Exports load in
+        # transformers 5 too; why this extra stays below 5: docs/using_a_model.md, "Which transformers".
         "hf": ["transformers>=4.57,<5", "lm-eval>=0.4.13,<0.5"],
     },
 )

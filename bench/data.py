@@ -1,6 +1,6 @@
 """Data pipeline throughput: build and stream, each side by side with a baseline in one run.
 
-    .venv/bin/python bench/data.py [--copies 128] [--seq-len 4096] [--workers 2] [--seconds 8]
+    .venv/bin/python bench/data.py [--copies 128] [--seq-len 4096] [--workers 2] [--seconds 8] [--smoke]
 
 Corpus: the English text of Python's pydoc_data.topics (the demo corpus), written `--copies` times
 over 16 .jsonl files, so that every worker has files to tokenize.
@@ -174,7 +174,11 @@ def main() -> None:
     parser.add_argument("--batches-per-item", type=int, default=16)
     parser.add_argument("--work", default="outputs/bench/data")
     parser.add_argument("--stream-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="seconds: 1 copy, seq 128, 1 worker, 0.5 s per stream")
     args = parser.parse_args()
+    if args.smoke:  # the code paths, not the speed (tests/bench/test_smoke.py)
+        args.copies, args.seq_len, args.workers, args.seconds, args.batches_per_item = 1, 128, 1, 0.5, 2
+        args.work = args.work if args.work != "outputs/bench/data" else "outputs/bench/data-smoke"
     work = ROOT / args.work
     if args.stream_only:
         print(json.dumps(bench_stream(work, args.workers, args.batches_per_item, args.seconds)))

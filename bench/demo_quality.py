@@ -1,6 +1,6 @@
 """The demo's held-out loss beside what a user would train instead: an autoregressive model.
 
-    .venv/bin/python bench/demo_quality.py [--run-dir outputs/bench/demo] [--demo-args ...]
+    .venv/bin/python bench/demo_quality.py [--run-dir outputs/bench/demo] [--demo-args ...] [--smoke]
 
 1. LLaDA: `python -m pretrain.train experiment=demo` (what `make demo` runs) into --run-dir, unless a
    finished run is already there; its training time is the sum of its optimizer steps' times
@@ -148,7 +148,14 @@ def main() -> None:
                    help="give the autoregressive model the demo's training time, or its number of steps (the "
                         "same compute: a step of either costs about the same; for a machine shared with other jobs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads here (0: torch's default)")
+    p.add_argument("--smoke", action="store_true", help="seconds: a 3-step demo in its own run dir, equal steps")
     args = p.parse_args()
+    if args.smoke:  # the code paths, not the figures (tests/bench/test_smoke.py)
+        if args.run_dir == p.get_default("run_dir"):
+            args.run_dir = ROOT / "outputs" / "bench" / "demo-smoke"
+        args.demo_args = [*args.demo_args, "trainer.max_steps=3", "trainer.eval_every=0", "sample.at_end=false",
+                          "logging.mode=disabled"]
+        args.mc_num, args.match = 1, "steps"
     if args.threads:
         torch.set_num_threads(args.threads)
     train_demo(args.run_dir, args.demo_args)

@@ -1,6 +1,6 @@
 """Host time per optimizer step of the DeepSpeed ZeRO-3 engine against plain torch, on the CPU.
 
-    python bench/engine.py                 # --rounds 3 --steps 12
+    python bench/engine.py                 # --rounds 3 --steps 12; --smoke: 1 round of 2 steps
 
 The model has llada_1b's structure (22 blocks, 32 query / 4 key-value heads) at a width so small
 (d_model 64, seq 32) that compute is negligible: what a step costs here is mostly Python and
@@ -92,7 +92,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=12, help="timed steps per variant per round")
     p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="seconds: 1 round of 2 steps (the paths, not the speed)")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.rounds, a.steps = 1, 2
     if a.variant:
         print(json.dumps(time_steps(a.variant, a.steps)))
         return

@@ -1,6 +1,6 @@
 """Peak memory of exporting a ZeRO-3 checkpoint: ours vs DeepSpeed's zero_to_fp32, side by side.
 
-    .venv/bin/python bench/export_memory.py [--model small] [--ranks 2] [--max-shard-size 100MB]
+    .venv/bin/python bench/export_memory.py [--model small] [--ranks 2] [--max-shard-size 100MB] [--smoke]
 
 Trains `--model` for one step with `--ranks` ZeRO-3 CPU processes (the real entry point, seq 64) to get
 a real checkpoint, then runs, each in its own process, on the same checkpoint:
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import build_config, child_env, demo_data_config  # noqa: E402
+from tests.conftest import build_config, child_env, demo_data_config, free_port  # noqa: E402
 
 IMPORTS = "import pretrain.export, deepspeed.utils.zero_to_fp32, safetensors.torch"
 BASELINE = """
@@ -66,7 +66,10 @@ def main() -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--max-shard-size", default="100MB")
+    parser.add_argument("--smoke", action="store_true", help="seconds: model=tiny on 1 rank (the paths, not figures)")
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.ranks, args.max_shard_size = "tiny", 1, "1MB"
     from data_pipeline.build import build
 
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
@@ -75,7 +78,8 @@ def main() -> None:
         build(demo_data_config(data, vocab_size=1024), build_config())
         run = work / "run"
         train = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.ranks),
-                 "--master_port", "29671", "-m", "pretrain.train", f"model={args.model}", "model.vocab_size=1024",
+                 "--master_port", str(free_port()), "-m", "pretrain.train", f"model={args.model}",
+                 "model.vocab_size=1024",
                  "data.vocab_size=1024",
                  "trainer.seq_len=64", "trainer.micro_batch_size=1", f"trainer.global_batch_size={args.ranks}",
                  "trainer.max_steps=1", "logging.mode=disabled", f"data.dir={data}", f"run_dir={run}",

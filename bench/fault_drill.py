@@ -4,6 +4,7 @@ samples every step trained on (none lost, none repeated), and the final weights 
 
     .venv/bin/python bench/fault_drill.py --trials 2 --steps 12
     .venv/bin/python bench/fault_drill.py --trials 3 --faults "SIGTERM job (W&B on)" "planted pickle"
+    .venv/bin/python bench/fault_drill.py --smoke   # seconds: one planted pickle over 4 steps
 
 Faults (all under deepspeed's launcher unless named otherwise):
 - kill -9 rank, SIGTERM rank, SIGUSR1 launcher, kill -9 launcher: one process of the job.
@@ -344,7 +345,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS), metavar="FAULT",
                         help=f"which faults to drill (default: all of {', '.join(FAULTS)})")
+    parser.add_argument("--smoke", action="store_true", help="one trial of a planted pickle over 4 steps (the paths)")
     args = parser.parse_args()
+    if args.smoke:  # deterministic: no signal races a process (tests/bench/test_smoke.py)
+        args.trials, args.steps, args.faults = 1, 4, ["planted pickle"]
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="fault-drill-"))
     data_dir = root / "data"

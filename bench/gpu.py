@@ -2,6 +2,7 @@
 
     python bench/gpu.py            # on a CUDA machine (needs ~4 minutes)
     python bench/gpu.py --dry      # on a CPU: the same code paths with the tiny model at seq 64
+    python bench/gpu.py --smoke    # seconds: --dry, its first case only
     python bench/gpu.py --only llada_1b --profile [--trace-dir DIR]   # where a step's time goes
 
 Cases (seq 4096, micro batch 4, 2 accumulation steps, bf16, compiled blocks, torch fused AdamW):
@@ -263,7 +264,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--trace-dir", type=Path, help="with --profile: write each case's Chrome trace (gzip) here")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="seconds: --dry with the first case only")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.dry, a.only = True, a.only or [next(iter(DRY_CASES))]
     if a.case:
         child(a.case, a.dry, a.out, a.profile, a.trace_dir)
     else:

@@ -2,6 +2,7 @@
 
     python bench/model.py              # all three parts (~3 minutes on 2 cores)
     python bench/model.py --part speed|zero|activations
+    python bench/model.py --smoke      # seconds: the code paths, not the figures
 
 speed:        forward + backward tokens/s of our model and of transformers' LlamaModel (+ an untied
               head, the same loss) of the same shape with full bidirectional attention, alternated
@@ -112,7 +113,7 @@ sys.path.insert(0, @REPO@)
 from pretrain.checks import compose_config
 from pretrain.engine.build import build_engine, init_distributed, world_size_from_env
 world = world_size_from_env()
-run = compose_config(["model=small", "trainer.seq_len=64", "trainer.micro_batch_size=1",
+run = compose_config(["model=@MODEL@", "model.vocab_size=1024", "trainer.seq_len=64", "trainer.micro_batch_size=1",
                       f"trainer.global_batch_size={world}", "trainer.precision=fp32"], world_size=world)
 init_distributed(run.cluster.timeout_s, shm_comm=False)
 engine = build_engine(run, world)
@@ -153,12 +154,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_zero(worlds=(1, 2, 4)) -> dict:
+def bench_zero(worlds=(1, 2, 4), model: str = "small") -> dict:
     results = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "zero_child.py"
-        script.write_text(ZERO_CHILD.replace("@REPO@", repr(str(REPO))))
+        script.write_text(ZERO_CHILD.replace("@REPO@", repr(str(REPO))).replace("@MODEL@", model))
         for w in worlds:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(w), "--master_port",
                    str(free_port()), str(script)]
@@ -170,7 +171,7 @@ def bench_zero(worlds=(1, 2, 4)) -> dict:
             ideal = 16 * r["params"] / w
             results[w] = {"bytes_per_rank_max": max(r["bytes_per_rank"]), "ideal": ideal,
                           "ratio": max(r["bytes_per_rank"]) / ideal}
-    print(f"\nZeRO-3 model states per rank, model=small ({r['params'] / 1e6:.1f}M parameters), fp32 CPU:")
+    print(f"\nZeRO-3 model states per rank, model={model} ({r['params'] / 1e6:.1f}M parameters), fp32 CPU:")
     print(f"  {'ranks':>5} {'MB per rank':>12} {'16 B/param/N':>13} {'ratio':>6}")
     for w, v in results.items():
         print(f"  {w:>5} {v['bytes_per_rank_max'] / 1e6:>12.1f} {v['ideal'] / 1e6:>13.1f} {v['ratio']:>6.3f}")
@@ -220,10 +221,16 @@ def bench_activations() -> dict:
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["speed", "zero", "activations"], action="append")
-    parts = p.parse_args(argv).part or ["speed", "activations", "zero"]
+    p.add_argument("--smoke", action="store_true", help="seconds: seq 32, one round, ZeRO-3 of model=tiny on 1 rank")
+    args = p.parse_args(argv)
+    parts = args.part or ["speed", "activations", "zero"]
+    global L
+    if args.smoke:  # the code paths, not the figures (tests/bench/test_smoke.py)
+        L = 32
     result = {"bench": "model"}
     for part in parts:
-        result.update({"speed": bench_speed, "zero": lambda: {"zero3": bench_zero()},
+        result.update({"speed": lambda: bench_speed(1 if args.smoke else 6),
+                       "zero": lambda: {"zero3": bench_zero((1,), "tiny") if args.smoke else bench_zero()},
                        "activations": lambda: {"activations": bench_activations()}}[part]())
     print(json.dumps(result))
 

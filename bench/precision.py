@@ -1,6 +1,6 @@
 """bf16 against fp32 on the CPU: the demo's loss curve and resident memory, side by side in one run.
 
-    .venv/bin/python bench/precision.py [--steps 300] [--window 50] [--precisions fp32,bf16] [-- OVERRIDES]
+    .venv/bin/python bench/precision.py [--steps 300] [--window 50] [--precisions fp32,bf16] [--smoke] [-- OVERRIDES]
 
 Trains the demo (`make demo`'s preset, conf/experiment/demo.yaml, same seed) once per precision with
 the real entry point, one after the other, and reads each run's metrics.jsonl. Prints per window of
@@ -64,8 +64,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 4 steps each (the paths, not the figures)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for both runs (after --)")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.window = 4, 2
     precisions = args.precisions.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

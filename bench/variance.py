@@ -1,6 +1,6 @@
 """How much the training signal varies with the mask schedule and the way t is sampled.
 
-    .venv/bin/python bench/variance.py [--seeds 200] [--run-dir outputs/bench/variance-model]
+    .venv/bin/python bench/variance.py [--seeds 200] [--run-dir outputs/bench/variance-model] [--smoke]
 
 Takes the demo model after training (trains it first, as `make demo` does, when run-dir has no
 checkpoint), one fixed held-out batch, and for each (schedule, time sampling) draws the masks with
@@ -43,12 +43,12 @@ CASES = [("linear", "iid"), ("linear", "stratified"), ("linear", "antithetic"), 
          ("loglinear", "stratified")]
 
 
-def trained_model(run_dir: Path):
+def trained_model(run_dir: Path, train_args: list[str] = TRAIN_ARGS):
     if checkpoint.latest(str(run_dir)) is None:
         print(f"training the demo model into {run_dir} (about 3 minutes on 2 cores)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pretrain.train", *TRAIN_ARGS, f"run_dir={run_dir}"], cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "pretrain.train", *train_args, f"run_dir={run_dir}"], cwd=ROOT,
                        check=True)
-    run = compose_config(TRAIN_ARGS + [f"run_dir={run_dir}"])
+    run = compose_config(train_args + [f"run_dir={run_dir}"])
     resolve_vocab(run)  # model.vocab_size=null: the shards' vocabulary, as training took it
     model = LLaDAModel(run.model)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.ckpt_dir(str(run_dir))),
@@ -135,7 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=200)
     parser.add_argument("--batch", type=int, default=16, help="sequences in the fixed batch")
-    parser.add_argument("--run-dir", default="outputs/bench/variance-model")
+    parser.add_argument("--run-dir", help="default outputs/bench/variance-model (--smoke: variance-smoke)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: a 2-step model, 2 seeds, 2 sequences")
     parser.add_argument("--noise", action="store_true", help="the noise band and complementary masks, B = L and 16")
     parser.add_argument("--source", help="with --noise: a finished run's model and held-out windows instead "
                                          "(e.g. bench/block.py's B = L run), mask=linear")
@@ -152,7 +153,12 @@ def main() -> None:
         print(f"model from {args.source}; fixed held-out batch {tuple(x0.shape)}; {args.seeds} seeds")
         return noise_table(load_model(source).train(False), x0, source.mask_id, run, args.seeds)
     torch.manual_seed(0)
-    run, model = trained_model(ROOT / args.run_dir)
+    train_args = TRAIN_ARGS
+    if args.smoke:
+        args.seeds, args.batch = 2, 2
+        train_args = [*TRAIN_ARGS, "trainer.max_steps=2", "trainer.seq_len=32", "trainer.eval_every=0"]
+    args.run_dir = args.run_dir or f"outputs/bench/variance-{'smoke' if args.smoke else 'model'}"
+    run, model = trained_model(ROOT / args.run_dir, train_args)
     manifest = Manifest.load(ROOT / run.data.dir)
     stream = TokenStream(ROOT / run.data.dir, "heldout", args.batch, rank=0, world_size=1, seed=0, shuffle_buffer=1)
     x0 = next(iter(stream))["tokens"].long()

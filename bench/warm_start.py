@@ -2,6 +2,7 @@
 from a Llama trained autoregressively on the same corpus.
 
     .venv/bin/python bench/warm_start.py [--ar-steps 400] [--steps 200] [--eval-every 50] [--out outputs/bench/warm]
+        [--smoke]
 
 1. A byte-level BPE (vocabulary 1024) with Llama 3's special tokens (<|end_of_text|>, reserved tokens: the
    mask token is a reserved one) is trained on the demo corpus, and the corpus is built into 64-token shards.
@@ -132,7 +133,11 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/bench/warm")
+    p.add_argument("--smoke", action="store_true", help="seconds: 2 autoregressive and 2 diffusion steps")
     args = p.parse_args()
+    if args.smoke:  # the code paths, not the figures (tests/bench/test_smoke.py)
+        args.ar_steps, args.steps, args.eval_every = 2, 2, 2
+        args.out = args.out if args.out != p.get_default("out") else "outputs/bench/warm-smoke"
     out = Path(args.out).resolve()
     shards = make_data(out)
     source, ar_loss, ar_s = train_autoregressive(out, shards, args.ar_steps, args.seed)

@@ -46,6 +46,9 @@ from data_pipeline.tokenizer import fingerprint, special_ids
 
 PLAN = "merge.json"
 
+# Fewer held-out windows give no usable standard error of the held-out loss (pretrain.evaluate warns too).
+MIN_HELDOUT_WINDOWS = 10
+
 
 def final_name(split: str, n: int) -> str:
     return f"{split}-{n:06d}.tar"
@@ -153,6 +156,11 @@ def merge(cfg: DataConfig, files: list[str], tok: Tokenizer, settings_id: str, s
         print(f"warning: the held-out documents ({borrowed} tokens, data.heldout_fraction={cfg.heldout_fraction}) "
               f"do not fill one window of {cfg.seq_len} tokens: the last window of train is the held-out split",
               file=sys.stderr, flush=True)
+    heldout = manifest.samples("heldout")
+    if 0 < heldout < MIN_HELDOUT_WINDOWS:  # found now, not at the first evaluation
+        print(f"warning: the held-out split has {heldout} window(s) of {cfg.seq_len} tokens (data.heldout_fraction="
+              f"{cfg.heldout_fraction}): too few for a standard error of the held-out loss; a larger "
+              f"data.heldout_fraction gives more", file=sys.stderr, flush=True)
     manifest.save(out)
     _clean(out, plan)
     return manifest

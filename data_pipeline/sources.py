@@ -1,5 +1,6 @@
 """Where documents come from: files, folders and globs of .txt / .jsonl / .parquet, optionally
-compressed (.gz, .zst), and the built-in demo corpus (`demo`: the English help text of the standard
+compressed (.gz, .zst), compressed text of any other name (one document, e.g. changelog.Debian.gz;
+not .tar.gz archives), and the built-in demo corpus (`demo`: the English help text of the standard
 library's `pydoc_data.topics`, 79 topics, ~465 KB).
 
 A .txt file is one document; a .jsonl line is one record; a parquet row is one record. Text that is
@@ -46,8 +47,15 @@ def unwrap(text: str) -> str:
     return "\n\n".join(out)
 
 
+ARCHIVES = (".tar.gz", ".tgz", ".tar.zst")  # many files in one: not a document
+
+
 def _known(path: str) -> bool:
-    return any(path.endswith(f + c) for f in FORMATS for c in COMPRESSIONS)
+    """A format's extension, optionally compressed; or compressed text of any name (Debian's
+    changelog.Debian.gz), read as one text document."""
+    if any(path.endswith(f + c) for f in FORMATS for c in COMPRESSIONS):
+        return True
+    return path.endswith(COMPRESSIONS[1:]) and not path.endswith(ARCHIVES)
 
 
 def resolve_inputs(inputs: list[str]) -> list[str]:
@@ -63,12 +71,14 @@ def resolve_inputs(inputs: list[str]) -> list[str]:
             matches = sorted(str(p) for p in Path(entry).rglob("*") if p.is_file() and _known(str(p)))
         elif os.path.isfile(entry):
             if not _known(entry):
-                raise DataError(f"data.inputs: {entry} is not .txt/.jsonl/.parquet (optionally .gz/.zst)")
+                raise DataError(f"data.inputs: {entry} is not .txt/.jsonl/.parquet (optionally .gz/.zst) nor "
+                                f"compressed text (.gz/.zst of any other name)")
             matches = [entry]
         else:
             matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p) and _known(p))
         if not matches:
-            raise DataError(f"data.inputs: {entry!r} matches no .txt/.jsonl/.parquet file (missing or empty)")
+            raise DataError(f"data.inputs: {entry!r} matches no .txt/.jsonl/.parquet file, nor .gz/.zst text "
+                            f"(missing or empty)")
         found += [m for m in matches if m not in found]
     return found
 
@@ -158,15 +168,15 @@ class DocumentReader:
             if self.fmt != "text":
                 raise DataError("data.inputs=[demo] is a text corpus; data.format=sft needs prompt/response records")
             yield from self._counted(demo_documents())
-        elif ".txt" in Path(self.path).name:
+        elif ".jsonl" in Path(self.path).name:
+            yield from self._jsonl()
+        elif ".parquet" in Path(self.path).name:
+            yield from self._parquet()
+        else:  # .txt, or compressed text of another name
             with _open(self.path) as f:
                 text = self._decode(f.read())
             if text:  # an empty file is no document (not one of zero tokens)
                 yield from self._counted([text])
-        elif ".jsonl" in Path(self.path).name:
-            yield from self._jsonl()
-        else:
-            yield from self._parquet()
 
     def _counted(self, records):
         for r in records:

@@ -40,6 +40,8 @@ def describe(directory: Path, verify: bool) -> dict:
     if manifest is not None:
         row.update(step=manifest["step"], tokens=manifest.get("tokens"), time=manifest.get("time"),
                    world_size=manifest.get("world_size"))
+    if problem is None and verify:
+        row["verified_files"] = len(manifest["files"])
     return {**row, "state": "complete" if problem is None else f"damaged: {problem}"}
 
 
@@ -86,6 +88,10 @@ def main(argv: list[str]) -> None:
             print(json.dumps(r))
     else:
         print(table(rows) if rows else f"no checkpoints in {ckpt_dir(args.run_dir)}")
+        if args.verify:  # say what was checked: a table alone looks the same as without --verify
+            verified = [r for r in rows if "verified_files" in r]
+            print(f"verified the SHA-256 of {sum(r['verified_files'] for r in verified)} files in {len(verified)} "
+                  f"complete checkpoint{'s' * (len(verified) != 1)}; {len(rows) - len(verified)} not complete")
 
 
 if __name__ == "__main__":

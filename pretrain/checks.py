@@ -23,6 +23,7 @@ from pretrain.engine import ds_config
 from pretrain.engine.device import resolve_precision
 from pretrain.engine.zero_sizes import resolve_zero_sizes
 from pretrain.hf.causal_import import is_llada
+from pretrain.hf.folder_model import model_from_folder
 from pretrain.hf.format import FormatError, HFWeights, read_config
 from pretrain.hf.pretrained import check_init_from
 from pretrain.model import transformer
@@ -30,8 +31,14 @@ from pretrain.objective import block, diffusion
 from pretrain.objective.sampler import GenerateError, check_settings
 
 
-def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
-    """Hydra's composed config -> a validated RunConfig (precision resolved for this machine)."""
+def load_config(cfg: DictConfig, world_size: int = 1, overrides: list[str] | None = None) -> RunConfig:
+    """Hydra's composed config -> a validated RunConfig (precision resolved for this machine). With the
+    command line's overrides, model.init_from without model= takes the architecture from the folder."""
+    if overrides is not None:
+        try:
+            model_from_folder(cfg, overrides)
+        except FormatError as e:
+            raise ConfigError(f"model.init_from={cfg.model.init_from}: {e}") from None
     run = parse_config(cfg)
     check_domains(run)  # first: the derived sizes below divide by model.n_heads
     run.deepspeed = resolve_zero_sizes(run.deepspeed, run.model)
@@ -45,7 +52,7 @@ def load_config(cfg: DictConfig, world_size: int = 1) -> RunConfig:
 
 def compose_config(overrides: list[str], world_size: int = 1) -> RunConfig:
     """The validated config a `python -m pretrain.train OVERRIDES...` run would get (for tools and tests)."""
-    return load_config(compose(overrides), world_size)
+    return load_config(compose(overrides), world_size, overrides)
 
 
 def check_run(run: RunConfig, world_size: int) -> None:
@@ -53,7 +60,7 @@ def check_run(run: RunConfig, world_size: int) -> None:
     transformer.check_config(run.model, run.trainer.seq_len, run.trainer.activation_checkpointing)
     if run.model.init_from:
         try:
-            config = check_init_from(run.model.init_from, run.model, run.data.tokenizer)
+            config = check_init_from(run.model.init_from, run.model, run.data.tokenizer or shards_tokenizer(run))
             if is_llada(config):  # a causal source's weights are checked by causal_import.check_source
                 check_init_weights(run.model.init_from)
         except FormatError as e:
@@ -95,13 +102,20 @@ def resolve_vocab(run: RunConfig, manifest=None) -> None:
         run.model.vocab_size = pad_vocab(run.data.vocab_size)
 
 
+def shards_tokenizer(run: RunConfig) -> str | None:
+    """The tokenizer.json the shards in data.dir were built with (the build keeps a copy there), if any:
+    a warm start compares its content with the source's, so data.dir alone is enough."""
+    path = Path(run.data.dir) / "tokenizer.json"
+    return str(path) if path.is_file() else None
+
+
 def validate_data(run: RunConfig, manifest: Manifest) -> None:
     """The shards in data.dir must fit this run's model and sequence length."""
     resolve_vocab(run, manifest)
     where = f"{run.data.dir}/manifest.json"
     require(manifest.seq_len == run.trainer.seq_len,
-            f"{where}: seq_len={manifest.seq_len} but trainer.seq_len={run.trainer.seq_len}; rebuild the "
-            f"shards or point data.dir elsewhere")
+            f"{where}: seq_len={manifest.seq_len} but trainer.seq_len={run.trainer.seq_len}; add "
+            f"trainer.seq_len={manifest.seq_len} to train on these shards, or rebuild them")
     # The ids must fit the model; the build's padding (to a multiple of 128) need not, for a source's vocabulary.
     require((manifest.tokenizer_vocab_size if run.model.mask_token else manifest.vocab_size) <= run.model.vocab_size,
             f"{where}: vocab_size={manifest.vocab_size} exceeds model.vocab_size={run.model.vocab_size} "

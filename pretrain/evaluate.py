@@ -1,21 +1,23 @@
 """Evaluate a trained model: the negative ELBO per token on shards, and multiple-choice accuracy.
 
     python -m pretrain.evaluate SOURCE [--data SHARD_DIR] [--split heldout] [--max-sequences 256]
-        [--mc-num 8] [--batch-size 16] [--seed 0] [--choices FILE.jsonl] [--step N] [--device auto]
+        [--mc-num N] [--batch-size 16] [--seed 0] [--choices FILE.jsonl] [--step N] [--device auto]
 
 SOURCE is a run directory (its newest checkpoint, or --step N) or an exported folder. Without
 --choices it reads the windows of a built shard directory (default: the run's own, split `heldout`)
 in manifest order and prints the NELBO per token (nats), an upper bound on -log p per token, with its
-standard error, and the perplexity bound exp(NELBO); the estimator is pretrain/objective/likelihood.py's, the
-one the periodic eval during training uses. SFT shards score the responses only (prompt never masked).
+standard error, and the perplexity bound exp(NELBO) (--mc-num draws per window, default 8); the
+estimator is pretrain/objective/likelihood.py's, the one the periodic eval during training uses. SFT
+shards score the responses only (prompt never masked).
 
 --choices FILE.jsonl: one {"prompt": str, "choices": [str, ...], "answer": index or the right choice}
 per line; each choice is scored by the paper's conditional likelihood -log p(choice | prompt)
-(Monte Carlo over masks of the choice, the prompt never masked, --mc-num draws, batched by
---batch-size), the lowest wins, and the accuracy is printed. Prompt and choices are tokenized
-separately, the choice's tokens appended to the prompt's (put a leading space in the choices where
-the tokenizer needs one). `nll` holds each choice's estimate (nats), `nll_se` its Monte Carlo standard
-error (the draws' spread / sqrt(mc_num); null with --mc-num 1).
+(Monte Carlo over masks of the choice, the prompt never masked, --mc-num draws (default 128), batched
+by --batch-size), the lowest wins, and the accuracy is printed. A pair is tokenized as lm-eval does
+(the prompt's trailing whitespace moves to the choice, whose tokens are those of prompt + choice after
+the prompt's), so `python -m pretrain.lm_eval` gives the same numbers on the same pairs and seed.
+`nll` holds each choice's estimate (nats), `nll_se` its Monte Carlo standard error (the draws' spread
+/ sqrt(mc_num); null with --mc-num 1).
 
 Output: one JSON line on stdout.
 """
@@ -33,15 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.merge import MIN_HELDOUT_WINDOWS
 from data_pipeline.shards import DataError, Manifest, open_shard, read_blocks, token_dtype
 from data_pipeline.tokenizer import fingerprint
 from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.format import FormatError
-from pretrain.hf.pretrained import Source, SourceError, load_model, open_source
+from pretrain.hf.pretrained import CHOICE_MC_NUM, Source, SourceError, encode_pair, load_model, open_source
 from pretrain.objective.likelihood import NelboSums, answer_nll, draw_seed, nelbo_of_batch
 
-MIN_SEQUENCES_FOR_SE = 10  # below this the standard error over sequences is itself too uncertain to read
+NELBO_MC_NUM = 8  # mask draws per held-out window: windows are many, their mean averages the draws
+MIN_SEQUENCES_FOR_SE = MIN_HELDOUT_WINDOWS  # below this the standard error over sequences is too uncertain to read
 
 
 class EvalError(ValueError):
@@ -133,8 +137,9 @@ def evaluate_choices(model, source: Source, items: list[dict], mc_num: int, batc
     limit = source.model.max_sequence_length
     encoded = []
     for n, item in enumerate(items, 1):
-        prompt = tok.encode(item["prompt"]).ids
-        choices = [tok.encode(c).ids for c in item["choices"]]
+        pairs = [encode_pair(lambda text: tok.encode(text).ids, source.eos_id, item["prompt"], c)
+                 for c in item["choices"]]  # as lm-eval pairs them: the prompt's trailing spaces go to each choice
+        prompt, choices = pairs[0][0], [c for _, c in pairs]
         if any(len(prompt) + len(c) > limit for c in choices):
             raise EvalError(f"item {n}: prompt and a choice exceed the model's maximum of {limit} tokens")
         if any(not c for c in choices):
@@ -163,7 +168,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--data", help="a built shard directory (default: the run's data.dir)")
     parser.add_argument("--split", default="heldout")
     parser.add_argument("--max-sequences", type=int, default=256)
-    parser.add_argument("--mc-num", type=int, default=8, help="mask draws per sequence (or per choice)")
+    parser.add_argument("--mc-num", type=int, default=None,
+                        help=f"mask draws per sequence (default 8) or per choice (default {CHOICE_MC_NUM}, as lm-eval)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--choices", help="multiple-choice jsonl: {prompt, choices, answer} per line")
@@ -171,6 +177,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     args = parser.parse_args(argv)
+    if args.mc_num is None:
+        args.mc_num = CHOICE_MC_NUM if args.choices else NELBO_MC_NUM
     try:
         for name in ("max_sequences", "mc_num", "batch_size"):
             if getattr(args, name) <= 0:

@@ -199,7 +199,8 @@ def check_prebuilt_data(run: RunConfig) -> None:
 
 
 def train(cfg: DictConfig) -> None:
-    run = load_config(cfg, world_size_from_env())  # every config error before any work
+    # every config error before any work; model.init_from alone takes the architecture from its folder
+    run = load_config(cfg, world_size_from_env(), list(HydraConfig.get().overrides.task))
     if run.cluster.device == "cpu":
         bound_cpu_kernel_caches()
     refuse_before_data(run)  # a resume that will be refused builds no data first
@@ -263,6 +264,12 @@ def train(cfg: DictConfig) -> None:
         trainer.load_trainer_state(saved)
         if rank == 0:
             print(f"resumed from {resume.directory} at step {trainer.state.step}", flush=True)
+            if trainer.done():  # re-running a finished run is not an error, but say so
+                t = run.trainer
+                limit = (f"trainer.max_steps={t.max_steps}" if t.max_steps is not None
+                         else f"trainer.max_tokens={t.max_tokens}")
+                print(f"run_dir={run.run_dir} already finished at step {trainer.state.step} ({limit}): nothing to "
+                      f"train; a larger {limit.split('=')[0]} trains on", flush=True)
     outcome = trainer.train()
     if outcome == "done" and run.sample.at_end:
         print_sample(run, engine, manifest)
@@ -303,7 +310,11 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         exit_now(1)
     except (ConfigError, DataError, CheckpointError, run_lock.RunLockError) as e:
-        if not isinstance(e, RanksDisagree) or dist.get_rank() == 0:
+        # Before the process group every rank of a node checks the same config and files: one line per
+        # node is enough. After it, an error may be one rank's own (a shard it read): each says its own,
+        # except the ranks' disagreement, which rank 0 alone reports.
+        if dist.is_initialized() and (not isinstance(e, RanksDisagree) or dist.get_rank() == 0) \
+                or not dist.is_initialized() and os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         remove_if_empty(str(cfg.run_dir))
         exit_now(EXIT_CONFIG)

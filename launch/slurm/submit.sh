@@ -1,5 +1,5 @@
 #!/bin/bash
-# Submit a training run from a login node (see README, SLURM): the same as `python -m launch.submit`.
+# Submit a training run from a login node (see docs/slurm.md): the same as `python -m launch.submit`.
 #   launch/slurm/submit.sh [--dry-run] cluster=slurm cluster.slurm.partition=gpu model=llada_1b ...
 # PYTHON picks the interpreter (default: python). The job runs in the current directory.
 set -euo pipefail

@@ -3,13 +3,17 @@ Llama (`LlamaForCausalLM`, Llama 3's RoPE scaling included), Qwen2 or Qwen3 caus
 safetensors, one file or sharded). Dream 7B (from Qwen2.5), DiffuLLaMA (from Llama 2), RND1 and dllm's
 A2D recipes (from Qwen3) start this way.
 
-    python -m pretrain.hf.causal_import FOLDER [NAME]   # prints the conf/model/NAME.yaml that fits FOLDER
+    python -m pretrain.hf.causal_import FOLDER [NAME]   # prints the model section that FOLDER gives a run
 
-The run's `model=` must describe the source (the printed YAML, or conf/model/qwen2_5_0_5b.yaml,
-llama3_2_1b.yaml); the first key that differs is named. The weights are renamed to ours
+`model.init_from=FOLDER` without `model=` on the command line takes the architecture from FOLDER
+(pretrain/hf/folder_model.py), as from_pretrained does; an explicit `model=` must describe the source
+(conf/model/qwen2_5_0_5b.yaml, llama3_2_1b.yaml, or the printed YAML saved as conf/model/NAME.yaml):
+the first key that differs is named. The weights are renamed to ours
 (`model.layers.{i}.self_attn.q_proj` -> `transformer.blocks.{i}.q_proj`, ...): both sides use the
 rotate-half RoPE, so no permutation. The data must be built with the source's tokenizer
-(data.tokenizer=FOLDER/tokenizer.json), which decides the mask token (data_pipeline/tokenizer.py):
+(data.tokenizer=FOLDER/tokenizer.json, or any byte-identical copy: the contents are compared, and the
+copy the build keeps in data.dir is used when data.tokenizer is not given), which decides the mask
+token (data_pipeline/tokenizer.py):
   - tokenizer: the tokenizer has <|mdm_mask|>; its row is the source's.
   - reserved:  a token the tokenizer reserves unused (Llama 3's <|reserved_special_token_N|>); its row is
                the source's (never trained on, never produced).
@@ -244,6 +248,9 @@ def model_yaml(folder: str, name: str) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help"):
+        print(f"usage: python -m pretrain.hf.causal_import FOLDER [NAME]\n\n{__doc__}")
+        sys.exit(0)
     if len(sys.argv) not in (2, 3):
         sys.exit(f"usage: python -m pretrain.hf.causal_import FOLDER [NAME]\n{__doc__}")
     try:

@@ -36,15 +36,19 @@ def check_model_values(model: ModelConfig, where: str) -> None:
 
 
 def expected_shapes(model: ModelConfig) -> dict[str, torch.Size]:
-    """Parameter name -> shape of the model `model` describes, without building more than one block
-    (on the meta device): the other blocks are its copies."""
+    """Parameter name -> shape of the model `model` describes, without building more blocks than differ
+    (on the meta device): the first dense layers of a mixture of experts, then one block whose copies
+    the others are."""
+    built = min(model.n_layers, (model.moe.first_dense_layers if model.moe else 0) + 1)
     with torch.device("meta"):
-        one = dict((n, p.shape) for n, p in LLaDAModel(dataclasses.replace(model, n_layers=1)).named_parameters())
+        params = LLaDAModel(dataclasses.replace(model, n_layers=built)).named_parameters()
+        one = {n: p.shape for n, p in params}
     shapes = {}
     for name, shape in one.items():
-        if name.startswith("transformer.blocks.0."):
-            rest = name[len("transformer.blocks.0."):]
-            shapes.update({f"transformer.blocks.{i}.{rest}": shape for i in range(model.n_layers)})
+        if m := _BLOCK.match(name):
+            i, rest = int(m.group(1)), name[m.end():]
+            copies = range(i, model.n_layers) if i == built - 1 else [i]
+            shapes.update({f"transformer.blocks.{j}.{rest}": shape for j in copies})
         else:
             shapes[name] = shape
     return shapes

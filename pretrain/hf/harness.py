@@ -36,7 +36,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from pretrain.engine.device import pick_device, pick_dtype
-from pretrain.hf.pretrained import load_model, open_source
+from pretrain.hf.pretrained import CHOICE_MC_NUM, encode_pair, load_model, open_source
 from pretrain.objective.block_sampling import generate_blocks
 from pretrain.objective.likelihood import answer_nll, draw_seed
 from pretrain.objective.sampler import REMASKING, check_settings, cut_completion, generate
@@ -56,7 +56,8 @@ def _int(name: str, value, minimum: int = 1) -> int:
 
 @register_model("llada")
 class LLaDAHarness(LM):
-    def __init__(self, source: str | None = None, step: int | None = None, mc_num: int = 128, batch_size: int = 32,
+    def __init__(self, source: str | None = None, step: int | None = None, mc_num: int = CHOICE_MC_NUM,
+                 batch_size: int = 32,
                  seed: int = 0, check_greedy: bool = True, gen_length: int | None = None, steps: int | None = None,
                  block_length: int | None = None, cfg: float = 0.0, remasking: str = "low_confidence",
                  temperature: float = 0.0, device: str | None = None, dtype: str = "auto",
@@ -120,16 +121,7 @@ class LLaDAHarness(LM):
         return self.tok.encode(text).ids
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's convention: trailing spaces of the context go to the continuation; the continuation's
-        tokens are those of the whole string after the context's (a token is never split between them).
-        An empty context is EOS, as lm-eval's models take their prefix token."""
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        if not context:
-            return [self.source.eos_id], self.encode(continuation)
-        whole, ctx = self.encode(context + continuation), self.encode(context)
-        return ctx, whole[len(ctx):]
+        return encode_pair(self.encode, self.source.eos_id, context, continuation)  # as evaluate --choices
 
     def fit(self, context: list[int], continuation: list[int], where: str) -> list[int]:
         """The context cut from the left so that context + continuation fit the model."""

@@ -35,6 +35,23 @@ from pretrain.hf.moe_format import (
 )
 from pretrain.model.transformer import LLaDAModel
 
+# Mask draws per choice when scoring multiple choice: the published default, in lm-eval and evaluate --choices.
+CHOICE_MC_NUM = 128
+
+
+def encode_pair(encode, eos_id: int, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """A (prompt, choice) pair as token ids, by lm-eval's convention, so that the lm-eval model and
+    `pretrain.evaluate --choices` score the same tokens: trailing whitespace of the context goes to
+    the continuation, whose tokens are those of the whole string after the context's (a token is never
+    split between them). An empty context is EOS, as lm-eval's models take their prefix token."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [eos_id], encode(continuation)
+    whole, ctx = encode(context + continuation), encode(context)
+    return ctx, whole[len(ctx):]
+
 
 class SourceError(ValueError):
     """A path that is neither a usable run directory nor an exported folder."""

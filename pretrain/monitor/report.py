@@ -29,23 +29,29 @@ class Panel:
     percent: bool = False
     focus: bool = False  # the whole range, and an inset zoomed on the points after the first tenth of the run
     bucket: str = "t "  # a prefix panel's legend: this, then the key's suffix
+    ylabel: str = ""  # the axis in words (the key is in the title's file name and in metrics.jsonl)
 
 
 PANELS = (
-    Panel("loss", "training loss", "loss", focus=True),
-    Panel("eval_loss", "held-out loss (negative ELBO per token)", "eval/loss"),
-    Panel("loss_by_t", "training loss by masking time t", "loss_by_t/", focus=True),
-    Panel("ce_by_t", "cross-entropy per masked token by masking time t", "ce_by_t/", focus=True),
-    Panel("masked_acc", "masked-token accuracy", "masked_acc", percent=True),
-    Panel("lr", "learning rate", "lr"),
-    Panel("grad_norm", "gradient norm (before clipping)", "grad_norm", log_y=True),
-    Panel("tokens_per_s", "throughput, tokens/s (all devices)", "tokens_per_s"),
-    Panel("mfu", "model FLOPs utilization", "mfu", percent=True),
-    Panel("moe_load", "expert load per layer: tokens per expert, max / mean", "moe_load/", bucket="layer "),
-    Panel("moe_idle", "share of experts idle in the window, per layer", "moe_idle/", bucket="layer "),
-    Panel("moe_bias", "expert bias range (max - min), per layer", "moe_bias/", bucket="layer "),
-    Panel("moe_loss", "router auxiliary + z-loss", "moe_loss"),
+    Panel("loss", "training loss", "loss", focus=True, ylabel="loss (nats/token)"),
+    Panel("eval_loss", "held-out loss (negative ELBO per token)", "eval/loss", ylabel="held-out NELBO (nats/token)"),
+    Panel("loss_by_t", "training loss by masking time t", "loss_by_t/", focus=True, ylabel="loss (nats/token)"),
+    Panel("ce_by_t", "cross-entropy per masked token by masking time t", "ce_by_t/", focus=True,
+          ylabel="cross-entropy (nats/masked token)"),
+    Panel("masked_acc", "masked-token accuracy", "masked_acc", percent=True, ylabel="accuracy"),
+    Panel("lr", "learning rate", "lr", ylabel="learning rate"),
+    Panel("grad_norm", "gradient norm (before clipping)", "grad_norm", log_y=True, ylabel="gradient norm"),
+    Panel("tokens_per_s", "throughput, tokens/s (all devices)", "tokens_per_s", ylabel="tokens/s"),
+    Panel("mfu", "model FLOPs utilization", "mfu", percent=True, ylabel="MFU"),
+    Panel("moe_load", "expert load per layer: tokens per expert, max / mean", "moe_load/", bucket="layer ",
+          ylabel="max / mean tokens per expert"),
+    Panel("moe_idle", "share of experts idle in the window, per layer", "moe_idle/", bucket="layer ",
+          ylabel="share of experts idle"),
+    Panel("moe_bias", "expert bias range (max - min), per layer", "moe_bias/", bucket="layer ",
+          ylabel="expert bias range"),
+    Panel("moe_loss", "router auxiliary + z-loss", "moe_loss", ylabel="router loss"),
 )
+FEW_POINTS = 12  # a series shorter than this is drawn with a marker at each point (2 evaluations: 2 dots)
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -105,20 +111,21 @@ def draw(ax, panel: Panel, runs: list[Run], x: str) -> bool:
                 xs, ys = run.series(key, x)
                 bucket = panel.bucket + key[len(panel.key):]
                 style = LINE_STYLES[i % len(LINE_STYLES)]
-                ax.plot(xs, ys, style, color=color, lw=1.2, label=bucket if i == 0 else None)
+                ax.plot(xs, ys, style, marker="o" if len(xs) < FEW_POINTS else None, color=color, lw=1.2, ms=3,
+                        label=bucket if i == 0 else None)
                 drawn = True
         else:
             xs, ys = run.series(panel.key, x)
             if xs:
                 ys = [100 * y for y in ys] if panel.percent else ys
-                ax.plot(xs, ys, "-o" if len(xs) < 12 else "-", color=f"C{i}", lw=1.5, ms=3, label=run.label)
+                ax.plot(xs, ys, "-o" if len(xs) < FEW_POINTS else "-", color=f"C{i}", lw=1.5, ms=4, label=run.label)
                 drawn = True
     if panel.key.endswith("/") and len(runs) > 1:  # colour: the bucket; line style: the run
         for i, run in enumerate(runs):
             ax.plot([], [], LINE_STYLES[i % len(LINE_STYLES)], color="gray", label=run.label)
     ax.set_title(panel.title, fontsize=10)
     ax.set_xlabel("tokens" if x == "tokens" else "optimizer step")
-    ax.set_ylabel(f"{panel.key.rstrip('/')}{' (%)' if panel.percent else ''}")
+    ax.set_ylabel(f"{panel.ylabel}{' (%)' if panel.percent else ''}")
     if panel.log_y:
         ax.set_yscale("log")
         plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 2, 10 rather than 5x10^-1

@@ -51,3 +51,21 @@ def test_the_build_reports_a_truncated_input_in_one_line(tmp_path, demo_shards):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}/in/b.jsonl.zst: unreadable, truncated or corrupt "
                                                 "(EOFError: zstd data ended inside a frame (the file is truncated))"]
+
+
+def test_compressed_text_of_any_name_is_read_as_one_document_and_archives_are_not(tmp_path):
+    """Debian's changelog.Debian.gz is gzip text whose name names no format: read it, as .txt."""
+    from data_pipeline.sources import resolve_inputs
+
+    corpus = tmp_path / "corpus"
+    (corpus / "pkg").mkdir(parents=True)
+    (corpus / "pkg" / "changelog.Debian.gz").write_bytes(gzip.compress(b"pkg (1.0) unstable; urgency=low\n"))
+    (corpus / "NOTES.zst").write_bytes(zstandard.ZstdCompressor().compress(b"release notes\n"))
+    (corpus / "bundle.tar.gz").write_bytes(gzip.compress(b"not a document"))
+    (corpus / "README.md").write_text("left out: not a format this reads")
+    found = resolve_inputs([str(corpus)])
+    assert [p.split("corpus/")[1] for p in found] == ["NOTES.zst", "pkg/changelog.Debian.gz"]
+    assert read(found[1]) == ["pkg (1.0) unstable; urgency=low\n"] and read(found[0]) == ["release notes\n"]
+    assert resolve_inputs([str(corpus / "pkg" / "changelog.Debian.gz")]) == [found[1]]
+    with pytest.raises(DataError, match=r"bundle.tar.gz is not .txt/.jsonl/.parquet \(optionally .gz/.zst\) nor"):
+        resolve_inputs([str(corpus / "bundle.tar.gz")])

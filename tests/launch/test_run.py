@@ -82,3 +82,12 @@ def test_the_exit_code_is_the_ranks():
     assert exit_code([1, 2]) == 2  # a rank's own diagnosis (a data error) before its peer's dead-peer failure
     assert exit_code([137, 1]) == 137 and exit_code([75, 1]) == 1
     assert free_port() > 0
+
+
+def test_a_config_error_under_launch_run_is_one_line_not_one_per_rank(tmp_path, demo_shards):
+    args = [*TRAIN_ARGS, f"data.dir={demo_shards}", f"run_dir={tmp_path / 'run'}", "trainer.max_steps=1",
+            "trainer.seq_len=128"]  # the shards are of 64 tokens: every rank finds it before the process group
+    proc = subprocess.run([*LAUNCH, *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "add trainer.seq_len=64" in errors[0]

@@ -138,6 +138,9 @@ def test_shards_already_built_need_no_inputs(demo_shards, tmp_path):
     assert run.model.vocab_size == 1024  # read from the manifest
     with pytest.raises(DataError, match=f"data.dir={tmp_path} has no manifest.json: build the shards first"):
         check_prebuilt_data(compose_config(["data=files", f"data.dir={tmp_path}", "trainer.seq_len=64"]))
+    # without the seq_len it was built with, the one line says which to add
+    with pytest.raises(ConfigError, match=r"seq_len=64 but trainer.seq_len=256; add trainer.seq_len=64 to train on"):
+        check_prebuilt_data(compose_config(["data=files", f"data.dir={demo_shards}"]))
 
 
 def test_the_demo_preset_composes_and_trains_in_fp32():

@@ -28,7 +28,9 @@ ITEMS = [{"prompt": "Return a new list containing all items from the", "choices"
           "answer": 0},
          {"prompt": "The module", "choices": [" defines", " zq xv"], "answer": 0},
          {"prompt": "If the", "choices": [" a", " b"], "answer": 1},
-         {"prompt": "Return the absolute value of a", "choices": [" number", " qqq", " vvv"], "answer": 0}]
+         {"prompt": "Return the absolute value of a", "choices": [" number", " qqq", " vvv"], "answer": 0},
+         # lm-eval moves a prompt's trailing space into the choice: evaluate --choices must pair them the same way
+         {"prompt": "Return the absolute value of a ", "choices": ["number", "qqq"], "answer": 0}]
 PLANTED = (0, 1, 3)
 GEN_PROMPTS = ["Return", "The module defines", "Return a new list containing all"]  # token lengths differ
 GEN = {"gen_length": 8, "steps": 4}
@@ -184,3 +186,17 @@ def test_command_line_errors():
     argv = lm_eval_argv(["RUN", "--tasks", "x", "--batch_size", "4"])
     assert argv[:3] == ["run", "--model", "llada"] and "32" not in argv and argv[-1] == '{"source": "RUN"}'
     assert argv[argv.index("--device") + 1] == "auto"
+
+
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)
+def test_lm_eval_and_evaluate_choices_draw_as_many_masks_by_default(trained_run, tmp_path, capsys):
+    import inspect
+
+    from pretrain.evaluate import main as evaluate_main
+    from pretrain.hf.harness import LLaDAHarness
+    from pretrain.hf.pretrained import CHOICE_MC_NUM
+
+    assert inspect.signature(LLaDAHarness.__init__).parameters["mc_num"].default == CHOICE_MC_NUM == 128
+    (tmp_path / "mc.jsonl").write_text(json.dumps(ITEMS[-1]) + "\n")
+    evaluate_main([str(trained_run), "--choices", str(tmp_path / "mc.jsonl"), "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out)["mc_num"] == CHOICE_MC_NUM

@@ -162,8 +162,9 @@ def test_refusals_name_the_cause(sources, tmp_path):
     args = ARGS + overrides(folder, shards)
     with pytest.raises(ConfigError, match=r"gives model.qkv_bias=True, but model.qkv_bias=False"):
         compose_config(args + ["model.qkv_bias=false"])
+    without = [a for a in args if not a.startswith("data.dir=")] + ["data.tokenizer=null", f"data.dir={tmp_path}"]
     with pytest.raises(ConfigError, match=r"tokenize the data with its tokenizer, data.tokenizer="):
-        compose_config(args + ["data.tokenizer=null"])
+        compose_config(without)  # no data.tokenizer, and no tokenizer.json kept in data.dir
     with pytest.raises(ConfigError, match=r"is not .*tokenizer.json \(the data must use the source's tokens\)"):
         compose_config(args + [f"data.tokenizer={sources['llama'][0] / 'tokenizer.json'}"])
     other = tmp_path / "mistral"
@@ -235,3 +236,31 @@ def read_config_yaml(run_dir) -> dict:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("kind", ["qwen2"])
+def test_init_from_alone_takes_the_architecture_from_the_folder(sources, kind, tmp_path):
+    """As from_pretrained: no model= preset, no data.tokenizer (the shards' copy of the source's is compared
+    by content); an explicit model= that disagrees stays refused, and so does a model.KEY= that does."""
+    import subprocess
+
+    folder, shards = sources[kind]
+    alone = [*ARGS[1:], f"model.init_from={folder}", f"data.dir={shards}"]  # ARGS less model=tiny
+    run = compose_config(alone)
+    fields = source_fields(read_config(folder), str(folder))
+    assert {k: getattr(run.model, k) for k in fields if k != "vocab_size"} == \
+        {k: v for k, v in fields.items() if k != "vocab_size"}
+    assert run.model.name == kind and run.model.qkv_bias and run.model.mask_token["origin"] == "added"
+    assert run.model.vocab_size >= fields["vocab_size"]
+    with pytest.raises(ConfigError, match=r"gives model.n_layers=2, but model.n_layers=4 \(model=tiny"):
+        compose_config(["model=tiny", *alone])
+    with pytest.raises(ConfigError, match=r"gives model.rope_theta=1000000.0, but model.rope_theta=10000.0"):
+        compose_config([*alone, "model.rope_theta=10000.0"])
+    other = tmp_path / "other-shards"  # shards built with another tokenizer: refused by content
+    shutil.copytree(shards, other)
+    shutil.copy(sources["llama"][0] / "tokenizer.json", other / "tokenizer.json")
+    with pytest.raises(ConfigError, match=r"is not .*tokenizer.json \(the data must use the source's tokens\)"):
+        compose_config([*ARGS[1:], f"model.init_from={folder}", f"data.dir={other}"])
+    proc = subprocess.run([sys.executable, "-m", "pretrain.hf.causal_import", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m pretrain.hf.causal_import FOLDER")

@@ -42,7 +42,7 @@ for folder in folders:
             out[folder, cls.__name__, "masked"] = model(ids, attention_mask=torch.ones_like(ids)).logits
         out[folder, cls.__name__, "class"] = type(model).__name__
 readme = {}
-exec(open(readme_file).read(), readme)  # the README's example, as written but for the folder
+exec(open(readme_file).read(), readme)  # docs/using_a_model.md's example, as written but for the folder
 out["readme"] = readme["ids"], readme["logits"].detach()
 torch.save(out, out_file)
 """
@@ -69,8 +69,9 @@ def test_an_export_loads_offline_in_a_venv_with_only_torch_and_transformers(vers
         want = {"fp32": load_model(open_source(trained_run))(ids),
                 "bf16": load_model(open_source(trained_run), dtype=torch.bfloat16)(ids)}
     folders = {dtype: str(exports / dtype) for dtype in want}
-    readme = re.search(r"## Using a trained model\n.*?```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    (tmp_path / "readme.py").write_text(readme.group(1).replace('"outputs/demo-hf"', repr(folders["fp32"])))
+    readme = re.search(r"## Loading an export with transformers\n.*?```python\n(.*?)```",
+                       (REPO / "docs" / "using_a_model.md").read_text(), re.S)
+    (tmp_path / "readme.py").write_text(readme.group(1).replace('"outputs/quick-hf"', repr(folders["fp32"])))
     proc = subprocess.run([str(python), str(tmp_path / "load.py"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"),
                            str(tmp_path / "readme.py"), *folders.values()], cwd=tmp_path, env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)

@@ -108,3 +108,18 @@ def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path, capsys):
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "lo\n' + json.dumps(records[1]) + "\n")
     with pytest.raises(Exception, match=r"metrics.jsonl:1: not a JSON object"):
         load_run(run_dir, "run")  # not the last line: not a torn write, the file is wrong
+
+
+def test_few_points_get_markers_and_axes_are_labelled_in_words():
+    """An eval_loss evaluated twice is two dots joined, not a bare line; no axis shows a raw metric key."""
+    run = Run("r", [{"step": s, "eval/loss": 7.0 - s / 10, "loss_by_t/0.0-0.5": 6.0, "loss": 6.5} for s in (3, 6)])
+    for panel in PANELS:
+        fig, ax = plt.subplots()
+        drawn = draw(ax, panel, [run], "step")
+        label = ax.get_ylabel()
+        assert label and "_" not in label and label.split(" (")[0] not in {p.key.rstrip("/") for p in PANELS} - {"loss"}
+        assert label.startswith(panel.ylabel), panel.file
+        if drawn:
+            assert all(line.get_marker() == "o" for line in ax.lines if len(line.get_xdata()) == 2), panel.file
+        plt.close(fig)
+    assert next(p for p in PANELS if p.key == "eval/loss").ylabel == "held-out NELBO (nats/token)"

@@ -1,4 +1,4 @@
-"""The README's lines that read our shards with plain webdataset, run exactly as written."""
+"""docs/data.md's lines that read our shards with plain webdataset, run exactly as written."""
 
 import re
 
@@ -9,18 +9,18 @@ from tests.conftest import REPO, SEQ_LEN
 
 
 def readme_webdataset_block() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "data.md").read_text()
     section = text[text.index("**Reading the shards with plain `webdataset`.**"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_reads_our_shards_with_webdataset(demo_shards, tmp_path, monkeypatch, capsys):
+def test_the_data_guide_reads_our_shards_with_webdataset(demo_shards, tmp_path, monkeypatch, capsys):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "corpus").symlink_to(demo_shards)
-    monkeypatch.chdir(tmp_path)  # the README's path, shards/corpus, is relative
+    monkeypatch.chdir(tmp_path)  # the guide's path, shards/corpus, is relative
     code = readme_webdataset_block()
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    exec(compile(code, "docs/data.md", "exec"), namespace)  # noqa: S102 (our own guide)
     manifest = Manifest.load(demo_shards)
     assert namespace["n"] == manifest.samples("train") and capsys.readouterr().out == f"{namespace['n']} windows\n"
     last = list(read_blocks(str(demo_shards / manifest.splits["train"][-1].name), np.dtype("<u2"), SEQ_LEN))[-1]

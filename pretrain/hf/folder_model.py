@@ -1,0 +1,48 @@
+"""`model.init_from=FOLDER` alone, as `from_pretrained` does it: the architecture from the folder.
+
+Without `model=` on the command line (Hydra's override list tells it from the default), the model
+section's architecture keys are set from FOLDER/config.json: a LLaDA export (pretrain.export) or a
+Llama / Qwen2 / Qwen3 causal LM (pretrain/hf/causal_import.py). A `model.KEY=...` given on the command
+line still wins, and is then checked against the folder like any other value. An explicit `model=`
+keeps its preset: one that disagrees with the folder is refused by the start-up checks, as before.
+Only config.json is read here (no weights); the folder's other checks come after, with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from pretrain.hf.causal_import import MATCHED, is_llada, source_fields
+from pretrain.hf.format import model_config_from_hf, read_config
+
+# The keys a folder decides; everything else (init_std, attention, document_mask, ...) stays the run's.
+ARCHITECTURE = (*MATCHED, "vocab_size", "max_sequence_length")
+
+
+def named_on_command_line(overrides: list[str]) -> set[str]:
+    """The keys of `key=value` overrides, without Hydra's +, ++ and ~ prefixes."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def model_from_folder(cfg: DictConfig, overrides: list[str]) -> bool:
+    """Sets cfg.model's architecture from model.init_from's config.json when `model=` is not among the
+    overrides; returns whether it did. Raises FormatError for a folder it cannot read."""
+    folder = cfg.model.get("init_from")
+    given = named_on_command_line(overrides)
+    if not folder or "model" in given:
+        return False
+    config = read_config(folder)
+    if is_llada(config):
+        fields = dataclasses.asdict(model_config_from_hf(config, folder))
+    else:  # the vocabulary is the source's rows plus a mask token's, resolved by the start-up checks
+        fields = {**source_fields(config, folder), "vocab_size": None}
+    keys = (*ARCHITECTURE, "shift_prediction") if is_llada(config) else ARCHITECTURE  # an export's own reading
+    with open_dict(cfg.model):
+        for key in keys:
+            if f"model.{key}" not in given:
+                cfg.model[key] = fields[key]
+        cfg.model.name = Path(folder).name
+    return True
