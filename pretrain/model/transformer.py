@@ -36,6 +36,7 @@ import torch.utils.checkpoint
 from pretrain.config import ConfigError, ModelConfig, require
 from pretrain.model.anneal import annealed_mask
 from pretrain.model.attention import sdpa_attention, select_attention
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.output_head import OutputHead
 from pretrain.model.rope import apply_rope, check_scaling, rope_tables
 
@@ -113,8 +114,11 @@ class Block(nn.Module):
             out = F.pad(out, (0, self.ffn_pad))
         return F.linear(F.silu(F.linear(m, gate)) * F.linear(m, up), out)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None, attention=None) -> torch.Tensor:
-        """`attention`: another backend for this call (SDPA with the annealed mask in `docs`)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None, attention=None,
+                kv=None) -> torch.Tensor:
+        """`attention`: another backend for this call (SDPA with the annealed mask in `docs`). `kv`: a KV
+        cache's hook for this layer (pretrain/model/kv_cache.py): takes this window's k, v, returns the
+        keys and values to attend to."""
         B, L, _ = x.shape
         n = self.attn_norm(x)
         q = self.q_proj(n).view(B, L, self.n_heads, self.head_dim)
@@ -123,6 +127,8 @@ class Block(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(n).view(B, L, self.n_kv_heads, self.head_dim)
+        if kv is not None:
+            k, v = kv(k, v)
         h = x + self.attn_out((attention or self.attention)(q, k, v, docs).reshape(B, L, -1))
         return h + self.ffn(self.ff_norm(h))
 
@@ -201,16 +207,24 @@ class LLaDAModel(nn.Module):
                                               self.cfg.rope_scaling)
         return self._rope[key]
 
-    def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm)."""
+    def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm). Sampling only:
+        `attention_mask` [B, L_all] (True or 1 = a token, 0 = padding no one attends to); `cache`: the
+        input is the cache's window of a sequence of length L_all (pretrain/model/kv_cache.py)."""
         t = self.transformer
         x = t.wte(input_ids)
-        cos, sin = self.rope(input_ids.shape[1], input_ids.device)
+        cos, sin = self.rope(input_ids.shape[1] if cache is None else cache.length, input_ids.device)
+        if cache is not None:
+            cos, sin = cache.positions(cos, sin)
         docs = self.attention.documents(doc_start) if doc_start is not None else None
         attention = None
         mask = None if self.step is None else annealed_mask(input_ids.shape[1], self.step,
                                                             self.cfg.attention_anneal_steps, input_ids.device)
-        if mask is not None:  # annealing: a dense mask, which only SDPA takes (with the documents' mask, if any)
+        if attention_mask is not None:  # padding: keys masked out for every query
+            keys = attention_mask.bool()[:, None, None, :]
+            mask = keys if mask is None else mask & keys
+        if mask is not None:  # annealing or padding: a dense mask, which only SDPA takes (with the documents' mask)
             attention = sdpa_attention
             docs = mask if doc_start is None else sdpa_attention.documents(doc_start) & mask
         k = self.checkpoint_every
@@ -218,18 +232,23 @@ class LLaDAModel(nn.Module):
             if k and i % k == 0 and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, docs, attention, use_reentrant=False)
             else:
-                x = block(x, cos, sin, docs, attention)
+                x = block(x, cos, sin, docs, attention, None if cache is None else cache.layer(i))
         return x
 
     def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, masked: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, masked: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None):
         """input_ids [B, L] -> logits [B, L, vocab]. No time input: the mask ratio is read off the input.
         With `targets` [B, L] and `masked` [B, L] bool (training): the head and cross-entropy on the
         masked positions only -> (cross-entropy, argmax == target), one per masked position in
         row-major order (the order of `logits[masked]`); the full logits never exist.
-        `doc_start` [B, L] bool: attend only within each document (model.document_mask)."""
+        `doc_start` [B, L] bool: attend only within each document (model.document_mask).
+        `attention_mask`, `cache`: sampling (see `hidden`)."""
         t = self.transformer
-        x = self.hidden(input_ids, doc_start)
+        if cache is not None and self.cfg.shift_prediction and cache.start > 0:
+            raise ValueError("a KV cache with model.shift_prediction: a window's first logits need the position "
+                             "before it; sample without a cache")
+        x = self.hidden(input_ids, doc_start, attention_mask, cache)
         if self.cfg.shift_prediction:
             x = shift_hidden(x)
         if targets is None:
