@@ -25,6 +25,7 @@ from pretrain.hf.causal_import import is_llada
 from pretrain.hf.format import FormatError, HFWeights, read_config
 from pretrain.hf.pretrained import check_init_from
 from pretrain.model import transformer
+from pretrain.model.kv_cache import CACHES
 from pretrain.objective import diffusion
 from pretrain.objective.sampler import GenerateError, check_settings
 
@@ -58,9 +59,14 @@ def check_run(run: RunConfig, world_size: int) -> None:
     if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
         s = run.sample
         try:
-            check_settings(s.gen_length, s.steps, s.block_length, "low_confidence", 0.0, s.temperature)
+            check_settings(s.gen_length, s.steps, s.block_length, "low_confidence", 0.0, s.temperature, s.threshold,
+                           s.factor)
         except GenerateError as e:
             raise ConfigError(f"sample: {e}") from None
+        prompts = [s.prompt] if isinstance(s.prompt, str) else s.prompt
+        require(isinstance(prompts, list) and prompts and all(isinstance(p, str) and p for p in prompts),
+                f"sample.prompt={s.prompt!r} is not a non-empty string or a list of them")
+        require(s.cache in (None, *CACHES), f"sample.cache={s.cache!r} is not one of {', '.join(CACHES)} or null")
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
