@@ -13,6 +13,7 @@ and its queries attend to the cached keys of the rest.
   blocks) is read from the cache.
 - dual: the window is the current block alone; the prefix and the masked blocks after it are read from
   the cache.
+(Either window also takes the one position before the block, for models with shifted prediction.)
 
 For LLaDA's bidirectional attention both are approximations: the prefix's keys depend on the tokens
 after it, which change within a block; the cache is refreshed at each block. docs/fast_sampling.md
@@ -51,8 +52,10 @@ class KVCache:
         return self.start, self.end
 
     def window(self, block_start: int, block_end: int) -> tuple[int, int]:
-        """The next pass runs over the window that the mode recomputes for this block; returns it."""
-        self.start, self.end = block_start, block_end if self.mode == "dual" else self.length
+        """The next pass runs over the window that the mode recomputes for this block; returns it. It
+        starts one position before the block: a model with shifted prediction (Dream's, the demo's)
+        reads the block's first logits off that position."""
+        self.start, self.end = max(block_start - 1, 0), block_end if self.mode == "dual" else self.length
         self.key_end = self.length
         return self.start, self.end
 

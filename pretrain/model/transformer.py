@@ -245,9 +245,6 @@ class LLaDAModel(nn.Module):
         `doc_start` [B, L] bool: attend only within each document (model.document_mask).
         `attention_mask`, `cache`: sampling (see `hidden`)."""
         t = self.transformer
-        if cache is not None and self.cfg.shift_prediction and cache.start > 0:
-            raise ValueError("a KV cache with model.shift_prediction: a window's first logits need the position "
-                             "before it; sample without a cache")
         x = self.hidden(input_ids, doc_start, attention_mask, cache)
         if self.cfg.shift_prediction:
             x = shift_hidden(x)

@@ -162,8 +162,6 @@ class LLaDAModel(nn.Module):
         x = t.wte(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = rope_tables(self.config, x.shape[1] if cache is None else cache.length, x.device)
         if cache is not None:  # the input is the cache's window of the sequence
-            if self.config.shift_prediction and cache.start > 0:
-                raise ValueError("a KV cache with shift_prediction: sample without a cache")
             cos, sin = cache.positions(cos, sin)
         mask = None
         if attention_mask is not None:

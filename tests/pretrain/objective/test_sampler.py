@@ -153,11 +153,11 @@ def test_fast_settings_errors(kwargs, message):
         generate(Confident([]), torch.tensor([[1]]), gen_length=4, steps=4, mask_id=MASK, **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_a_cache_window_right_after_filling_is_the_full_pass(mode):
+@pytest.mark.parametrize("mode, shift", [("prefix", False), ("dual", False), ("dual", True)])
+def test_a_cache_window_right_after_filling_is_the_full_pass(mode, shift):
     """With nothing changed since the fill, the window's logits are the full pass's (RoPE positions, GQA,
-    padding mask): the cache's only approximation is the staleness of what it holds."""
-    model = small_model(qkv_bias=True)
+    padding mask, shifted prediction): the cache's only approximation is the staleness of what it holds."""
+    model = small_model(qkv_bias=True, shift_prediction=shift)
     ids = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
     keep = torch.ones(2, 20, dtype=torch.bool)
     keep[1, :3] = False
@@ -167,16 +167,17 @@ def test_a_cache_window_right_after_filling_is_the_full_pass(mode):
         lo, hi = cache.reset(20)
         assert torch.allclose(model(ids, attention_mask=keep, cache=cache), full, atol=1e-5)
         lo, hi = cache.window(8, 12)
-        assert (lo, hi) == ((8, 12) if mode == "dual" else (8, 20))
+        assert (lo, hi) == ((7, 12) if mode == "dual" else (7, 20))  # from the position before the block
         window = model(ids[:, lo:hi], attention_mask=keep, cache=cache)
-    assert (window - full[:, lo:hi]).abs().max() < 1e-4
+    assert (window[:, 1:] - full[:, lo + 1:hi]).abs().max() < 1e-4
     assert (window - model(ids[:, lo:hi])).abs().max() > 1e-2  # without the cache it sees only the window
 
 
 @pytest.mark.parametrize("options", [{}, {"threshold": 0.3}, {"cache": "prefix"}, {"cache": "dual", "factor": 1.0},
-                                     {"cache": "dual", "cfg_scale": 1.0}])
+                                     {"cache": "dual", "cfg_scale": 1.0, "shift": True}])
 def test_a_left_padded_batch_gives_each_prompt_what_it_gets_alone(options):
-    model = small_model(seed=2)
+    options = dict(options)
+    model = small_model(seed=2, shift_prediction=options.pop("shift", False))
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 7, 5)]
 
