@@ -43,12 +43,13 @@ SETTINGS = {
     "scheduled (today)": {},
     "scheduled, steps/4": {"steps_div": 4},
     "threshold 0.9": {"threshold": 0.9},
-    "threshold 0.7": {"threshold": 0.7},
+    "threshold 0.5": {"threshold": 0.5},
+    "threshold 0.3": {"threshold": 0.3},
     "factor 1.0": {"factor": 1.0},
     "prefix cache": {"cache": "prefix"},
     "dual cache": {"cache": "dual"},
-    "threshold 0.9 + prefix": {"threshold": 0.9, "cache": "prefix"},
-    "threshold 0.9 + dual": {"threshold": 0.9, "cache": "dual"},
+    "threshold 0.5 + prefix": {"threshold": 0.5, "cache": "prefix"},
+    "threshold 0.5 + dual": {"threshold": 0.5, "cache": "dual"},
 }
 
 
