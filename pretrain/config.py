@@ -154,11 +154,14 @@ class LoggingConfig:
 @dataclass
 class SampleConfig:
     at_end: bool
-    prompt: str
+    prompt: Any  # a string, or a list of strings dealt out to the ranks (rank r samples r, r + world, ...)
     gen_length: int
     steps: int
     block_length: int | None  # semi-autoregressive blocks of this many tokens; null: one block of gen_length
     temperature: float
+    threshold: float | None  # parallel decoding (pretrain/objective/sampler.py); null: the scheduled sampler
+    factor: float | None  # Fast-dLLM's factor rule instead of a threshold; null: none
+    cache: str | None  # prefix | dual (pretrain/model/kv_cache.py); null: none
 
 
 @dataclass

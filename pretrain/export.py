@@ -42,7 +42,7 @@ from pretrain.hf.format import (
     write_tokenizer,
     write_weights,
 )
-from pretrain.hf.modeling import MODELING_DIR, MODELING_FILES
+from pretrain.hf.modeling import MODELING_FILES
 from pretrain.hf.moe_format import export_llada2
 from pretrain.hf.pretrained import SourceError, check_shapes, open_source
 
@@ -82,8 +82,8 @@ def export(source_path: str | Path, out_dir: str | Path, step: int | None = None
         # model.init_from prints it when a run starts from this folder.
         (tmp / "export.json").write_text(json.dumps({"source": str(source.checkpoint_dir or source.path),
                                                      "step": source.step, "dtype": dtype}, indent=1) + "\n")
-        for name in MODELING_FILES if source.model.moe is None else ():
-            shutil.copyfile(MODELING_DIR / name, tmp / name)
+        for name, path in (MODELING_FILES.items() if source.model.moe is None else ()):  # MoE: its own code
+            shutil.copyfile(path, tmp / name)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.replace(tmp, out_dir)

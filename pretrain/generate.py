@@ -2,14 +2,19 @@
 
     python -m pretrain.generate SOURCE --prompt "The" [--prompt ...] [--prompts-file FILE]
         [--gen-length 128] [--steps 128] [--block-length 128] [--temperature 0] [--cfg-scale 0]
-        [--remasking low_confidence|random] [--batch-size 8] [--seed 0] [--device auto] [--dtype auto]
-        [--stop STRING ...] [--output jsonl|text]
+        [--remasking low_confidence|random] [--threshold P | --factor F] [--cache none|prefix|dual]
+        [--batch-size 8] [--seed 0] [--device auto] [--dtype auto] [--stop STRING ...] [--output jsonl|text]
 
 SOURCE is a run directory (its newest checkpoint, or --step N) or an exported folder. The reverse
 process and the meaning of each setting: pretrain/objective/sampler.py.
 
-Prompts of a batch are left-padded with EOS (the model has no attention mask; it saw EOS between
-documents in training); `--batch-size 1` avoids padding. The completion is cut at the first EOS and
+Fast sampling (docs/fast_sampling.md): --threshold P commits, at each step, every masked token of the
+block predicted with probability >= P (at least the schedule's share), --factor F Fast-dLLM's factor
+rule; with either, --steps is a cap and a block ends as soon as it is decoded. --cache prefix|dual
+reuses keys and values within a block (an approximation for this bidirectional model).
+
+Prompts of a batch are left-padded, the padding kept out of attention by a mask: a batch gives each
+prompt what it gets alone. The completion is cut at the first EOS and
 before the first `--stop` string (repeatable; e.g. --stop $'\\n\\n').
 
 --output jsonl (default): one JSON line per prompt: "prompt", "completion" (text), "prompt_ids",
@@ -27,15 +32,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from data_pipeline.shards import DataError
 from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.format import FormatError
 from pretrain.hf.pretrained import SourceError, load_model, open_source
-from pretrain.objective.block_sampling import generate_blocks
-from pretrain.objective.sampler import REMASKING, GenerateError, check_settings, cut_completion, generate
+from pretrain.model.kv_cache import CACHES, KVCache
+from pretrain.objective.block_sampling import generate_block_rows
+from pretrain.objective.sampler import REMASKING, GenerateError, check_settings, cut_completion, generate, left_pad
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -65,11 +69,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--prompts-file", help="one prompt per line")
     parser.add_argument("--step", type=int, default=None, help="a run's checkpoint at this step (default: newest)")
     parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=128, help="passes of the model; with --threshold or --factor "
+                        "a cap (each block at most steps/blocks passes, ending when decoded)")
     parser.add_argument("--block-length", type=int, default=None, help="default: gen-length (one block)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--cfg-scale", type=float, default=0.0)
     parser.add_argument("--remasking", default="low_confidence", choices=REMASKING)
+    fast = parser.add_mutually_exclusive_group()
+    fast.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit every masked token "
+                      "of the block with probability >= this (and at least the surest one)")
+    fast.add_argument("--factor", type=float, default=None, help="parallel decoding by Fast-dLLM's factor rule: "
+                      "the n most confident while the n-th has probability >= 1 - factor/(n+1)")
+    parser.add_argument("--cache", default="none", choices=("none", *CACHES),
+                        help="KV cache refreshed per block (Fast-dLLM; approximate for a bidirectional model)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -79,7 +91,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         check_settings(args.gen_length, args.steps, args.block_length, args.remasking, args.cfg_scale,
-                       args.temperature)
+                       args.temperature, args.threshold, args.factor)
         if args.batch_size <= 0:
             raise GenerateError(f"--batch-size={args.batch_size} must be positive")
         prompts = read_prompts(args.prompt, args.prompts_file)
@@ -93,25 +105,31 @@ def main(argv: list[str]) -> None:
                                     f"--gen-length {args.gen_length} that exceeds the model's maximum {limit}")
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
+        if source.model.block_size and args.cache != "none":
+            raise GenerateError(f"--cache {args.cache}: the KV cache serves full-attention models; {args.source} is "
+                                f"a block diffusion model (block size {source.model.block_size}): sample it without")
         model = load_model(source, device, dtype)
     except (GenerateError, DataError, FormatError, SourceError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     settings = {"gen_length": args.gen_length, "steps": args.steps,
                 "block_length": args.block_length or args.gen_length, "temperature": args.temperature,
-                "cfg_scale": args.cfg_scale, "remasking": args.remasking, "stop": args.stop,
+                "cfg_scale": args.cfg_scale, "remasking": args.remasking, "threshold": args.threshold,
+                "factor": args.factor, "cache": args.cache, "stop": args.stop,
                 "batch_size": args.batch_size, "dtype": str(dtype).removeprefix("torch."),
                 "source": str(source.checkpoint_dir or source.path), "step": source.step}
     for lo in range(0, len(prompts), args.batch_size):
         batch = encoded[lo: lo + args.batch_size]
-        width = max(len(ids) for ids in batch)
-        padded = torch.tensor([[source.eos_id] * (width - len(ids)) + ids for ids in batch], device=device)
+        padded, prompt_mask = left_pad(batch, source.eos_id, device)
+        width = padded.shape[1]
         if source.model.block_size:  # a block diffusion model: block by block (objective/block_sampling.py)
-            out = generate_blocks(model, padded, args.gen_length, args.steps, source.mask_id, source.model.block_size,
-                                  args.temperature, args.cfg_scale, args.remasking, args.seed + lo)
+            out = generate_block_rows(model, padded, prompt_mask, args.gen_length, args.steps, source.mask_id,
+                                      source.model.block_size, args.temperature, args.cfg_scale, args.remasking,
+                                      args.seed + lo, args.threshold, args.factor)
         else:
             out = generate(model, padded, args.gen_length, args.steps, source.mask_id, args.block_length,
-                           args.temperature, args.cfg_scale, args.remasking, args.seed + lo)
+                           args.temperature, args.cfg_scale, args.remasking, args.seed + lo, args.threshold,
+                           args.factor, prompt_mask, None if args.cache == "none" else KVCache(args.cache))
         for i, row in enumerate(out[:, width:].tolist()):
             ids, text, finish = cut_completion(row, tok.decode, source.eos_id, args.stop)
             if args.output == "text":

@@ -66,10 +66,11 @@ from pretrain.faults import (
 )
 from pretrain.loop import NonFiniteError, Trainer
 from pretrain.model.anneal import anneal_beyond_end
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.transformer import count_params
 from pretrain.monitor.metrics import MetricsLogger
-from pretrain.objective.block_sampling import generate_blocks
-from pretrain.objective.sampler import generate
+from pretrain.objective.block_sampling import generate_block_rows
+from pretrain.objective.sampler import generate, left_pad
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -171,17 +172,48 @@ def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) 
 
 
 def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
+    """sample.prompt (or each of a list, dealt out to the ranks: rank r samples r, r + world, ...), printed
+    by rank 0 in order. Every rank calls the ZeRO-3 engine equally often: a rank with no prompt of its
+    own samples the first one again, and with a threshold the ranks agree when every block is decoded."""
+    s = run.sample
     tok = load_tokenizer(Path(run.data.dir) / "tokenizer.json", root=run.data.dir)
-    prompt = torch.tensor([tok.encode(run.sample.prompt).ids], device=engine.device)
+    prompts = [s.prompt] if isinstance(s.prompt, str) else list(s.prompt)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, len(prompts), world))
+    encoded = [tok.encode(prompts[i]).ids for i in mine or [0]]
+    if run.model.block_size:  # rows are decoded one by one (block_sampling.py): every rank decodes as many
+        encoded += encoded[:1] * (-(-len(prompts) // world) - len(encoded))
+    ids, prompt_mask = left_pad(encoded, manifest.eos_id, engine.device)
+    passes = {"made": 0, "needed": 0}
+
+    def forward(x, **kwargs):
+        passes["made"] += 1
+        return engine(x, **kwargs)
+
+    def all_done(done: bool) -> bool:  # MIN over the ranks: done only when every rank is
+        passes["needed"] += 0 if done else 1
+        flag = torch.tensor([int(done)], device=engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     engine.eval()
-    if run.model.block_size:  # a block diffusion model decodes block by block (objective/block_sampling.py)
-        out = generate_blocks(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
-                              run.model.block_size, temperature=run.sample.temperature, seed=run.seed)
+    if run.model.block_size:  # a block diffusion model, block by block (checks.py refuses cache and threshold)
+        out = generate_block_rows(forward, ids, prompt_mask, s.gen_length, s.steps, manifest.mask_id,
+                                  run.model.block_size, temperature=s.temperature, seed=run.seed)
     else:
-        out = generate(engine, prompt, run.sample.gen_length, run.sample.steps, manifest.mask_id,
-                       block_length=run.sample.block_length, temperature=run.sample.temperature, seed=run.seed)
-    if dist.get_rank() == 0:
-        print(f"sample: {tok.decode(out[0].tolist())!r}", flush=True)  # repr: whitespace stays visible
+        out = generate(forward, ids, s.gen_length, s.steps, manifest.mask_id, block_length=s.block_length,
+                       temperature=s.temperature, seed=run.seed, threshold=s.threshold, factor=s.factor,
+                       prompt_mask=prompt_mask, cache=KVCache(s.cache) if s.cache else None, all_done=all_done)
+    completions = out[:, ids.shape[1]:].tolist()  # rows past `mine` only kept the ranks in step
+    texts = [(i, tok.decode(enc + row)) for i, enc, row in zip(mine, encoded, completions, strict=False)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (texts, passes))
+    if rank == 0:
+        for _, text in sorted(t for ranked, _ in gathered for t in ranked):
+            print(f"sample: {text!r}", flush=True)  # repr: whitespace stays visible
+        if s.threshold is not None or s.factor is not None:
+            print("sample: passes per rank (needed by its own prompts/made): "
+                  + ", ".join(f"{p['needed']}/{p['made']}" for _, p in gathered), flush=True)
 
 
 def check_prebuilt_data(run: RunConfig) -> None:

@@ -14,9 +14,11 @@ diffusion-LM papers report benchmark numbers, on a run directory or an exported 
   windows of the model's length, each conditioned on what precedes it in the window (the first on EOS).
 - `generate_until`: the sampler (pretrain/objective/sampler.py), settings from the request's
   gen_kwargs, else the model args: gen_length (else the task's max_gen_toks), steps (default
-  gen_length), block_length (default gen_length), cfg, remasking, temperature; the text is cut at EOS
-  and before the first `until` string. Prompts are batched only with prompts of the same length (no
-  padding, so the output never depends on the batch), `batch_size` at a time.
+  gen_length), block_length (default gen_length), cfg, remasking, temperature, threshold, factor, cache
+  (none, prefix, dual; docs/fast_sampling.md); the text is cut at EOS and before the first `until`
+  string. Requests with the same settings are sampled `batch_size` at a time, left-padded with the
+  padding masked out of attention (at temperature 0 a request gets what it gets alone). Each process
+  holds the whole model, so processes sample without collectives and need not agree on passes.
 
 Under torchrun each process loads the whole model on its own device and lm-eval deals the documents out
 to the processes (rank r takes documents r, r + world_size, ...); results are gathered on rank 0.
@@ -37,13 +39,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.pretrained import CHOICE_MC_NUM, encode_pair, load_model, open_source
-from pretrain.objective.block_sampling import generate_blocks
+from pretrain.model.kv_cache import CACHES, KVCache
+from pretrain.objective.block_sampling import generate_block_rows
 from pretrain.objective.likelihood import answer_nll, draw_seed
-from pretrain.objective.sampler import REMASKING, check_settings, cut_completion, generate
+from pretrain.objective.sampler import REMASKING, check_settings, cut_completion, generate, left_pad
 
 log = logging.getLogger(__name__)
 GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "gen_length", "steps", "block_length", "cfg",
-              "remasking"}
+              "remasking", "threshold", "factor", "cache"}
 
 
 def _int(name: str, value, minimum: int = 1) -> int:
@@ -60,7 +63,8 @@ class LLaDAHarness(LM):
                  batch_size: int = 32,
                  seed: int = 0, check_greedy: bool = True, gen_length: int | None = None, steps: int | None = None,
                  block_length: int | None = None, cfg: float = 0.0, remasking: str = "low_confidence",
-                 temperature: float = 0.0, device: str | None = None, dtype: str = "auto",
+                 temperature: float = 0.0, threshold: float | None = None, factor: float | None = None,
+                 cache: str = "none", device: str | None = None, dtype: str = "auto",
                  max_batch_size: int | None = None):
         super().__init__()
         if source is None:
@@ -68,9 +72,13 @@ class LLaDAHarness(LM):
         self.mc_num, self.batch_size, self.seed = _int("mc_num", mc_num), _int("batch_size", batch_size), int(seed)
         self.check_greedy = check_greedy in (True, "true", "True", 1)
         self.defaults = {"gen_length": gen_length, "steps": steps, "block_length": block_length, "cfg": float(cfg),
-                         "remasking": remasking, "temperature": float(temperature)}
+                         "remasking": remasking, "temperature": float(temperature),
+                         "threshold": None if threshold in (None, "None", "none") else float(threshold),
+                         "factor": None if factor in (None, "None", "none") else float(factor), "cache": cache}
         if remasking not in REMASKING:
             raise ValueError(f"llada model arg remasking={remasking!r} is not one of {', '.join(REMASKING)}")
+        if cache not in ("none", *CACHES):
+            raise ValueError(f"llada model arg cache={cache!r} is not one of none, {', '.join(CACHES)}")
         self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self._rank = int(os.environ.get("RANK", "0"))
         if self._world_size > 1:
@@ -191,14 +199,19 @@ class LLaDAHarness(LM):
         s["gen_length"] = int(s["gen_length"] or gen_kwargs.get("max_gen_toks") or 128)
         s["steps"] = int(s["steps"] or s["gen_length"])
         s["block_length"] = int(s["block_length"] or s["gen_length"])
-        check_settings(s["gen_length"], s["steps"], s["block_length"], s["remasking"], s["cfg"], s["temperature"])
+        for key in ("threshold", "factor"):
+            s[key] = None if s[key] is None else float(s[key])
+        check_settings(s["gen_length"], s["steps"], s["block_length"], s["remasking"], s["cfg"], s["temperature"],
+                       s["threshold"], s["factor"])
+        if s["cache"] not in ("none", *CACHES):
+            raise ValueError(f"llada gen_kwargs cache={s['cache']!r} is not one of none, {', '.join(CACHES)}")
         until = gen_kwargs.get("until") or []
         s["until"] = [until] if isinstance(until, str) else list(until)
         return s
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         self.announce(requests, "generate_until")
-        jobs = defaultdict(list)  # (settings, prompt length) -> request indices: batched without padding
+        jobs = defaultdict(list)  # settings -> request indices: batched, left-padded
         prepared = []
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -209,21 +222,25 @@ class LLaDAHarness(LM):
                                  f"the model's {self.max_length} positions")
             ids = (self.encode(context) or [self.source.eos_id])[-room:]  # a long prompt loses its beginning
             prepared.append((ids, s))
-            key = (tuple(sorted((k, str(v)) for k, v in s.items())), len(ids))
-            jobs[key].append(i)
+            jobs[tuple(sorted((k, str(v)) for k, v in s.items()))].append(i)
         out = [""] * len(requests)
         for indices in jobs.values():
             for lo in range(0, len(indices), self.batch_size):
                 batch = indices[lo: lo + self.batch_size]
                 s = prepared[batch[0]][1]
-                prompt = torch.tensor([prepared[i][0] for i in batch], device=self._device)
+                prompt, prompt_mask = left_pad([prepared[i][0] for i in batch], self.source.eos_id, self._device)
                 seed = self.seed * 1_000_003 + (requests[batch[0]].doc_id or 0)
                 if self.source.model.block_size:  # a block diffusion model (objective/block_sampling.py)
-                    x = generate_blocks(self.model, prompt, s["gen_length"], s["steps"], self.source.mask_id,
-                                        self.source.model.block_size, s["temperature"], s["cfg"], s["remasking"], seed)
+                    if s["cache"] != "none":
+                        raise ValueError(f"cache={s['cache']}: the KV cache serves full-attention models; this is "
+                                         f"a block diffusion model (block size {self.source.model.block_size})")
+                    x = generate_block_rows(self.model, prompt, prompt_mask, s["gen_length"], s["steps"],
+                                            self.source.mask_id, self.source.model.block_size, s["temperature"],
+                                            s["cfg"], s["remasking"], seed, s["threshold"], s["factor"])
                 else:
                     x = generate(self.model, prompt, s["gen_length"], s["steps"], self.source.mask_id,
-                                 s["block_length"], s["temperature"], s["cfg"], s["remasking"], seed)
+                                 s["block_length"], s["temperature"], s["cfg"], s["remasking"], seed, s["threshold"],
+                                 s["factor"], prompt_mask, None if s["cache"] == "none" else KVCache(s["cache"]))
                 for i, row in zip(batch, x[:, prompt.shape[1]:].tolist(), strict=True):
                     out[i] = cut_completion(row, self.tok.decode, self.source.eos_id, s["until"])[1]
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

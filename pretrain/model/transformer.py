@@ -41,6 +41,7 @@ from pretrain.config import ConfigError, ModelConfig, require
 from pretrain.model.anneal import annealed_mask
 from pretrain.model.attention import sdpa_attention, select_attention
 from pretrain.model.block_attention import block_causal, select_block_attention
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.moe import MoEFeedForward, check_moe
 from pretrain.model.output_head import OutputHead
 from pretrain.model.rope import apply_rope, check_scaling, rope_tables
@@ -123,8 +124,11 @@ class Block(nn.Module):
             out = F.pad(out, (0, self.ffn_pad))
         return F.linear(F.silu(F.linear(m, gate)) * F.linear(m, up), out)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None, attention=None) -> torch.Tensor:
-        """`attention`: another backend for this call (SDPA with the annealed mask in `docs`)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs=None, attention=None,
+                kv=None) -> torch.Tensor:
+        """`attention`: another backend for this call (SDPA with the annealed mask in `docs`). `kv`: a KV
+        cache's hook for this layer (pretrain/model/kv_cache.py): takes this window's k, v, returns the
+        keys and values to attend to."""
         B, L, _ = x.shape
         n = self.attn_norm(x)
         q = self.q_proj(n).view(B, L, self.n_heads, self.head_dim)
@@ -133,6 +137,8 @@ class Block(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(n).view(B, L, self.n_kv_heads, self.head_dim)
+        if kv is not None:
+            k, v = kv(k, v)
         h = x + self.attn_out((attention or self.attention)(q, k, v, docs).reshape(B, L, -1))
         return h + self.ffn(self.ff_norm(h))
 
@@ -220,13 +226,20 @@ class LLaDAModel(nn.Module):
         return x
 
     def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
-               clean_ids: torch.Tensor | None = None, block_size: int | None = None) -> torch.Tensor:
+               clean_ids: torch.Tensor | None = None, block_size: int | None = None,
+               attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm). With `clean_ids`
         [B, L] (block diffusion, pretrain/model/block_attention.py): one pass over input_ids followed by
-        clean_ids, both at positions 0..L-1, under the block mask of `block_size`; the noisy half's output."""
+        clean_ids, both at positions 0..L-1, under the block mask of `block_size`; the noisy half's output.
+        Sampling only: `attention_mask` [B, L_all] (True or 1 = a token, 0 = padding no one attends to);
+        `cache`: the input is the cache's window of a sequence of length L_all (pretrain/model/kv_cache.py)."""
+        if cache is not None and block_size is not None:
+            raise ValueError("the KV cache does not serve block diffusion models yet: sample them without a cache")
         t = self.transformer
         L = input_ids.shape[1]
-        cos, sin = self.rope(L, input_ids.device)
+        cos, sin = self.rope(L if cache is None else cache.length, input_ids.device)
+        if cache is not None:
+            cos, sin = cache.positions(cos, sin)
         attention = None
         if clean_ids is not None:
             x = self.embed(torch.cat([input_ids, clean_ids], dim=1))
@@ -247,25 +260,33 @@ class LLaDAModel(nn.Module):
             if mask is not None:  # annealing: a dense mask, which only SDPA takes (with the documents' mask, if any)
                 attention = sdpa_attention
                 docs = mask if doc_start is None else sdpa_attention.documents(doc_start) & mask
+        if attention_mask is not None:  # padding (sampling): keys no query attends to, a dense mask for SDPA
+            keys = attention_mask.bool()[:, None, None, :]
+            if attention is None:  # the plain path's documents, in SDPA's form
+                docs = None if doc_start is None else sdpa_attention.documents(doc_start)
+            attention = sdpa_attention
+            docs = keys if docs is None else docs & keys
         k = self.checkpoint_every
         for i, block in enumerate(t.blocks):
             if k and i % k == 0 and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, docs, attention, use_reentrant=False)
             else:
-                x = block(x, cos, sin, docs, attention)
+                x = block(x, cos, sin, docs, attention, None if cache is None else cache.layer(i))
         return x[:, :L]
 
     def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, masked: torch.Tensor | None = None,
-                clean_ids: torch.Tensor | None = None, block_size: int | None = None):
+                clean_ids: torch.Tensor | None = None, block_size: int | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None):
         """input_ids [B, L] -> logits [B, L, vocab]. No time input: the mask ratio is read off the input.
         With `targets` [B, L] and `masked` [B, L] bool (training): the head and cross-entropy on the
         masked positions only -> (cross-entropy, argmax == target), one per masked position in
         row-major order (the order of `logits[masked]`); the full logits never exist.
         `doc_start` [B, L] bool: attend only within each document (model.document_mask).
-        `clean_ids` [B, L] and `block_size`: block diffusion's x_t-with-x_0 pass (`hidden`)."""
+        `clean_ids` [B, L] and `block_size`: block diffusion's x_t-with-x_0 pass (`hidden`).
+        `attention_mask`, `cache`: sampling (see `hidden`)."""
         t = self.transformer
-        x = self.hidden(input_ids, doc_start, clean_ids, block_size)
+        x = self.hidden(input_ids, doc_start, clean_ids, block_size, attention_mask, cache)
         if self.cfg.shift_prediction:
             x = shift_hidden(x)
         if targets is None:

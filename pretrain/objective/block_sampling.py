@@ -36,8 +36,9 @@ def block_forward(model, block_size: int):
 @torch.no_grad()
 def generate_blocks(model, prompt: torch.Tensor, gen_length: int, steps: int, mask_id: int, block_size: int,
                     temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
-                    seed: int = 0) -> torch.Tensor:
-    """prompt [B, P] -> [B, P + gen_length], block by block. Calls the model `steps` times in all."""
+                    seed: int = 0, threshold: float | None = None, factor: float | None = None) -> torch.Tensor:
+    """prompt [B, P] -> [B, P + gen_length], block by block. Calls the model `steps` times in all (at most,
+    with a `threshold` or `factor`: objective/sampler.py's parallel decoding within each piece)."""
     lengths = pieces(prompt.shape[1], gen_length, block_size)
     if steps < len(lengths):
         raise GenerateError(f"steps={steps} is fewer than the {len(lengths)} blocks to decode "
@@ -46,5 +47,20 @@ def generate_blocks(model, prompt: torch.Tensor, gen_length: int, steps: int, ma
     forward, x = block_forward(model, block_size), prompt
     for i, n in enumerate(lengths):
         x = generate(forward, x, n, base + (1 if i < extra else 0), mask_id, None, temperature, cfg_scale,
-                     remasking, seed + i)
+                     remasking, seed + i, threshold, factor)
     return x
+
+
+def generate_block_rows(model, padded: torch.Tensor, prompt_mask: torch.Tensor, gen_length: int, steps: int,
+                        mask_id: int, block_size: int, temperature: float = 0.0, cfg_scale: float = 0.0,
+                        remasking: str = "low_confidence", seed: int = 0, threshold: float | None = None,
+                        factor: float | None = None) -> torch.Tensor:
+    """A left-padded batch [B, W] (prompt_mask [B, W]: 1 = a prompt token) -> [B, W + gen_length], each
+    row decoded alone: a block model's blocks sit at absolute positions, which padding would move. So a
+    row gives what its prompt gives alone; the model is called `steps` times per row."""
+    rows = []
+    for row, keep in zip(padded, prompt_mask.bool(), strict=True):
+        x = generate_blocks(model, row[keep][None], gen_length, steps, mask_id, block_size, temperature, cfg_scale,
+                            remasking, seed, threshold, factor)
+        rows.append(x[0, -gen_length:])
+    return torch.cat([padded, torch.stack(rows)], dim=1)

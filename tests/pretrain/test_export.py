@@ -16,7 +16,7 @@ from pretrain.checks import compose_config
 from pretrain.config import ConfigError
 from pretrain.export import export, main
 from pretrain.hf.format import HFWeights, installed_transformers, model_config
-from pretrain.hf.modeling import MODELING_DIR, MODELING_FILES
+from pretrain.hf.modeling import MODELING_FILES
 from pretrain.hf.pretrained import load_model, open_source
 from pretrain.model.transformer import LLaDAModel
 from tests.conftest import BIN, TRAIN_ARGS, run_precision, run_train
@@ -100,8 +100,8 @@ def test_config_has_every_published_key_and_the_runs_ids(exported, trained_run, 
     assert config["auto_map"] == {"AutoConfig": "configuration_llada.LLaDAConfig",
                                   "AutoModel": "modeling_llada.LLaDAModelLM",
                                   "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
-    for name in MODELING_FILES:
-        assert (exported / "fp32" / name).read_bytes() == (MODELING_DIR / name).read_bytes()
+    for name, path in MODELING_FILES.items():
+        assert (exported / "fp32" / name).read_bytes() == path.read_bytes()
     assert (config["rope_theta"], config["n_layers"], config["vocab_size"]) == (500000.0, 4, 1024)
     assert config["torch_dtype"] == "float32"
     assert json.loads((exported / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"

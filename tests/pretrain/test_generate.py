@@ -196,7 +196,8 @@ def test_jsonl_records_ids_and_settings_and_stop_cuts(trained_run, capsys):
     assert tok.decode(full["prompt_ids"]) == prompt and tok.decode(full["completion_ids"]) == full["completion"]
     assert full["finish"] in ("eos", "length") and full["completion"]  # this prompt gets a completion
     assert full["settings"] == {"gen_length": 8, "steps": 4, "block_length": 8, "temperature": 0.0, "cfg_scale": 0.0,
-                                "remasking": "low_confidence", "stop": [], "batch_size": 8, "dtype": "float32",
+                                "remasking": "low_confidence", "threshold": None,
+                                "factor": None, "cache": "none", "stop": [], "batch_size": 8, "dtype": "float32",
                                 "source": str(trained_run / "checkpoints" / "step00000030"), "step": 30, "seed": 0}
     stop = full["completion"][len(full["completion"]) // 2]
     main([*common, "--stop", stop, "--stop", "never there"])

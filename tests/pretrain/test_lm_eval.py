@@ -18,6 +18,7 @@ from pretrain.evaluate import evaluate_choices
 from pretrain.generate import main as generate_main
 from pretrain.hf.pretrained import load_model, open_source
 from pretrain.lm_eval import lm_eval_argv, main
+from pretrain.model.kv_cache import KVCache
 from pretrain.objective.sampler import cut_completion, generate
 from tests.conftest import BIN, REPO, child_env, free_port
 
@@ -33,7 +34,7 @@ ITEMS = [{"prompt": "Return a new list containing all items from the", "choices"
          {"prompt": "Return the absolute value of a ", "choices": ["number", "qqq"], "answer": 0}]
 PLANTED = (0, 1, 3)
 GEN_PROMPTS = ["Return", "The module defines", "Return a new list containing all"]  # token lengths differ
-GEN = {"gen_length": 8, "steps": 4}
+GEN = {"gen_length": 8, "steps": 4, "threshold": 0.2, "cache": "dual"}  # fast sampling, batched with padding
 TEXTS = ["Return the absolute value of a number.", "The module defines the functions of the interpreter."]
 
 
@@ -63,6 +64,8 @@ generation_kwargs:
   max_gen_toks: 64
   gen_length: {GEN["gen_length"]}
   steps: {GEN["steps"]}
+  threshold: {GEN["threshold"]}
+  cache: {GEN["cache"]}
 metric_list:
   - metric: exact_match
 """))
@@ -102,7 +105,8 @@ def harness(trained_run, tmp_path_factory):
     source = open_source(trained_run)
     tok = source.tokenizer()
     prompt = torch.tensor([tok.encode(GEN_PROMPTS[-1]).ids])
-    row = generate(load_model(source), prompt, GEN["gen_length"], GEN["steps"], source.mask_id)[0, prompt.shape[1]:]
+    row = generate(load_model(source), prompt, GEN["gen_length"], GEN["steps"], source.mask_id,
+                   threshold=GEN["threshold"], cache=KVCache(GEN["cache"]))[0, prompt.shape[1]:]
     full = cut_completion(row.tolist(), tok.decode, source.eos_id)[1]
     stop = full[len(full) // 2: len(full) // 2 + 1] or "e"
     write_tasks(root / "tasks", stop)
@@ -143,11 +147,13 @@ def test_loglikelihood_equals_pretrain_evaluate_on_the_same_pairs_and_seed(harne
 
 @pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)
 def test_generation_stops_at_until_as_pretrain_generate_does(harness, trained_run, tmp_path, capsys):
+    # lm-eval sampled the prompts (of different lengths) in one left-padded batch; here one at a time
     _, stop, full, _, samples = harness
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(p + "\n" for p in GEN_PROMPTS))
     generate_main([str(trained_run), "--prompts-file", str(prompts), "--gen-length", str(GEN["gen_length"]),
-                   "--steps", str(GEN["steps"]), "--batch-size", "1", "--stop", stop, "--device", "cpu"])
+                   "--steps", str(GEN["steps"]), "--threshold", str(GEN["threshold"]), "--cache", GEN["cache"],
+                   "--batch-size", "1", "--stop", stop, "--device", "cpu"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for doc, line in enumerate(lines):
         assert samples["llada_gen"][doc]["resps"][0][0] == line["completion"]

@@ -131,12 +131,13 @@ def test_manifest_that_does_not_fit_the_run_is_refused(tmp_path, demo_shards):
     assert f"{demo_shards}/manifest.json: seq_len=64 but trainer.seq_len=128" in proc.stderr
 
 
-def two_process_run(launcher, run_dir, demo_shards, steps):
+def two_process_run(launcher, run_dir, demo_shards, steps, *overrides):
     # Persistence threshold 0: ZeRO-3 partitions even the small parameters of the tiny model.
-    run_train(launcher, run_dir, demo_shards, f"trainer.max_steps={steps}",
-              "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", timeout=600)
+    proc = run_train(launcher, run_dir, demo_shards, f"trainer.max_steps={steps}",
+                     "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", *overrides, timeout=600)
     setup = json.loads((run_dir / "setup.json").read_text())
     assert setup["world_size"] == 2
+    setup["stdout"] = proc.stdout
     return setup
 
 
@@ -153,9 +154,19 @@ def test_deepspeed_launcher_two_ranks_partition_the_model(tmp_path, demo_shards)
 
 def test_torchrun_two_ranks(tmp_path, demo_shards):
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29612", "-m", "pretrain.train"]
-    setup = two_process_run(launcher, tmp_path / "tr", demo_shards, steps=3)
+    # The in-run sample with a threshold and a cache: three prompts dealt out to the two ranks (rank 0 a
+    # left-padded batch of two); each block ends when the ranks agree that all of theirs are decoded.
+    prompts = ["The", "Return a new list containing all items", "If"]
+    setup = two_process_run(launcher, tmp_path / "tr", demo_shards, 3, "sample.at_end=true", "sample.gen_length=8",
+                            "sample.steps=8", "sample.block_length=4", "sample.threshold=0.02", "sample.cache=dual",
+                            "sample.prompt=[" + ",".join(f"'{p}'" for p in prompts) + "]")
     assert sum(setup["local_params_per_rank"]) >= setup["params"]
     assert sorted(train_losses(tmp_path / "tr")) == [1, 2, 3]
+    samples = [line for line in setup["stdout"].splitlines() if line.startswith("sample: '")]
+    assert [s.removeprefix("sample: '").startswith(p) for s, p in zip(samples, prompts, strict=False)] == [True] * 3
+    passes = setup["stdout"].split("sample: passes per rank (needed by its own prompts/made): ")[1].splitlines()[0]
+    (needed0, made0), (needed1, made1) = [map(int, p.split("/")) for p in passes.split(", ")]
+    assert made0 == made1 == max(needed0, needed1) and 2 <= made0 <= 8  # 2 blocks, at most steps passes
 
 
 def test_hydra_sweep_gives_each_job_its_own_run_dir(tmp_path, demo_shards):

@@ -9,9 +9,12 @@ in fp32, SDPA attention without a causal mask). Parameter names are the publishe
 (GSAI-ML/LLaDA-8B-Base): model.transformer.{wte, blocks.{i}.{attn_norm, q_proj, k_proj, v_proj,
 attn_out, ff_norm, ff_proj, up_proj, ff_out}, ln_f, ff_out}.
 
-There is no KV cache and no `generate()`: a masked diffusion model is sampled by iterative unmasking
-(llada-pretrain's `python -m pretrain.generate`, or the published generate.py on these logits).
-`attention_mask` [B, L] (1 = a real token) keeps padding out of every token's attention.
+`model.generate(input_ids, attention_mask=None, gen_length=128, steps=128, ...)` samples by iterative
+unmasking with llada-pretrain's sampler (sampling_llada.py, a copy of pretrain/objective/sampler.py:
+the same tokens as `python -m pretrain.generate`), including its fast options (`threshold`, `factor`,
+`cache="prefix"` or `"dual"`, kv_cache_llada.py); prompts of a batch are left-padded, with 0 in
+`attention_mask` on the padding. `attention_mask` [B, L] (1 = a real token) keeps padding out of every
+token's attention.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_llada import LLaDAConfig
+from .kv_cache_llada import KVCache
+from .sampling_llada import generate as diffusion_generate
 
 # Keys of the published config.json that would change the architecture, with the only value built here.
 # Absent means this value; another value is refused rather than silently built differently.
@@ -124,7 +129,7 @@ class LLaDABlock(nn.Module):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False).transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, cos, sin, mask=None, kv=None):
         B, L, _ = x.shape
         n = self.attn_norm(x)
         q = self.q_proj(n).view(B, L, self.n_heads, self.head_dim)
@@ -133,6 +138,8 @@ class LLaDABlock(nn.Module):
         if hasattr(self, "q_norm"):  # Qwen3's order: per-head norm, then RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # a KV cache's hook (kv_cache_llada.py): this window's k, v -> those to attend to
+            k, v = kv(k, v)
         h = x + self.attn_out(self.attention(q, k, v, mask).reshape(B, L, -1))
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
@@ -149,10 +156,13 @@ class LLaDAModel(nn.Module):
             modules["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=False)
         self.transformer = nn.ModuleDict(modules)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False,
+                cache=None):
         t = self.transformer
         x = t.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = rope_tables(self.config, x.shape[1], x.device)
+        cos, sin = rope_tables(self.config, x.shape[1] if cache is None else cache.length, x.device)
+        if cache is not None:  # the input is the cache's window of the sequence
+            cos, sin = cache.positions(cos, sin)
         mask = None
         if attention_mask is not None:
             if attention_mask.dim() == 2:  # [B, L]: 1 for tokens, 0 for padding, which no token attends to
@@ -165,8 +175,8 @@ class LLaDAModel(nn.Module):
             mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool
                                                 else mask.masked_fill(~causal, float("-inf")))
         hidden = [x] if output_hidden_states else None
-        for block in t.blocks:
-            x = block(x, cos, sin, mask)
+        for i, block in enumerate(t.blocks):
+            x = block(x, cos, sin, mask, None if cache is None else cache.layer(i))
             if hidden is not None:
                 hidden.append(x)
         x = t.ln_f(x)
@@ -220,3 +230,19 @@ class LLaDAModelLM(PreTrainedModel):
         if return_dict is False:
             return (logits,) if hidden is None else (logits, hidden)
         return CausalLMOutputWithPast(logits=logits, hidden_states=hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, gen_length: int = 128,
+                 steps: int = 128, block_length: int | None = None, temperature: float = 0.0, cfg_scale: float = 0.0,
+                 remasking: str = "low_confidence", threshold: float | None = None, factor: float | None = None,
+                 cache: str | None = None, seed: int = 0) -> torch.LongTensor:
+        """input_ids [B, P] (left-padded, attention_mask 0 on the padding) -> [B, P + gen_length]: the prompt
+        and its answer, by llada-pretrain's sampler; the settings are pretrain.generate's (its --help)."""
+        prompt_mask = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.bool()
+
+        def forward(ids, attention_mask=None, cache=None):
+            return self.model(ids, attention_mask, None, False, cache)[0]
+
+        return diffusion_generate(forward, input_ids, gen_length, steps, self.config.mask_token_id, block_length,
+                                  temperature, cfg_scale, remasking, seed, threshold, factor, prompt_mask,
+                                  None if cache in (None, "none") else KVCache(cache))

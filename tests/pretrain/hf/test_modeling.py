@@ -20,10 +20,15 @@ from pretrain.export import export
 from pretrain.hf.modeling.configuration_llada import LLaDAConfig
 from pretrain.hf.modeling.modeling_llada import LLaDAModelLM, inverse_frequencies
 from pretrain.hf.pretrained import load_model, open_source
+from pretrain.model.kv_cache import KVCache
+from pretrain.objective.sampler import generate, left_pad
 from tests.conftest import REPO
 from tests.pretrain.hf.venvs import transformers_venv
 
 TRANSFORMERS_VERSIONS = ("4.57.6", "5.24.0")
+GENERATE = [dict(gen_length=8, steps=8, block_length=4), dict(gen_length=8, steps=8, block_length=4, cfg_scale=1.0),
+            dict(gen_length=8, steps=8, block_length=4, threshold=0.1, cache="dual"),
+            dict(gen_length=8, steps=4, factor=1.0, cache="prefix", temperature=0.5, seed=2)]
 
 LOAD = """
 import importlib.util, sys
@@ -31,9 +36,13 @@ import torch, transformers
 from transformers import AutoModel, AutoModelForCausalLM
 # only torch and transformers (and their own requirements): neither this project nor its dependencies
 assert all(importlib.util.find_spec(m) is None for m in ("pretrain", "deepspeed", "data_pipeline", "omegaconf"))
-ids_file, out_file, readme_file, *folders = sys.argv[1:]
+ids_file, out_file, readme_file, gen_file, *folders = sys.argv[1:]
 ids = torch.load(ids_file)
 out = {"version": transformers.__version__}
+gen = torch.load(gen_file)  # the shipped sampler: generate() on a left-padded batch, each setting
+model = AutoModelForCausalLM.from_pretrained(folders[0], trust_remote_code=True, dtype="auto").eval()
+for i, settings in enumerate(gen["settings"]):
+    out["generate", i] = model.generate(gen["ids"], attention_mask=gen["mask"], **settings)
 for folder in folders:
     for cls in (AutoModel, AutoModelForCausalLM):
         model = cls.from_pretrained(folder, trust_remote_code=True, dtype="auto").eval()  # config.json's dtype
@@ -72,8 +81,11 @@ def test_an_export_loads_offline_in_a_venv_with_only_torch_and_transformers(vers
     readme = re.search(r"## Loading an export with transformers\n.*?```python\n(.*?)```",
                        (REPO / "docs" / "using_a_model.md").read_text(), re.S)
     (tmp_path / "readme.py").write_text(readme.group(1).replace('"outputs/quick-hf"', repr(folders["fp32"])))
+    prompts, mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13]], 1)
+    torch.save({"ids": prompts, "mask": mask.long(), "settings": GENERATE}, tmp_path / "gen.pt")
     proc = subprocess.run([str(python), str(tmp_path / "load.py"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"),
-                           str(tmp_path / "readme.py"), *folders.values()], cwd=tmp_path, env=env,
+                           str(tmp_path / "readme.py"), str(tmp_path / "gen.pt"), *folders.values()],
+                          cwd=tmp_path, env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -88,6 +100,12 @@ def test_an_export_loads_offline_in_a_venv_with_only_torch_and_transformers(vers
                 assert (logits - want[dtype]).abs().max() <= 1e-5
             else:  # the same bf16 weights; bf16 roundings may differ (our FFN is padded to a multiple of 64)
                 assert (logits.float() - want[dtype].float()).abs().max() <= 0.05 * want[dtype].abs().max()
+    source = open_source(trained_run)
+    for i, settings in enumerate(GENERATE):  # the shipped copy of the sampler gives our sampler's tokens
+        cache = settings.get("cache")
+        ours = generate(load_model(source), prompts, mask_id=source.mask_id, prompt_mask=mask.bool(),
+                        **{**settings, "cache": cache and KVCache(cache)})
+        assert torch.equal(got["generate", i], ours), settings
     readme_ids, readme_logits = got["readme"]
     assert readme_ids.tolist() == [open_source(trained_run).tokenizer().encode("The module").ids]
     with torch.no_grad():
