@@ -142,6 +142,20 @@ def test_block_sampling_never_lets_a_later_block_change_an_earlier_one():
     assert torch.equal(short, out[:, :12])
 
 
+def test_a_padded_batch_of_a_block_model_gives_what_each_prompt_gives_alone():
+    from pretrain.objective.block_sampling import generate_block_rows, generate_blocks
+    from pretrain.objective.sampler import left_pad
+
+    model, _ = model_and_batch()
+    model.eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]  # ends inside a block / inside another one
+    padded, prompt_mask = left_pad(prompts, 0)
+    out = generate_block_rows(model, padded, prompt_mask, 6, 6, MASK, 4, temperature=0.7, seed=3, threshold=0.2)
+    for row, ids in zip(out, prompts, strict=True):
+        alone = generate_blocks(model, torch.tensor([ids]), 6, 6, MASK, 4, temperature=0.7, seed=3, threshold=0.2)
+        assert torch.equal(row[-6:], alone[0, -6:])
+
+
 def causal_nll(model, x0):
     """sum_i CE at i of the model fed the clean tokens before i and a mask at i (one causal forward per i)."""
     model.cfg.attention_anneal_steps, model.step = 10**9, 0
