@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 
@@ -119,9 +120,15 @@ def main() -> None:
           f"{100 * e:.0f}%, shared expert {100 * s:.0f}% (no all-to-all: no expert parallelism)")
     print(f"\nload balance, tokens per expert max / mean per MoE layer (8 experts, top 2), {steps} steps of "
           f"{batch} x {seq} Zipf tokens, lr 3e-3\n| bias update rate | step 1 | step {steps} |\n|---:|---|---|")
+    balance_rows = {}
     for rate in (0.0, 0.001, 0.01):
         first, last = balance(moe, steps, batch, seq, vocab, rate)
+        balance_rows[rate] = {"first": first, "last": last}
         print(f"| {rate:g} | {' '.join(f'{v:.2f}' for v in first)} | {' '.join(f'{v:.2f}' for v in last)} |")
+    print(json.dumps({"step_s_moe": t_moe, "step_s_dense": t_dense, "ratio_moe_over_dense": t_moe / t_dense,
+                      "routing_share": {"router": r, "experts": e, "shared": s},
+                      "balance": {f"{k:g}": {n: [float(x) for x in v] for n, v in row.items()}
+                                  for k, row in balance_rows.items()}}))
 
 
 if __name__ == "__main__":

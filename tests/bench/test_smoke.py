@@ -17,9 +17,10 @@ from tests.test_docs import docs_env, tracked_copy
 
 BENCHES = sorted(p.stem for p in (REPO / "bench").glob("*.py") if '__name__ == "__main__"' in p.read_text())
 # The JSON key of each bench's side-by-side comparison (a ratio, or what the ratio is made of).
-COMPARED = {"data": "build_ratio", "demo_quality": "gap", "engine": "step_time_over_ours",
+COMPARED = {"block": "nelbo", "data": "build_ratio", "demo_quality": "gap", "engine": "step_time_over_ours",
             "export_memory": "ratio_deepspeed_over_ours", "fault_drill": "rows", "gpu": "cases", "model": "ratio",
-            "precision": "heldout", "variance": "variance_ratio", "warm_start": "curves"}
+            "moe": "ratio_moe_over_dense", "precision": "heldout", "sampling": "rows", "variance": "variance_ratio",
+            "warm_start": "curves"}
 
 
 @pytest.fixture(scope="module")
