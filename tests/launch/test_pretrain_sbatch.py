@@ -80,7 +80,10 @@ def test_two_node_job_trains_on_both_nodes_and_checkpoints(cluster, uninterrupte
     assert f"master node1:{20000 + int(job) % 20000};" in log  # MASTER_ADDR: the first host; the port from the job id
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    assert losses[STEPS] < losses[1] - 0.5, losses
+    # It learned: the cross-entropy per masked token falls (the ELBO-weighted loss swings with each step's
+    # draw of t: a step of mostly small t has a low loss whatever the model knows).
+    ce = {r["step"]: r["masked_ce"] for r in read_metrics(run_dir) if "masked_ce" in r}
+    assert ce[STEPS] < ce[1] - 0.3, ce
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
     assert json.loads((run_dir / "setup.json").read_text())["world_size"] == 2
     assert OmegaConf.load(run_dir / "config.yaml").logging.name == "slurm run"
