@@ -55,8 +55,8 @@ def test_an_unknown_group_option_names_the_options():
 
     with pytest.raises(OverrideError) as e:
         compose(["model=tinyy"])
-    assert str(e.value) == "model=tinyy: conf/model/ has no such option; did you mean tiny? options: llada_1b, " \
-                           "llada_8b, llama3_2_1b, qwen2_5_0_5b, small, tiny"
+    assert str(e.value) == "model=tinyy: conf/model/ has no such option; did you mean tiny or tiny_moe? options: " \
+                           "llada2_mini, llada_1b, llada_8b, llama3_2_1b, qwen2_5_0_5b, small, tiny, tiny_moe"
     with pytest.raises(OverrideError, match=r"^data.inputz=\[a\]: unknown config key 'data.inputz'; closest known: "
                                             r"data.inputs"):
         compose(["data=files", "data.inputz=[a]"])

@@ -51,14 +51,16 @@ def generate_blocks(model, prompt: torch.Tensor, gen_length: int, steps: int, ma
     return x
 
 
-def generate_block_rows(model, padded: torch.Tensor, prompt_mask: torch.Tensor, gen_length: int, steps: int,
+def generate_block_rows(model, padded: torch.Tensor, prompt_mask: torch.Tensor | None, gen_length: int, steps: int,
                         mask_id: int, block_size: int, temperature: float = 0.0, cfg_scale: float = 0.0,
                         remasking: str = "low_confidence", seed: int = 0, threshold: float | None = None,
                         factor: float | None = None) -> torch.Tensor:
-    """A left-padded batch [B, W] (prompt_mask [B, W]: 1 = a prompt token) -> [B, W + gen_length], each
+    """A left-padded batch [B, W] (prompt_mask [B, W]: 1 = a prompt token; None: none padded) -> [B, W + gen_length], each
     row decoded alone: a block model's blocks sit at absolute positions, which padding would move. So a
     row gives what its prompt gives alone; the model is called `steps` times per row."""
     rows = []
+    if prompt_mask is None:  # left_pad's "no row is padded"
+        prompt_mask = torch.ones_like(padded, dtype=torch.bool)
     for row, keep in zip(padded, prompt_mask.bool(), strict=True):
         x = generate_blocks(model, row[keep][None], gen_length, steps, mask_id, block_size, temperature, cfg_scale,
                             remasking, seed, threshold, factor)

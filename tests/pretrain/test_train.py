@@ -11,10 +11,13 @@ from tests.conftest import BIN, free_port, read_metrics, run_train, train_losses
 PYTHON = [sys.executable, "-m", "pretrain.train"]
 
 
-def assert_loss_falls(losses: dict[int, float]) -> None:
-    steps = sorted(losses)
-    first, last = losses[steps[0]], sum(losses[s] for s in steps[-3:]) / 3
-    assert last < first - 0.5, f"loss did not fall: first {first:.3f}, last three {last:.3f}"
+def assert_learned(run_dir) -> None:
+    """The cross-entropy per masked token falls. Not the ELBO-weighted loss: it swings with each step's
+    keyed draw of t (a step of mostly small t has a low loss whatever the model knows)."""
+    ce = {r["step"]: r["masked_ce"] for r in read_metrics(run_dir) if "masked_ce" in r}
+    steps = sorted(ce)
+    first, last = ce[steps[0]], sum(ce[s] for s in steps[-3:]) / 3
+    assert last < first - 0.3, f"masked_ce did not fall: first {first:.3f}, last three {last:.3f}"
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,7 @@ def test_single_process_trains_and_writes_the_run_directory(single_run):
         assert set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"}
         assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["tokens"] == r["step"] * 8 * 64
     assert records[0]["lr"] == pytest.approx(3e-3 * (0.1 + 0.9 / 5))  # lr after the first step of the schedule
-    assert_loss_falls(train_losses(run_dir))
+    assert_learned(run_dir)
     evals = [r["eval/loss"] for r in read_metrics(run_dir) if "eval/loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
     saved = OmegaConf.load(run_dir / "config.yaml")
@@ -147,7 +150,7 @@ def test_deepspeed_launcher_two_ranks_partition_the_model(tmp_path, demo_shards)
     total, per_rank = setup["params"], setup["local_params_per_rank"]
     # Each rank holds its half of every parameter (ZeRO-3 pads each one to a multiple of the world size).
     assert len(per_rank) == 2 and all(total / 2 <= n <= total / 2 + 64 * 2 for n in per_rank)
-    assert_loss_falls(train_losses(tmp_path / "ds"))
+    assert_learned(tmp_path / "ds")
     assert sorted((tmp_path / "ds" / "checkpoints" / "step00000020").glob("trainer_state_rank*.json"))[-1].name \
         == "trainer_state_rank1.json"
 
