@@ -27,7 +27,7 @@ from pretrain.hf.folder_model import model_from_folder
 from pretrain.hf.format import FormatError, HFWeights, read_config
 from pretrain.hf.pretrained import check_init_from
 from pretrain.model import transformer
-from pretrain.model.kv_cache import CACHES
+from pretrain.model.kv_cache import make_cache
 from pretrain.objective import block, diffusion
 from pretrain.objective.sampler import GenerateError, check_settings
 
@@ -47,11 +47,10 @@ def load_config(cfg: DictConfig, world_size: int = 1, overrides: list[str] | Non
     t = run.trainer  # the size the model serves with: the one its last step trains with (saved, exported)
     run.model.block_size = block.inference_block_size(run.block, t.seq_len, t.global_batch_size * t.seq_len,
                                                       total_steps(t))
-    s = run.sample
-    require(not (s.at_end and run.model.block_size and (s.threshold, s.factor, s.cache) != (None, None, None)),
-            f"sample.threshold={s.threshold}, sample.factor={s.factor}, sample.cache={s.cache}: the in-run sample of a "
-            f"block diffusion model (block size {run.model.block_size}) decodes block by block without them; set "
-            f"them to null")
+    try:  # the cache must serve the model as it serves: prefix/dual (full attention) or block
+        make_cache(run.sample.cache, run.model.block_size)
+    except ValueError as e:
+        raise ConfigError(f"sample.{e}") from None
     run.trainer.precision = resolve_precision(run.trainer.precision, run.cluster.device)
     return run
 
@@ -84,7 +83,6 @@ def check_run(run: RunConfig, world_size: int) -> None:
         prompts = [s.prompt] if isinstance(s.prompt, str) else s.prompt
         require(isinstance(prompts, list) and prompts and all(isinstance(p, str) and p for p in prompts),
                 f"sample.prompt={s.prompt!r} is not a non-empty string or a list of them")
-        require(s.cache in (None, *CACHES), f"sample.cache={s.cache!r} is not one of {', '.join(CACHES)} or null")
 
 
 def check_init_weights(folder: str) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from data_pipeline.shards import DataError
@@ -37,9 +38,16 @@ from pretrain.checkpoint.zero_files import CheckpointError
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.format import FormatError
 from pretrain.hf.pretrained import SourceError, load_model, open_source
-from pretrain.model.kv_cache import CACHES, KVCache
-from pretrain.objective.block_sampling import generate_block_rows
-from pretrain.objective.sampler import REMASKING, GenerateError, check_settings, cut_completion, generate, left_pad
+from pretrain.model.kv_cache import CACHES, make_cache
+from pretrain.objective.sampler import (
+    REMASKING,
+    GenerateError,
+    check_settings,
+    cut_completion,
+    generate,
+    generate_block_rows,
+    left_pad,
+)
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -81,7 +89,8 @@ def main(argv: list[str]) -> None:
     fast.add_argument("--factor", type=float, default=None, help="parallel decoding by Fast-dLLM's factor rule: "
                       "the n most confident while the n-th has probability >= 1 - factor/(n+1)")
     parser.add_argument("--cache", default="none", choices=("none", *CACHES),
-                        help="KV cache refreshed per block (Fast-dLLM; approximate for a bidirectional model)")
+                        help="KV cache: prefix or dual, refreshed per block (Fast-dLLM; approximate for a "
+                        "full-attention model); block: the exact cache of a block diffusion model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -105,9 +114,10 @@ def main(argv: list[str]) -> None:
                                     f"--gen-length {args.gen_length} that exceeds the model's maximum {limit}")
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        if source.model.block_size and args.cache != "none":
-            raise GenerateError(f"--cache {args.cache}: the KV cache serves full-attention models; {args.source} is "
-                                f"a block diffusion model (block size {source.model.block_size}): sample it without")
+        try:
+            make_cache(args.cache, source.model.block_size)
+        except ValueError as e:
+            raise GenerateError(f"--{e} ({args.source})") from None
         model = load_model(source, device, dtype)
     except (GenerateError, DataError, FormatError, SourceError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -122,14 +132,15 @@ def main(argv: list[str]) -> None:
         batch = encoded[lo: lo + args.batch_size]
         padded, prompt_mask = left_pad(batch, source.eos_id, device)
         width = padded.shape[1]
-        if source.model.block_size:  # a block diffusion model: block by block (objective/block_sampling.py)
+        if source.model.block_size:  # a block diffusion model: block by block, each row alone (objective/sampler.py)
             out = generate_block_rows(model, padded, prompt_mask, args.gen_length, args.steps, source.mask_id,
                                       source.model.block_size, args.temperature, args.cfg_scale, args.remasking,
-                                      args.seed + lo, args.threshold, args.factor)
+                                      args.seed + lo, args.threshold, args.factor,
+                                      partial(make_cache, args.cache, source.model.block_size))
         else:
             out = generate(model, padded, args.gen_length, args.steps, source.mask_id, args.block_length,
                            args.temperature, args.cfg_scale, args.remasking, args.seed + lo, args.threshold,
-                           args.factor, prompt_mask, None if args.cache == "none" else KVCache(args.cache))
+                           args.factor, prompt_mask, make_cache(args.cache, None))
         for i, row in enumerate(out[:, width:].tolist()):
             ids, text, finish = cut_completion(row, tok.decode, source.eos_id, args.stop)
             if args.output == "text":

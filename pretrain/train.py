@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -66,11 +67,10 @@ from pretrain.faults import (
 )
 from pretrain.loop import NonFiniteError, Trainer
 from pretrain.model.anneal import anneal_beyond_end
-from pretrain.model.kv_cache import KVCache
+from pretrain.model.kv_cache import make_cache
 from pretrain.model.transformer import count_params
 from pretrain.monitor.metrics import MetricsLogger
-from pretrain.objective.block_sampling import generate_block_rows
-from pretrain.objective.sampler import generate, left_pad
+from pretrain.objective.sampler import generate, generate_block_rows, left_pad
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -181,14 +181,22 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(prompts), world))
     encoded = [tok.encode(prompts[i]).ids for i in mine or [0]]
-    if run.model.block_size:  # rows are decoded one by one (block_sampling.py): every rank decodes as many
-        encoded += encoded[:1] * (-(-len(prompts) // world) - len(encoded))
     ids, prompt_mask = left_pad(encoded, manifest.eos_id, engine.device)
     passes = {"made": 0, "needed": 0}
 
     def forward(x, **kwargs):
         passes["made"] += 1
         return engine(x, **kwargs)
+
+    def in_step(active: bool) -> bool:  # MAX over the ranks: is any rank still decoding?
+        flag = torch.tensor([int(active)], device=engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def joined_forward(x, **kwargs):  # a block model's rows: each pass announced, so that ranks done early
+        in_step(True)  # keep making passes (below) as long as another rank makes real ones
+        passes["needed"] += 1
+        return forward(x, **kwargs)
 
     def all_done(done: bool) -> bool:  # MIN over the ranks: done only when every rank is
         passes["needed"] += 0 if done else 1
@@ -197,13 +205,17 @@ def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
         return bool(flag.item())
 
     engine.eval()
-    if run.model.block_size:  # a block diffusion model, block by block (checks.py refuses cache and threshold)
-        out = generate_block_rows(forward, ids, prompt_mask, s.gen_length, s.steps, manifest.mask_id,
-                                  run.model.block_size, temperature=s.temperature, seed=run.seed)
+    if run.model.block_size:  # a block diffusion model: each row alone, so the ranks' passes differ in number
+        out = generate_block_rows(joined_forward, ids, prompt_mask, s.gen_length, s.steps, manifest.mask_id,
+                                  run.model.block_size, temperature=s.temperature, seed=run.seed,
+                                  threshold=s.threshold, factor=s.factor,
+                                  new_cache=partial(make_cache, s.cache, run.model.block_size))
+        while in_step(False):  # another rank still decodes: make the passes it makes (ZeRO-3 gathers in each)
+            forward(ids[:, :1], block_size=run.model.block_size)
     else:
         out = generate(forward, ids, s.gen_length, s.steps, manifest.mask_id, block_length=s.block_length,
                        temperature=s.temperature, seed=run.seed, threshold=s.threshold, factor=s.factor,
-                       prompt_mask=prompt_mask, cache=KVCache(s.cache) if s.cache else None, all_done=all_done)
+                       prompt_mask=prompt_mask, cache=make_cache(s.cache, None), all_done=all_done)
     completions = out[:, ids.shape[1]:].tolist()  # rows past `mine` only kept the ranks in step
     texts = [(i, tok.decode(enc + row)) for i, enc, row in zip(mine, encoded, completions, strict=False)]
     gathered = [None] * world

@@ -133,11 +133,18 @@ BLOCK_ARGS = ["block.schedule={unit:steps,points:[[0,4],[2,16]]}", "trainer.prec
               "deepspeed.zero_optimization.stage3_param_persistence_threshold=0", "trainer.max_steps=4"]
 
 
+# The resumed block run ends with the in-run sample, two prompts on two ranks, with a threshold so low
+# that each piece takes one pass, and the exact cache: the short prompt needs fewer passes than the other.
+BLOCK_SAMPLE_PROMPTS = ["The", "one two three four five"]  # 1 and 11 demo tokens: 1 piece, 2 pieces
+BLOCK_SAMPLE_ARGS = ["sample.at_end=true", "sample.gen_length=8", "sample.steps=8", "sample.threshold=1e-9",
+                     "sample.cache=block", "sample.prompt=[" + ",".join(f"'{p}'" for p in BLOCK_SAMPLE_PROMPTS) + "]"]
+
+
 @pytest.fixture(scope="session")
 def block_run(tmp_path_factory, demo_shards):
     """Trained straight for 4 steps on 2 ranks under ZeRO-3 (torchrun, fp32; checkpoints at 2 and 4), and
-    a copy of it resumed from its step-2 checkpoint, across the block-size change: (straight, resumed,
-    the resumed process's stdout)."""
+    a copy of it resumed from its step-2 checkpoint, across the block-size change, that ends with the
+    in-run sample (BLOCK_SAMPLE_ARGS): (straight, resumed, the resumed process's stdout)."""
     import shutil
 
     root = tmp_path_factory.mktemp("block")
@@ -150,7 +157,7 @@ def block_run(tmp_path_factory, demo_shards):
     shutil.rmtree(resumed / "checkpoints" / "step00000004")
     (resumed / "metrics.jsonl").unlink()
     torchrun[4] = str(free_port())
-    proc = run_train(torchrun, resumed, demo_shards, *BLOCK_ARGS, timeout=600)
+    proc = run_train(torchrun, resumed, demo_shards, *BLOCK_ARGS, *BLOCK_SAMPLE_ARGS, timeout=600)
     return straight, resumed, proc.stdout
 
 

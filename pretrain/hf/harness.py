@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 from collections import defaultdict
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -39,10 +40,16 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 
 from pretrain.engine.device import pick_device, pick_dtype
 from pretrain.hf.pretrained import CHOICE_MC_NUM, encode_pair, load_model, open_source
-from pretrain.model.kv_cache import CACHES, KVCache
-from pretrain.objective.block_sampling import generate_block_rows
+from pretrain.model.kv_cache import make_cache
 from pretrain.objective.likelihood import answer_nll, draw_seed
-from pretrain.objective.sampler import REMASKING, check_settings, cut_completion, generate, left_pad
+from pretrain.objective.sampler import (
+    REMASKING,
+    check_settings,
+    cut_completion,
+    generate,
+    generate_block_rows,
+    left_pad,
+)
 
 log = logging.getLogger(__name__)
 GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "gen_length", "steps", "block_length", "cfg",
@@ -77,8 +84,6 @@ class LLaDAHarness(LM):
                          "factor": None if factor in (None, "None", "none") else float(factor), "cache": cache}
         if remasking not in REMASKING:
             raise ValueError(f"llada model arg remasking={remasking!r} is not one of {', '.join(REMASKING)}")
-        if cache not in ("none", *CACHES):
-            raise ValueError(f"llada model arg cache={cache!r} is not one of none, {', '.join(CACHES)}")
         self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self._rank = int(os.environ.get("RANK", "0"))
         if self._world_size > 1:
@@ -93,6 +98,10 @@ class LLaDAHarness(LM):
         self._device = torch.device(pick_device(device or "auto"))
         self.model = load_model(self.source, self._device, pick_dtype(dtype, str(self._device)))
         self.tok = self.source.tokenizer()
+        try:  # a cache that does not serve the model is refused before any request
+            make_cache(cache, self.source.model.block_size)
+        except ValueError as e:
+            raise ValueError(f"llada model arg {e}") from None
         self.max_length = self.source.model.max_sequence_length
 
     @classmethod
@@ -203,8 +212,10 @@ class LLaDAHarness(LM):
             s[key] = None if s[key] is None else float(s[key])
         check_settings(s["gen_length"], s["steps"], s["block_length"], s["remasking"], s["cfg"], s["temperature"],
                        s["threshold"], s["factor"])
-        if s["cache"] not in ("none", *CACHES):
-            raise ValueError(f"llada gen_kwargs cache={s['cache']!r} is not one of none, {', '.join(CACHES)}")
+        try:
+            make_cache(s["cache"], self.source.model.block_size)
+        except ValueError as e:
+            raise ValueError(f"llada gen_kwargs {e}") from None
         until = gen_kwargs.get("until") or []
         s["until"] = [until] if isinstance(until, str) else list(until)
         return s
@@ -230,17 +241,16 @@ class LLaDAHarness(LM):
                 s = prepared[batch[0]][1]
                 prompt, prompt_mask = left_pad([prepared[i][0] for i in batch], self.source.eos_id, self._device)
                 seed = self.seed * 1_000_003 + (requests[batch[0]].doc_id or 0)
-                if self.source.model.block_size:  # a block diffusion model (objective/block_sampling.py)
-                    if s["cache"] != "none":
-                        raise ValueError(f"cache={s['cache']}: the KV cache serves full-attention models; this is "
-                                         f"a block diffusion model (block size {self.source.model.block_size})")
+                block_size = self.source.model.block_size
+                if block_size:  # a block diffusion model: each row alone (objective/sampler.py)
                     x = generate_block_rows(self.model, prompt, prompt_mask, s["gen_length"], s["steps"],
-                                            self.source.mask_id, self.source.model.block_size, s["temperature"],
-                                            s["cfg"], s["remasking"], seed, s["threshold"], s["factor"])
+                                            self.source.mask_id, block_size, s["temperature"], s["cfg"],
+                                            s["remasking"], seed, s["threshold"], s["factor"],
+                                            partial(make_cache, s["cache"], block_size))
                 else:
                     x = generate(self.model, prompt, s["gen_length"], s["steps"], self.source.mask_id,
                                  s["block_length"], s["temperature"], s["cfg"], s["remasking"], seed, s["threshold"],
-                                 s["factor"], prompt_mask, None if s["cache"] == "none" else KVCache(s["cache"]))
+                                 s["factor"], prompt_mask, make_cache(s["cache"], None))
                 for i, row in zip(batch, x[:, prompt.shape[1]:].tolist(), strict=True):
                     out[i] = cut_completion(row, self.tok.decode, self.source.eos_id, s["until"])[1]
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

@@ -41,7 +41,7 @@ from pretrain.config import ConfigError, ModelConfig, require
 from pretrain.model.anneal import annealed_mask
 from pretrain.model.attention import sdpa_attention, select_attention
 from pretrain.model.block_attention import block_causal, select_block_attention
-from pretrain.model.kv_cache import KVCache
+from pretrain.model.kv_cache import BlockKVCache, KVCache
 from pretrain.model.moe import MoEFeedForward, check_moe
 from pretrain.model.output_head import OutputHead
 from pretrain.model.rope import apply_rope, check_scaling, rope_tables
@@ -227,14 +227,15 @@ class LLaDAModel(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
                clean_ids: torch.Tensor | None = None, block_size: int | None = None,
-               attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, cache: KVCache | BlockKVCache | None = None) -> torch.Tensor:
         """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm). With `clean_ids`
         [B, L] (block diffusion, pretrain/model/block_attention.py): one pass over input_ids followed by
         clean_ids, both at positions 0..L-1, under the block mask of `block_size`; the noisy half's output.
         Sampling only: `attention_mask` [B, L_all] (True or 1 = a token, 0 = padding no one attends to);
         `cache`: the input is the cache's window of a sequence of length L_all (pretrain/model/kv_cache.py)."""
-        if cache is not None and block_size is not None:
-            raise ValueError("the KV cache does not serve block diffusion models yet: sample them without a cache")
+        if cache is not None and (cache.mode == "block") != (block_size is not None):
+            raise ValueError(f"cache={cache.mode} does not serve this pass (block_size={block_size}): "
+                             "kv_cache.make_cache picks the cache of a model")
         t = self.transformer
         L = input_ids.shape[1]
         cos, sin = self.rope(L if cache is None else cache.length, input_ids.device)
@@ -249,7 +250,8 @@ class LLaDAModel(nn.Module):
         elif block_size is not None:  # the served block model over one sequence: block causal (dense, SDPA)
             x = self.embed(input_ids)
             attention = sdpa_attention
-            docs = block_causal(L, block_size, input_ids.device)[None, None]
+            docs = (block_causal(L, block_size, input_ids.device)[None, None] if cache is None
+                    else cache.mask(input_ids.device))
             if doc_start is not None:
                 docs = docs & sdpa_attention.documents(doc_start)
         else:
@@ -277,7 +279,7 @@ class LLaDAModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, masked: torch.Tensor | None = None,
                 clean_ids: torch.Tensor | None = None, block_size: int | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None):
+                attention_mask: torch.Tensor | None = None, cache: KVCache | BlockKVCache | None = None):
         """input_ids [B, L] -> logits [B, L, vocab]. No time input: the mask ratio is read off the input.
         With `targets` [B, L] and `masked` [B, L] bool (training): the head and cross-entropy on the
         masked positions only -> (cross-entropy, argmax == target), one per masked position in

@@ -20,7 +20,11 @@ makes `steps` a cap: a block takes at most steps / blocks passes, and ends as so
 
 `cache` (pretrain/model/kv_cache.py: "prefix" or "dual", a KVCache) runs the model at a block's later
 steps on a window only; mask tokens inside the prompt are then left as they are. `prompt_mask` [B, P]
-(False on left padding) keeps padding out of attention.
+(False on left padding) keeps padding out of attention. Random draws (temperature, random remasking)
+are made for the whole sequence and cut to the window, so a cache changes no draw.
+
+Block diffusion models (`generate_blocks`, `generate_block_rows`) are sampled block by block, at their
+blocks' absolute positions, with the same options; their cache ("block", a BlockKVCache) is exact.
 
 This file imports only torch: every export ships it as sampling_llada.py (pretrain/hf/modeling/).
 """
@@ -146,7 +150,9 @@ def generate(forward: Callable[..., torch.Tensor], prompt: torch.Tensor, gen_len
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             logits[..., mask_id] = float("-inf")
             if temperature > 0:  # Gumbel-max: argmax(logits + T g) samples softmax(logits / T)
-                u = torch.rand(logits.shape, generator=generator, device=device, dtype=torch.float64)
+                # drawn for the whole sequence and cut to the window: a cache changes no draw
+                u = torch.rand((B, L, logits.shape[-1]), generator=generator, device=device, dtype=torch.float64)
+                u = u[:, lo:hi]
                 prediction = (logits.double() - temperature * torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
             else:
                 prediction = logits.argmax(-1)
@@ -154,7 +160,7 @@ def generate(forward: Callable[..., torch.Tensor], prompt: torch.Tensor, gen_len
             if remasking == "low_confidence":
                 score = logits.softmax(-1).gather(-1, prediction.unsqueeze(-1)).squeeze(-1)
             else:
-                score = torch.rand(window.shape, generator=generator, device=device, dtype=torch.float64)
+                score = torch.rand((B, L), generator=generator, device=device, dtype=torch.float64)[:, lo:hi]
             score[:, end - lo:] = float("-inf")  # later blocks wait for their turn
             score = torch.where(window == mask_id, score, float("-inf"))
             if adaptive:  # the rule's count, at least the schedule's share of what is left
@@ -170,6 +176,65 @@ def generate(forward: Callable[..., torch.Tensor], prompt: torch.Tensor, gen_len
                     reveal[b, score[b].topk(k).indices] = True
             x[:, lo:hi] = torch.where(reveal, prediction.to(x.dtype), window)
     return x
+
+
+def pieces(prompt_len: int, gen_length: int, block_size: int) -> list[int]:
+    """The lengths a block model decodes one after another: to the end of the prompt's block, then whole
+    blocks (the last one cut at prompt_len + gen_length)."""
+    out, pos, end = [], prompt_len, prompt_len + gen_length
+    while pos < end:
+        stop = min((pos // block_size + 1) * block_size, end)
+        out.append(stop - pos)
+        pos = stop
+    return out
+
+
+@torch.no_grad()
+def generate_blocks(model, prompt: torch.Tensor, gen_length: int, steps: int, mask_id: int, block_size: int,
+                    temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
+                    seed: int = 0, threshold: float | None = None, factor: float | None = None, cache=None,
+                    all_done: Callable[[bool], bool] | None = None) -> torch.Tensor:
+    """A block diffusion model: prompt [B, P] -> [B, P + gen_length]. Blocks sit at absolute positions
+    (0..B-1, B..2B-1, ...), as in training. A prompt that ends inside a block leaves that block partly
+    clean: its first piece is the block's remaining positions, decoded with the prompt's tokens of that
+    block visible; every later piece is a whole block. Each piece is decoded by `generate` over the
+    sequence so far, as its prompt, under block-causal attention (`model(ids, block_size=)`), so a block
+    not yet begun could not change it. The steps are shared out over the pieces as evenly as possible
+    (the first take the remainder): the model is called `steps` times in all (at most, with a
+    `threshold` or `factor`). `cache`: a BlockKVCache (kv_cache.py), kept across the pieces."""
+    lengths = pieces(prompt.shape[1], gen_length, block_size)
+    if steps < len(lengths):
+        raise GenerateError(f"steps={steps} is fewer than the {len(lengths)} blocks to decode "
+                            f"(block size {block_size})")
+    base, extra = divmod(steps, len(lengths))
+
+    def forward(ids, **kwargs):
+        return model(ids, block_size=block_size, **kwargs)
+
+    x = prompt
+    for i, n in enumerate(lengths):
+        x = generate(forward, x, n, base + (1 if i < extra else 0), mask_id, None, temperature, cfg_scale,
+                     remasking, seed + i, threshold, factor, None, cache, all_done)
+    return x
+
+
+def generate_block_rows(model, padded: torch.Tensor, prompt_mask: torch.Tensor | None, gen_length: int, steps: int,
+                        mask_id: int, block_size: int, temperature: float = 0.0, cfg_scale: float = 0.0,
+                        remasking: str = "low_confidence", seed: int = 0, threshold: float | None = None,
+                        factor: float | None = None, new_cache: Callable[[], object] | None = None,
+                        all_done: Callable[[bool], bool] | None = None) -> torch.Tensor:
+    """A left-padded batch [B, W] (prompt_mask [B, W]: True on prompt tokens; None: none padded) ->
+    [B, W + gen_length], each row decoded alone by `generate_blocks` (a block model's blocks sit at
+    absolute positions, which padding would move), with a fresh cache from `new_cache()` if given. So a
+    row gives what its prompt gives alone."""
+    rows = []
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(padded, dtype=torch.bool)
+    for row, keep in zip(padded, prompt_mask.bool(), strict=True):
+        x = generate_blocks(model, row[keep][None], gen_length, steps, mask_id, block_size, temperature, cfg_scale,
+                            remasking, seed, threshold, factor, None if new_cache is None else new_cache(), all_done)
+        rows.append(x[0, -gen_length:])
+    return torch.cat([padded, torch.stack(rows)], dim=1)
 
 
 def cut_completion(ids: list[int], decode: Callable[[list[int]], str], eos_id: int,

@@ -1,8 +1,10 @@
 """Block diffusion through the real entry point: 2 ranks, ZeRO-3, a block-size schedule, resumed."""
 
+from pathlib import Path
+
 import yaml
 
-from tests.conftest import read_metrics, train_losses
+from tests.conftest import BLOCK_SAMPLE_PROMPTS, read_metrics, train_losses
 
 
 def test_a_resume_across_a_block_size_change_gives_the_uninterrupted_losses(block_run):
@@ -20,6 +22,24 @@ def test_the_step_line_and_metrics_show_the_block_size(block_run):
     assert sizes == {1: 4, 2: 4, 3: 16, 4: 16}
     assert "block 16" in stdout
     assert yaml.safe_load((straight / "config.yaml").read_text())["block"]["schedule"]["points"] == [[0, 4], [2, 16]]
+
+
+def test_the_in_run_sample_of_a_block_model_keeps_two_ranks_in_step_with_a_threshold_and_the_cache(block_run):
+    """Each rank decodes its own prompt, block by block with the exact cache; with a threshold that commits a
+    whole piece per pass, the ranks need different numbers of passes, and the one done first keeps making
+    passes (ZeRO-3 gathers in each, persistence threshold 0) until the other is done: no hang."""
+    from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.objective.sampler import pieces
+
+    straight, resumed, stdout = block_run
+    data_dir = yaml.safe_load((resumed / "config.yaml").read_text())["data"]["dir"]
+    tok = load_tokenizer(Path(data_dir) / "tokenizer.json", root=data_dir)
+    needed = [len(pieces(len(tok.encode(p).ids), 8, 16)) for p in BLOCK_SAMPLE_PROMPTS]
+    assert needed[0] != needed[1]  # the ranks really differ
+    expected = ", ".join(f"{n}/{max(needed)}" for n in needed)
+    assert f"sample: passes per rank (needed by its own prompts/made): {expected}" in stdout
+    samples = [line for line in stdout.splitlines() if line.startswith("sample: '")]
+    assert len(samples) == 2 and samples[0].startswith("sample: 'The") and "five" in samples[1]
 
 
 def test_the_block_model_exports_loads_offline_through_the_shipped_code_and_samples(block_run, tmp_path, monkeypatch,
@@ -49,6 +69,19 @@ def test_the_block_model_exports_loads_offline_through_the_shipped_code_and_samp
         got = shipped(ids).logits
         assert (got - want).abs().max() <= 1e-5
         assert (ours(ids) - want).abs().max() > 1e-3  # the block-causal mask is applied, not full attention
-    generate.main([str(folder), "--prompt", "The", "--gen-length", "20", "--steps", "20"])
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = {}
+    for cache in ("none", "block"):
+        generate.main([str(folder), "--prompt", "The", "--gen-length", "20", "--steps", "20", "--cache", cache])
+        lines[cache] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    line = lines["none"]
     assert len(line["completion_ids"]) <= 20 and line["finish"] in ("eos", "length")
+    assert lines["block"]["completion_ids"] == line["completion_ids"]  # the exact cache
+    # the shipped generate() is our block sampler, with and without its cache
+    from pretrain.objective.sampler import generate_block_rows, left_pad
+
+    padded, prompt_mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]], 0)
+    want = generate_block_rows(ours, padded, prompt_mask, 12, 12, open_source(folder).mask_id, 16, threshold=0.5)
+    mask = torch.ones_like(padded) if prompt_mask is None else prompt_mask.long()
+    for cache in (None, "block"):
+        got = shipped.generate(padded, mask, gen_length=12, steps=12, threshold=0.5, cache=cache)
+        assert torch.equal(got, want), cache

@@ -1,4 +1,4 @@
-"""In the source tree: the KV cache that modeling_llada.py imports. An export ships
+"""In the source tree: the KV caches that modeling_llada.py imports. An export ships
 pretrain/model/kv_cache.py itself under this name (MODELING_FILES in __init__.py)."""
 
-from pretrain.model.kv_cache import KVCache  # noqa: F401
+from pretrain.model.kv_cache import make_cache  # noqa: F401

@@ -13,8 +13,9 @@ attn_out, ff_norm, ff_proj, up_proj, ff_out}, ln_f, ff_out}.
 unmasking with llada-pretrain's sampler (sampling_llada.py, a copy of pretrain/objective/sampler.py:
 the same tokens as `python -m pretrain.generate`), including its fast options (`threshold`, `factor`,
 `cache="prefix"` or `"dual"`, kv_cache_llada.py); prompts of a batch are left-padded, with 0 in
-`attention_mask` on the padding. `attention_mask` [B, L] (1 = a real token) keeps padding out of every
-token's attention.
+`attention_mask` on the padding. A block diffusion model (config.block_size) is sampled block by block,
+each row alone, at its blocks' absolute positions, with the exact cache `cache="block"`.
+`attention_mask` [B, L] (1 = a real token) keeps padding out of every token's attention.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_llada import LLaDAConfig
-from .kv_cache_llada import KVCache
+from .kv_cache_llada import make_cache
 from .sampling_llada import generate as diffusion_generate
+from .sampling_llada import generate_block_rows
 
 # Keys of the published config.json that would change the architecture, with the only value built here.
 # Absent means this value; another value is refused rather than silently built differently.
@@ -170,8 +172,11 @@ class LLaDAModel(nn.Module):
             else:  # [B, 1 or H, L, L], as SDPA takes it: bool (True = attend) or additive
                 mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(x.dtype)
         if getattr(self.config, "block_size", None):  # block diffusion: a block sees itself and the blocks before it
-            block = torch.arange(x.shape[1], device=x.device) // self.config.block_size
-            causal = (block[:, None] >= block[None, :])[None, None]
+            if cache is not None:  # the window's rows, over the cached keys and its own
+                causal = cache.mask(x.device)
+            else:
+                block = torch.arange(x.shape[1], device=x.device) // self.config.block_size
+                causal = (block[:, None] >= block[None, :])[None, None]
             mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool
                                                 else mask.masked_fill(~causal, float("-inf")))
         hidden = [x] if output_hidden_states else None
@@ -240,9 +245,16 @@ class LLaDAModelLM(PreTrainedModel):
         and its answer, by llada-pretrain's sampler; the settings are pretrain.generate's (its --help)."""
         prompt_mask = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.bool()
 
-        def forward(ids, attention_mask=None, cache=None):
+        block_size = getattr(self.config, "block_size", None)
+        make_cache(cache, block_size)  # a cache that does not serve this model is refused before any pass
+
+        def forward(ids, attention_mask=None, cache=None, block_size=None):  # block_size: the config's, above
             return self.model(ids, attention_mask, None, False, cache)[0]
 
+        if block_size:
+            return generate_block_rows(forward, input_ids, prompt_mask, gen_length, steps, self.config.mask_token_id,
+                                       block_size, temperature, cfg_scale, remasking, seed, threshold, factor,
+                                       lambda: make_cache(cache, block_size))
         return diffusion_generate(forward, input_ids, gen_length, steps, self.config.mask_token_id, block_length,
                                   temperature, cfg_scale, remasking, seed, threshold, factor, prompt_mask,
-                                  None if cache in (None, "none") else KVCache(cache))
+                                  make_cache(cache, None))

@@ -122,7 +122,7 @@ def test_the_complement_masks_the_rest_at_the_complementary_time(per_block):
 
 
 def test_a_prompt_that_ends_inside_a_block_decodes_the_rest_of_that_block_first():
-    from pretrain.objective.block_sampling import pieces
+    from pretrain.objective.sampler import pieces
 
     assert pieces(5, 11, 4) == [3, 4, 4]  # positions 5-7, 8-11, 12-15
     assert pieces(8, 8, 4) == [4, 4]
@@ -130,7 +130,7 @@ def test_a_prompt_that_ends_inside_a_block_decodes_the_rest_of_that_block_first(
 
 
 def test_block_sampling_never_lets_a_later_block_change_an_earlier_one():
-    from pretrain.objective.block_sampling import generate_blocks
+    from pretrain.objective.sampler import generate_blocks
 
     model, _ = model_and_batch()
     model.eval()
@@ -143,8 +143,7 @@ def test_block_sampling_never_lets_a_later_block_change_an_earlier_one():
 
 
 def test_a_padded_batch_of_a_block_model_gives_what_each_prompt_gives_alone():
-    from pretrain.objective.block_sampling import generate_block_rows, generate_blocks
-    from pretrain.objective.sampler import left_pad
+    from pretrain.objective.sampler import generate_block_rows, generate_blocks, left_pad
 
     model, _ = model_and_batch()
     model.eval()

@@ -14,9 +14,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pretrain.hf.format import model_config
-from pretrain.model.kv_cache import KVCache
+from pretrain.model.kv_cache import BlockKVCache, KVCache, make_cache
 from pretrain.model.transformer import LLaDAModel
-from pretrain.objective.sampler import GenerateError, generate, left_pad, num_transfer_tokens
+from pretrain.objective.sampler import (
+    GenerateError,
+    generate,
+    generate_block_rows,
+    generate_blocks,
+    left_pad,
+    num_transfer_tokens,
+)
 from tests.conftest import free_port
 
 MASK = 0
@@ -231,3 +238,84 @@ def test_two_ranks_that_need_different_numbers_of_passes_stay_in_step():
     # both called the model 8 times (rank 1's count); rank 0's answer is the same as alone (2 passes)
     assert [r[1] for r in results] == [8, 8]
     assert results[0][2] == results[1][2] == [[7, 8, 3, 4, 5, 6, 7, 8, 9, 10]]
+
+
+class Windows(Counting):
+    """Records each pass's window (start, end) and how far it extends the cache."""
+
+    def __init__(self, model, cache):
+        super().__init__(model)
+        self.cache, self.passes = cache, []
+
+    def __call__(self, ids, **kwargs):
+        before = self.cache.done
+        out = super().__call__(ids, **kwargs)
+        self.passes.append((self.cache.start, self.cache.length, before, self.cache.done))
+        return out
+
+
+BLOCK_CASES = [dict(prompt=8, gen_length=12, steps=12), dict(prompt=5, gen_length=11, steps=6),
+               dict(prompt=3, gen_length=9, steps=9, temperature=0.9, seed=4),
+               dict(prompt=6, gen_length=10, steps=10, remasking="random", seed=2),
+               dict(prompt=5, gen_length=8, steps=8, cfg_scale=1.5),
+               dict(prompt=7, gen_length=12, steps=12, threshold=0.2),
+               dict(prompt=4, gen_length=12, steps=12, factor=1.0), dict(prompt=1, gen_length=15, steps=5),
+               dict(prompt=9, gen_length=7, steps=14, temperature=0.5, threshold=0.1, shift=True),
+               dict(prompt=2, gen_length=6, steps=6, cfg_scale=1.0, remasking="random", shift=True)]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_the_block_cache_gives_the_uncached_tokens_and_computes_each_committed_block_once(case):
+    """fp64: the cached sampler's tokens are the uncached one's, whatever the options; each pass computes
+    only what is not cached, each committed block is cached once, and what is cached equals a fresh pass."""
+    case = dict(case)
+    prompt_len, shift = case.pop("prompt"), case.pop("shift", False)
+    model = small_model(qkv_bias=True, shift_prediction=shift).double()
+    prompt = torch.randint(1, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    plain = Counting(model)
+    expected = generate_blocks(plain, prompt, mask_id=MASK, block_size=4, **case)
+    cache = BlockKVCache(4)
+    cached = Windows(model, cache)
+    out = generate_blocks(cached, prompt, mask_id=MASK, block_size=4, cache=cache, **case)
+    assert torch.equal(out, expected)
+    assert cached.calls == plain.calls
+    for start, end, before, after in cached.passes:
+        assert start == before  # nothing cached is computed again
+        assert after == max(before, (end - 1) // 4 * 4)  # the committed blocks, cached at once
+    assert cache.done == (out.shape[1] - 1) // 4 * 4
+    assert sum(after - before for _, _, before, after in cached.passes) == cache.done  # each block once
+    fresh, rows = BlockKVCache(4), out
+    if case.get("cfg_scale"):  # the unconditional rows: every committed block is the prompt then, masked
+        rows = torch.cat([out, torch.where(torch.arange(out.shape[1]) < cache.done, MASK, out)])
+    fresh.reset(out.shape[1])
+    with torch.no_grad():
+        model(rows, block_size=4, cache=fresh)
+    for mine, ref in zip(cache.keys + cache.values, fresh.keys + fresh.values, strict=True):
+        assert (mine - ref).abs().max() < 1e-12
+    # after the first pass, a pass computes the current block and at most the one committed just before it
+    assert all(start >= (end - 1) // 4 * 4 - 4 for start, end, _, _ in cached.passes[1:])
+
+
+def test_the_block_cache_serves_batches_through_generate_block_rows():
+    model = small_model().double()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12]]
+    padded, prompt_mask = left_pad(prompts, 0)
+    plain = generate_block_rows(model, padded, prompt_mask, 9, 9, MASK, 4, temperature=0.6, seed=1, threshold=0.3)
+    cached = generate_block_rows(model, padded, prompt_mask, 9, 9, MASK, 4, temperature=0.6, seed=1, threshold=0.3,
+                                 new_cache=lambda: make_cache("block", 4))
+    assert torch.equal(plain, cached)
+
+
+@pytest.mark.parametrize("name, block_size, message", [
+    ("prefix", 4, "cache=prefix: this is a block diffusion model (block size 4); its cache is cache=block (exact)"),
+    ("dual", 8, "cache=dual: this is a block diffusion model (block size 8)"),
+    ("block", None, "cache=block is the exact cache of block diffusion models; this model attends to the whole"),
+    ("lru", None, "cache='lru' is not one of none, prefix, dual, block")])
+def test_a_cache_that_does_not_serve_the_model_is_refused_in_one_line(name, block_size, message):
+    with pytest.raises(ValueError) as e:
+        make_cache(name, block_size)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert make_cache("none", block_size) is None and make_cache(None, block_size) is None
+    model = small_model()
+    with pytest.raises(ValueError, match="cache=prefix does not serve this pass"):
+        model(torch.ones(1, 8, dtype=torch.long), block_size=4, cache=KVCache("prefix"))
