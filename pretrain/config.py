@@ -161,7 +161,7 @@ class SampleConfig:
     temperature: float
     threshold: float | None  # parallel decoding (pretrain/objective/sampler.py); null: the scheduled sampler
     factor: float | None  # Fast-dLLM's factor rule instead of a threshold; null: none
-    cache: str | None  # prefix | dual (pretrain/model/kv_cache.py); null: none
+    cache: str | None  # prefix | dual | block (pretrain/model/kv_cache.py); null: none
 
 
 @dataclass

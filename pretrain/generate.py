@@ -2,7 +2,7 @@
 
     python -m pretrain.generate SOURCE --prompt "The" [--prompt ...] [--prompts-file FILE]
         [--gen-length 128] [--steps 128] [--block-length 128] [--temperature 0] [--cfg-scale 0]
-        [--remasking low_confidence|random] [--threshold P | --factor F] [--cache none|prefix|dual]
+        [--remasking low_confidence|random] [--threshold P | --factor F] [--cache none|prefix|dual|block]
         [--batch-size 8] [--seed 0] [--device auto] [--dtype auto] [--stop STRING ...] [--output jsonl|text]
 
 SOURCE is a run directory (its newest checkpoint, or --step N) or an exported folder. The reverse
@@ -11,7 +11,8 @@ process and the meaning of each setting: pretrain/objective/sampler.py.
 Fast sampling (docs/fast_sampling.md): --threshold P commits, at each step, every masked token of the
 block predicted with probability >= P (at least the schedule's share), --factor F Fast-dLLM's factor
 rule; with either, --steps is a cap and a block ends as soon as it is decoded. --cache prefix|dual
-reuses keys and values within a block (an approximation for this bidirectional model).
+reuses keys and values within a block (an approximation for this bidirectional model); --cache block
+is a block diffusion model's exact cache (each committed block computed once, the same tokens).
 
 Prompts of a batch are left-padded, the padding kept out of attention by a mask: a batch gives each
 prompt what it gets alone. The completion is cut at the first EOS and

@@ -11,7 +11,7 @@ is described) and runs lm-eval's command line with `--model llada`, SOURCE as th
 `--batch_size 32` and `--device auto` (CUDA when there is one; under torchrun each process's own GPU)
 unless given. Model args: mc_num (128), batch_size (sequences per forward pass; generate_until's
 requests per forward), seed (0), check_greedy (true), gen_length, steps, block_length, cfg, remasking,
-temperature, threshold, factor, cache (none|prefix|dual: fast sampling, docs/fast_sampling.md) (the
+temperature, threshold, factor, cache (none|prefix|dual|block: fast sampling, docs/fast_sampling.md) (the
 generation defaults a task's gen_kwargs override), dtype (auto|bf16|fp32). Needs the `hf` extra
 (`pip install -e '.[hf]'`: lm-eval).
 """

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from tests.conftest import BLOCK_SAMPLE_PROMPTS, read_metrics, train_losses
@@ -85,3 +87,30 @@ def test_the_block_model_exports_loads_offline_through_the_shipped_code_and_samp
     for cache in (None, "block"):
         got = shipped.generate(padded, mask, gen_length=12, steps=12, threshold=0.5, cache=cache)
         assert torch.equal(got, want), cache
+
+
+def test_lm_eval_generates_from_a_block_model_with_the_exact_cache_as_without(block_run):
+    """generate_until of the llada harness: cache=block gives the completions of no cache, which are the
+    block sampler's for each prompt alone (batched requests, left-padded, decoded row by row)."""
+    from lm_eval.api.instance import Instance
+
+    from pretrain.hf.harness import LLaDAHarness
+    from pretrain.objective.sampler import cut_completion, generate_blocks
+
+    straight, _, _ = block_run
+    contexts = ["The", "one two three four five", "A module that"]
+    requests = [Instance("generate_until", {}, (c, {"until": []}), i, task_name="t", doc_id=0)
+                for i, c in enumerate(contexts)]
+    texts = {}
+    for cache in ("none", "block"):
+        lm = LLaDAHarness(source=str(straight), gen_length=12, steps=12, threshold=0.5, cache=cache, dtype="fp32",
+                          device="cpu", batch_size=3)
+        texts[cache] = lm.generate_until(requests)
+    assert texts["block"] == texts["none"]
+    source, model = lm.source, lm.model
+    for context, text in zip(contexts, texts["none"], strict=True):
+        ids = torch.tensor([lm.encode(context)])
+        row = generate_blocks(model, ids, 12, 12, source.mask_id, 16, seed=0, threshold=0.5)[0, ids.shape[1]:]
+        assert text == cut_completion(row.tolist(), lm.tok.decode, source.eos_id)[1]
+    with pytest.raises(ValueError, match="llada model arg cache=dual: this is a block diffusion model"):
+        LLaDAHarness(source=str(straight), cache="dual", device="cpu")
