@@ -46,3 +46,7 @@ def test_the_bench_runs_in_its_smoke_mode(bench, repo_copy):
         assert all("error" not in r and r["tokens_per_s"] > 0 for r in value.values()), value
     if bench == "fault_drill":
         assert all(r["as_expected"] == r["trials"] for r in value), value
+    if bench == "sampling":  # the block model's exact cache agrees with no cache on every token
+        rows = {r["setting"]: r for r in result["block_rows"]}
+        assert rows["block cache (exact)"]["agreement"] == 1.0 and rows["threshold 0.5 + block cache"]["agreement"] \
+            == rows["threshold 0.5"]["agreement"], result["block_rows"]
