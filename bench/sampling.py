@@ -155,35 +155,49 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--block-length", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tables", default="llada,block", help="which comparisons: llada, block or both")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
+    tables = set(args.tables.split(","))
+    if not tables or tables - {"llada", "block"}:
+        parser.error(f"--tables {args.tables}: give llada, block or llada,block")
     torch.set_num_threads(args.threads)
     if args.smoke:
         model, prompts, mask_id = smoke_model()
-        block_model, block_prompts, block_size = model, prompts, 8  # the random model served block-causally
+        block_model, block_prompts, block_size, block_mask_id = model, prompts, 8, mask_id  # served block-causally
         args.gen_length, args.block_length, args.rounds = 16, 8, 1
         where = block_where = "random tiny model (smoke)"
     else:
         bench = ROOT / "outputs" / "bench" / "sampling"
-        source = open_source(str(args.source or demo_run(bench / "demo")))
-        model, mask_id = load_model(source), source.mask_id
-        prompts = [source.tokenizer().encode(p).ids for p in PROMPTS]
-        where = f"{source.checkpoint_dir or source.path} (step {source.step})"
+        model = prompts = where = block_model = block_prompts = block_size = block_where = None
+        if "llada" in tables:
+            source = open_source(str(args.source or demo_run(bench / "demo")))
+            model, mask_id = load_model(source), source.mask_id
+            prompts = [source.tokenizer().encode(p).ids for p in PROMPTS]
+            where = f"{source.checkpoint_dir or source.path} (step {source.step})"
+    if "block" in tables and not args.smoke:
         block_source = open_source(str(args.block_source or demo_run(bench / "block16", BLOCK_DEMO)))
         if not block_source.model.block_size:
             parser.error(f"--block-source {args.block_source}: not a block diffusion model (no block_size)")
         block_model, block_size = load_model(block_source), block_source.model.block_size
+        block_mask_id = block_source.mask_id
         block_prompts = [block_source.tokenizer().encode(p).ids for p in PROMPTS]
         block_where = f"{block_source.checkpoint_dir or block_source.path} (step {block_source.step})"
-    run_setting(model, prompts[:1], mask_id, args.gen_length, args.block_length, {"cache": "dual"})  # warm-up
-    rows = compare(SETTINGS, model, prompts, mask_id, args)
-    print(f"model: {where}; {len(prompts)} prompts alone, gen_length {args.gen_length}, block_length "
-          f"{args.block_length}, temperature 0, fp32, {args.threads} thread(s), best of {args.rounds} rounds")
-    print_table(rows)
-    block_rows = compare(BLOCK_SETTINGS, block_model, block_prompts, mask_id, args, block_size)
-    print(f"\nblock diffusion model: {block_where}; block size {block_size}, {len(block_prompts)} prompts alone, "
-          f"gen_length {args.gen_length}, steps = gen_length, temperature 0, fp32")
-    print_table(block_rows)
+    rows = block_rows = None
+    if "llada" in tables:
+        run_setting(model, prompts[:1], mask_id, args.gen_length, args.block_length, {"cache": "dual"})  # warm-up
+        rows = compare(SETTINGS, model, prompts, mask_id, args)
+        print(f"model: {where}; {len(prompts)} prompts alone, gen_length {args.gen_length}, block_length "
+              f"{args.block_length}, temperature 0, fp32, {args.threads} thread(s), best of {args.rounds} rounds")
+        print_table(rows)
+    if "block" in tables:
+        run_setting(block_model, block_prompts[:1], block_mask_id, args.gen_length, None, {"cache": "block"},
+                    block_size)  # warm-up
+        block_rows = compare(BLOCK_SETTINGS, block_model, block_prompts, block_mask_id, args, block_size)
+        print(f"\nblock diffusion model: {block_where}; block size {block_size}, {len(block_prompts)} prompts alone, "
+              f"gen_length {args.gen_length}, steps = gen_length, temperature 0, fp32, {args.threads} thread(s), "
+              f"best of {args.rounds} rounds")
+        print_table(block_rows)
     summary = {"model": where, "gen_length": args.gen_length, "block_length": args.block_length, "rows": rows,
                "block_model": block_where, "block_size": block_size, "block_rows": block_rows}
     print(json.dumps(summary))
