@@ -174,7 +174,8 @@ class Trainer:
         loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
         aux = router_loss(self.engine.module)  # model.moe's auxiliary and z-losses (0.0 when off)
         self.experts.add_loss(aux)
-        self.engine.backward(loss + aux)
+        # a sequence-parallel slice's loss is scaled for ZeRO-3's average (SequenceShard.loss_scale)
+        self.engine.backward((loss if self.shard is None else loss * self.shard.loss_scale) + aux)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         self.window.add(*add_up(self.shard, loss.detach().float(), stats), x0.shape[1])
 

@@ -47,6 +47,13 @@ def check_config(run: RunConfig, world_size: int) -> None:
                                 f"sequence (block diffusion: of x_t and of x_0 each)")
     require(not m.shift_prediction, f"{key} with model.shift_prediction=true: the shift would cross the ranks' "
                                     f"slices; set cluster.sequence_parallel=1")
+    zero = (run.deepspeed or {}).get("zero_optimization") or {}
+    require(zero.get("stage", 0) == 3, f"{key} needs ZeRO stage 3 (deepspeed.zero_optimization.stage="
+                                       f"{zero.get('stage', 0)}): the gradient scaling (SequenceShard.loss_scale) "
+                                       f"follows ZeRO-3's reduction")
+    require(zero.get("reduce_scatter", True) is not False,
+            f"{key} with deepspeed.zero_optimization.reduce_scatter=false: the gradient scaling "
+            f"(SequenceShard.loss_scale) follows the reduce-scatter path; remove the setting")
 
 
 def data_parallel_size(run: RunConfig, world_size: int) -> int:
@@ -106,6 +113,12 @@ class SequenceShard:
 
     def __init__(self, group, size: int, rank: int, backends):
         self.group, self.size, self.rank = group, size, rank
+        # What each rank's loss is multiplied by for the backward. DeepSpeed 0.19.8's ZeRO-3 reduce-scatter
+        # (runtime/comm/coalesced_collectives.reduce_scatter_coalesced, the path taken with reduce_scatter
+        # on, its default) divides the summed gradients by the whole world, not by world / N as its
+        # other paths do: each slice's gradient would count 1/N. Measured: SP 2 logged half SP 1's
+        # gradient norm before this factor, and the same after it (tests/pretrain/engine/test_sequence_parallel.py).
+        self.loss_scale = size
         self.wrappers = {id(b): UlyssesAttention(b, group) for b in backends}  # built once, at setup
         self._orders: dict[tuple[int, int, str], torch.Tensor] = {}
 
