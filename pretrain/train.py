@@ -163,6 +163,7 @@ def lock_run_dir(run: RunConfig, rank: int) -> run_lock.RunLock | None:
 
 def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) -> None:
     """Refuses a checkpoint of another model shape or other data (before the engine is built)."""
+    sequence_parallel.check_resume(resume.manifest.get("config", {}), run, str(resume.directory))
     refused, allowed = compare(resume.manifest.get("config", {}), config_dict(run),
                                resume.manifest.get("data_fingerprint"), manifest.fingerprint())
     if refused:

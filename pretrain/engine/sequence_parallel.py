@@ -39,10 +39,10 @@ def check_config(run: RunConfig, world_size: int) -> None:
                                  f"its sequences, so the world must be whole groups")
     # DistributedAttention hands each rank of a group 1/N of the heads: the kv heads first (a query
     # head must land on the rank that holds its kv head), so both counts must split evenly.
-    require(m.n_kv_heads % n == 0, f"{key} does not divide model.n_kv_heads={m.n_kv_heads} (model={m.name}): "
-                                   f"each rank of a group attends with 1/{n} of the key/value heads")
     require(m.n_heads % n == 0, f"{key} does not divide model.n_heads={m.n_heads} (model={m.name}): each rank of a "
                                 f"group attends with 1/{n} of the heads")
+    require(m.n_kv_heads % n == 0, f"{key} does not divide model.n_kv_heads={m.n_kv_heads} (model={m.name}): "
+                                   f"each rank of a group attends with 1/{n} of the key/value heads")
     require(t.seq_len % n == 0, f"{key} does not divide trainer.seq_len={t.seq_len}: each rank holds 1/{n} of every "
                                 f"sequence (block diffusion: of x_t and of x_0 each)")
     require(not m.shift_prediction, f"{key} with model.shift_prediction=true: the shift would cross the ranks' "
@@ -175,3 +175,13 @@ def add_up(shard: SequenceShard | None, loss: torch.Tensor, stats):
     masked, ce_sum, weighted_sum, correct = packed[1:].chunk(4)
     return packed[0], dataclasses.replace(stats, masked=masked, ce_sum=ce_sum, weighted_sum=weighted_sum,
                                           correct=correct)
+
+
+def check_resume(saved_config: dict, run: RunConfig, where: str) -> None:
+    """A resume keeps the sequence-parallel size: each rank's saved data stream is its data-parallel
+    rank's of the old layout (another size at another world goes through the universal checkpoint,
+    not supported yet). A checkpoint from before the key existed was trained with 1."""
+    old = (saved_config.get("cluster") or {}).get("sequence_parallel", 1)
+    new = run.cluster.sequence_parallel
+    require(old == new, f"{where} was trained with cluster.sequence_parallel={old}, this run asks for {new}: a resume "
+                        f"keeps the size (each rank's saved data stream belongs to the old data-parallel layout)")
