@@ -111,7 +111,7 @@ def sp_runs(tmp_path_factory, demo_shards):
                 "pretrain.train"]
 
     runs = {}
-    for name, extra in (("plain", []), ("block_packed", BLOCK_PACKED)):
+    for name, extra in (("plain", ["trainer.eval_every=2"]), ("block_packed", BLOCK_PACKED)):
         runs[f"{name}_sp1"] = root / f"{name}_sp1"
         run_train(one, runs[f"{name}_sp1"], demo_shards, *COMMON, *extra)
         runs[f"{name}_sp2"] = root / f"{name}_sp2"
@@ -121,8 +121,8 @@ def sp_runs(tmp_path_factory, demo_shards):
     shutil.copytree(runs["plain_sp2"], resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step{STEPS:08d}")
     (resumed / "metrics.jsonl").unlink()
-    proc = run_train(two(), resumed, demo_shards, *COMMON, "cluster.sequence_parallel=2", "trainer.ckpt_every=2",
-                     timeout=600)
+    proc = run_train(two(), resumed, demo_shards, *COMMON, "trainer.eval_every=2", "cluster.sequence_parallel=2",
+                     "trainer.ckpt_every=2", timeout=600)
     assert "at step 2" in proc.stdout
     return runs
 
@@ -142,6 +142,15 @@ def test_sp2_trains_as_sp1_under_zero3(sp_runs, name):
             assert sp2[s][key] == pytest.approx(sp1[s][key], rel=1e-5, abs=1e-7), (s, key, sp1[s], sp2[s])
         assert sp2[s]["tokens"] == sp1[s]["tokens"]
     assert json.loads((sp_runs[f"{name}_sp2"] / "setup.json").read_text())["world_size"] == 2
+
+
+def test_the_periodic_eval_under_sp2_scores_as_sp1(sp_runs):
+    # evaluation runs whole sequences on every rank of a group; the group's copies count once
+    evals = [{r["step"]: (r["eval/loss"], r["eval/loss_se"]) for r in read_metrics(sp_runs[f"plain_sp{n}"])
+              if "eval/loss" in r} for n in (1, 2)]
+    assert sorted(evals[0]) == sorted(evals[1]) == [2, 3]
+    for step, (loss, se) in evals[0].items():
+        assert evals[1][step] == pytest.approx((loss, se), rel=1e-6)
 
 
 def test_a_resume_at_the_same_sp_size_gives_the_uninterrupted_losses(sp_runs):
