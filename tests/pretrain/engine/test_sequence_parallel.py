@@ -6,7 +6,6 @@ What cannot be split is refused in one line before any work."""
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -92,7 +91,7 @@ def test_the_document_mask_and_the_block_pattern_are_kept_when_split(model_cases
     assert min(abs(a - b) for i, a in enumerate(whole) for b in whole[i + 1:]) > 1e-4
 
 
-# -- exact through the entry point: ZeRO-3, SP 2 on 2 ranks against 1 rank at the same global batch ----
+# -- exact through the entry point: ZeRO-3, SP 2 against SP 1 at the same global batch and data layout --
 STEPS = 3
 COMMON = ["trainer.precision=fp32", "mask.random_length_prob=0", f"trainer.max_steps={STEPS}", "logging.mode=disabled"]
 BLOCK_PACKED = ["block.size=16", "model.document_mask=true"]
@@ -100,29 +99,29 @@ BLOCK_PACKED = ["block.size=16", "model.document_mask=true"]
 
 @pytest.fixture(scope="session")
 def sp_runs(tmp_path_factory, demo_shards):
-    """{name: run_dir}: plain and block+packed, each on 1 rank and as SP 2 on 2 ranks (the same data-parallel
-    layout, 1 group: the same sequences, 2 accumulation steps of 4), and a copy of the plain SP 2 run resumed
-    from its step-2 checkpoint."""
+    """{name: run_dir}: plain, SP 1 on 2 ranks against SP 2 on 4 (2 data-parallel ranks either way: the same
+    sequences on each, 1 micro-batch of 4 per step; the 4 ranks are 2 groups of 2, ZeRO-3 over all 4);
+    block+packed, SP 1 on 1 rank against SP 2 on 2 (1 group, 2 accumulation steps of 4); and a copy of the
+    plain SP 2 run resumed from its step-2 checkpoint."""
     root = tmp_path_factory.mktemp("sp")
-    one = [sys.executable, "-m", "pretrain.train"]
 
-    def two():
-        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+    def ranks(n: int) -> list[str]:
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(free_port()), "-m",
                 "pretrain.train"]
 
     runs = {}
-    for name, extra in (("plain", ["trainer.eval_every=2"]), ("block_packed", BLOCK_PACKED)):
+    for name, world, extra in (("plain", 2, ["trainer.eval_every=2"]), ("block_packed", 1, BLOCK_PACKED)):
         runs[f"{name}_sp1"] = root / f"{name}_sp1"
-        run_train(one, runs[f"{name}_sp1"], demo_shards, *COMMON, *extra)
+        run_train(ranks(world), runs[f"{name}_sp1"], demo_shards, *COMMON, *extra, timeout=600)
         runs[f"{name}_sp2"] = root / f"{name}_sp2"
-        run_train(two(), runs[f"{name}_sp2"], demo_shards, *COMMON, *extra, "cluster.sequence_parallel=2",
+        run_train(ranks(2 * world), runs[f"{name}_sp2"], demo_shards, *COMMON, *extra, "cluster.sequence_parallel=2",
                   "trainer.ckpt_every=2", timeout=600)
     resumed = runs["resumed_sp2"] = root / "resumed_sp2"
     shutil.copytree(runs["plain_sp2"], resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step{STEPS:08d}")
     (resumed / "metrics.jsonl").unlink()
-    proc = run_train(two(), resumed, demo_shards, *COMMON, "trainer.eval_every=2", "cluster.sequence_parallel=2",
-                     "trainer.ckpt_every=2", timeout=600)
+    proc = run_train(ranks(4), resumed, demo_shards, *COMMON, "cluster.sequence_parallel=2", "trainer.ckpt_every=2",
+                     timeout=600)
     assert "at step 2" in proc.stdout
     return runs
 
@@ -141,7 +140,10 @@ def test_sp2_trains_as_sp1_under_zero3(sp_runs, name):
         for key in ("loss", "grad_norm", "masked_ce", "masked_acc"):
             assert sp2[s][key] == pytest.approx(sp1[s][key], rel=1e-5, abs=1e-7), (s, key, sp1[s], sp2[s])
         assert sp2[s]["tokens"] == sp1[s]["tokens"]
-    assert json.loads((sp_runs[f"{name}_sp2"] / "setup.json").read_text())["world_size"] == 2
+        # throughput counts each sequence once, not once per rank of its group: tokens/s x s/step = tokens/step
+        assert sp2[s]["tokens_per_s"] * sp2[s]["step_time_s"] == pytest.approx(8 * 64)
+    worlds = [json.loads((sp_runs[f"{name}_sp{n}"] / "setup.json").read_text())["world_size"] for n in (1, 2)]
+    assert worlds == ([2, 4] if name == "plain" else [1, 2])
 
 
 def test_the_periodic_eval_under_sp2_scores_as_sp1(sp_runs):
@@ -163,9 +165,11 @@ def test_a_resume_at_the_same_sp_size_gives_the_uninterrupted_losses(sp_runs):
 def test_a_resume_at_another_sp_size_is_refused_in_one_line(sp_runs, demo_shards, tmp_path):
     run_dir = tmp_path / "other"
     shutil.copytree(sp_runs["plain_sp2"], run_dir)
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "4", "--master_port", str(free_port()), "-m",
                 "pretrain.train"]
-    proc = run_train(launcher, run_dir, demo_shards, *COMMON, f"trainer.max_steps={STEPS + 1}", check=False)
+    # the same 4 ranks and global batch, 4 data-parallel ranks of micro-batch 2 instead of 2 groups of 4
+    proc = run_train(launcher, run_dir, demo_shards, *COMMON, f"trainer.max_steps={STEPS + 1}",
+                     "trainer.micro_batch_size=2", check=False)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines and "was trained with cluster.sequence_parallel=2, this run asks for 1" in lines[0]
