@@ -47,6 +47,10 @@ def check_config(run: RunConfig, world_size: int) -> None:
                                 f"sequence (block diffusion: of x_t and of x_0 each)")
     require(not m.shift_prediction, f"{key} with model.shift_prediction=true: the shift would cross the ranks' "
                                     f"slices; set cluster.sequence_parallel=1")
+    dp, per_step = world_size // n, t.micro_batch_size * (world_size // n)
+    require(t.global_batch_size % per_step == 0,
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by trainer.micro_batch_size="
+            f"{t.micro_batch_size} x {dp} data-parallel ranks (world size {world_size} / {key}) = {per_step}")
     zero = (run.deepspeed or {}).get("zero_optimization") or {}
     require(zero.get("stage", 0) == 3, f"{key} needs ZeRO stage 3 (deepspeed.zero_optimization.stage="
                                        f"{zero.get('stage', 0)}): the gradient scaling (SequenceShard.loss_scale) "

@@ -57,9 +57,11 @@ def test_the_batch_math_counts_data_parallel_groups_not_ranks():
     assert deepspeed_config(run, data_parallel_size(run, 4))["gradient_accumulation_steps"] == 2
     assert [Layout.of(run, r, 4) for r in range(4)] == [Layout(2, 0, 0, 2), Layout(2, 1, 0, 2), Layout(2, 0, 1, 2),
                                                         Layout(2, 1, 1, 2)]
-    with pytest.raises(ConfigError, match="trainer.global_batch_size=6 is not divisible"):  # 6 % (2 x 2)
+    with pytest.raises(ConfigError) as e:  # 6 % (2 x 2)
         compose_config(["cluster.sequence_parallel=2", "trainer.micro_batch_size=2", "trainer.global_batch_size=6"],
                        world_size=4)
+    assert str(e.value) == ("trainer.global_batch_size=6 is not divisible by trainer.micro_batch_size=2 x 2 "
+                            "data-parallel ranks (world size 4 / cluster.sequence_parallel=2) = 4")
 
 
 # -- exact in the model: 2 ranks, DistributedAttention over gloo ---------------------------------------
