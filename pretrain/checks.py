@@ -19,7 +19,7 @@ from data_pipeline.shards import Manifest
 from data_pipeline.tokenizer import fingerprint, load_tokenizer
 from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require, total_steps
 from pretrain.domains import check_domains
-from pretrain.engine import ds_config
+from pretrain.engine import ds_config, sequence_parallel
 from pretrain.engine.device import resolve_precision
 from pretrain.engine.zero_sizes import resolve_zero_sizes
 from pretrain.hf.causal_import import is_llada
@@ -61,7 +61,8 @@ def compose_config(overrides: list[str], world_size: int = 1) -> RunConfig:
 
 
 def check_run(run: RunConfig, world_size: int) -> None:
-    check_values(run, world_size)
+    sequence_parallel.check_config(run, world_size)  # first: the batch math below counts world / N ranks
+    check_values(run, sequence_parallel.data_parallel_size(run, world_size))
     transformer.check_config(run.model, run.trainer.seq_len, run.trainer.activation_checkpointing)
     if run.model.init_from:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.resume_check import config_dict
 from pretrain.config import RunConfig, total_steps
 from pretrain.engine.expert_balance import ExpertBalance
+from pretrain.engine.sequence_parallel import Layout, add_up, make_shard
 from pretrain.faults import (
     NonFiniteSteps,
     SampleLog,
@@ -77,7 +79,10 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = engine.device
         t = run.trainer
-        self.accum = t.global_batch_size // (t.micro_batch_size * self.world)
+        # cluster.sequence_parallel: a group of N ranks shares each sequence; the batch math is per group
+        self.layout = Layout.of(run, self.rank, self.world)
+        self.shard = make_shard(engine.module, self.layout)  # None: whole sequences (N = 1)
+        self.accum = t.global_batch_size // (t.micro_batch_size * self.layout.dp_size)
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.state = LoopState()
         self.batches_this_process = 0  # what the train stream's state counts from
@@ -144,10 +149,11 @@ class Trainer:
         size = self.block_size()
         blocks = size < self.run.trainer.seq_len
         cut_rng = torch.Generator().manual_seed(derived_seed("cut", self.run.seed, step, micro))
-        x0 = random_length(batch["tokens"].to(self.device).long(), m.random_length_prob, cut_rng,
-                           multiple=size if blocks else 1)
+        multiple = math.lcm(size if blocks else 1, self.layout.size)  # whole blocks, split evenly by the group
+        x0 = random_length(batch["tokens"].to(self.device).long(), m.random_length_prob, cut_rng, multiple=multiple)
         B, L = x0.shape
-        first = (micro * self.world + self.rank) * B  # this micro-batch's first sequence in the global batch
+        # this micro-batch's first sequence in the global batch (a sequence-parallel group reads the same ones)
+        first = (micro * self.layout.dp_size + self.layout.dp_rank) * B
         low, high = (max(m.eps, m.band[0]), m.band[1]) if m.band is not None else (m.eps, 1.0)
         time_rng = torch.Generator().manual_seed(derived_seed("time", self.run.seed, step))
         n_global = self.run.trainer.global_batch_size
@@ -164,13 +170,14 @@ class Trainer:
             x0, noisy = complement(noisy, x0, self.mask_id, self.schedule, m.eps, elbo)
             doc_start = None if doc_start is None else torch.cat([doc_start, doc_start])
         loss, stats = model_loss_and_stats(self.engine, x0, noisy, m.normalize, doc_start,
-                                           block_size=pass_block_size(size, L))
+                                           block_size=pass_block_size(size, L), shard=self.shard)
         loss = inject_loss_fault(loss, self.run.fault, step + 1, self.rank)
         aux = router_loss(self.engine.module)  # model.moe's auxiliary and z-losses (0.0 when off)
         self.experts.add_loss(aux)
-        self.engine.backward(loss + aux)
+        # a sequence-parallel slice's loss is scaled for ZeRO-3's average (SequenceShard.loss_scale)
+        self.engine.backward((loss if self.shard is None else loss * self.shard.loss_scale) + aux)
         self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
-        self.window.add(loss.detach().float(), stats, x0.shape[1])
+        self.window.add(*add_up(self.shard, loss.detach().float(), stats), x0.shape[1])
 
     def train(self) -> str:
         """Trains until max_steps / max_tokens ("done") or until a rank is asked to stop
@@ -248,7 +255,8 @@ class Trainer:
                              self.total_steps)  # the size the step just trained used
         # MFU: the FLOPs executed at this block size (the 2L pass; pretrain/model/flops.py)
         fpt = flops_per_token(self.run.model, seq_len, size, self.sparse_attention)
-        stats = self.window.summarize(self.run.mask.normalize, self.world, fpt, self.peak_tflops)
+        stats = self.window.summarize(self.run.mask.normalize, self.world, fpt, self.peak_tflops,
+                                      copies=self.layout.size)
         grad_norm = self.engine.get_global_grad_norm()
         loss_name = "loss/per_token" if self.run.mask.normalize == "tokens" else "loss/per_masked_token"
         record = {"step": self.state.step, "tokens": self.state.step * self.tokens_per_step,
@@ -273,7 +281,8 @@ class Trainer:
         assert self.eval_stream is not None
         self.engine.eval()
         self.engine.module.step = self.state.step
-        rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.rank))
+        # seeded by the data-parallel rank: a sequence-parallel group scores its (shared) sequences alike
+        rng = torch.Generator().manual_seed(derived_seed("eval", self.run.seed, self.layout.dp_rank))
         # A block model is scored at the size its last step trained with (the block NELBO); none: LLaDA's.
         size = pass_block_size(block_size_at(self.run.block, self.run.trainer.seq_len, self.state.step - 1,
                                              self.tokens_per_step, self.total_steps), self.run.trainer.seq_len)
@@ -290,6 +299,7 @@ class Trainer:
                                         doc_start=self.doc_start(batch, x0.shape[1]), block_size=size).sums
         totals = sums.sums.to(self.device)
         dist.all_reduce(totals)
+        totals /= self.layout.size  # each group's N ranks scored the same sequences the same way
         estimate = NelboSums(totals.cpu()).estimate()
         self.engine.train()
         self.metrics.log({"step": self.state.step, "eval/loss": estimate.nelbo, "eval/loss_se": estimate.se})

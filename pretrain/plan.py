@@ -15,6 +15,10 @@ Memory model (bytes; bf16 training; flash-style attention, so no L x L scores ar
                  alive during its recompute
   loss           one chunk of fp32 logits and its softmax gradient (pretrain/model/output_head.py), the
                  fp32 head-gradient accumulator, and the masked rows' hidden states
+Sequence parallelism (cluster.sequence_parallel = N, pretrain/engine/sequence_parallel.py): each GPU
+holds 1/N of every sequence, so activations and the loss's rows are per L / N tokens; the batch math
+counts GPUs / N data-parallel ranks (N times the accumulation steps); each block's attention moves
+q, k, v and its output through an all-to-all in the forward and again in the backward.
 Checked against bench/gpu.py on one H200 (BENCHMARKS.md): llada_8b with 8 layers at micro batch 4,
 64.5 GB measured without checkpointing and 48.5 GB with it.
 """
@@ -56,6 +60,7 @@ def active_params(m) -> int:
 class Plan:
     model: str
     gpus: int
+    sequence_parallel: int  # GPUs that share each sequence (1: none)
     params: int
     active_params: int  # per token (a mixture of experts: the top_k routed experts, not all)
     flops_per_token: int
@@ -70,6 +75,7 @@ class Plan:
     total_gb: float
     gpu_memory_gb: float | None
     comm_gb_per_step: float  # sent+received per GPU (ring all-gather / reduce-scatter)
+    all_to_all_gb_per_step: float  # sent per GPU by sequence parallelism's all-to-alls (0 without it)
     peak_tflops: float | None
     mfu: float
     step_s: float | None
@@ -79,13 +85,28 @@ class Plan:
 
 
 def activation_bytes(run: RunConfig, stride: int) -> float:
-    m, t = run.model, run.trainer
-    tokens = t.micro_batch_size * t.seq_len * block_factor(run)
+    m = run.model
+    tokens = local_tokens(run)
     per_block = 2 * (6 * m.d_model + 2 * m.n_kv_heads * m.head_size + 3 * padded_width(m.mlp_hidden_size)) * tokens
     if stride == 0:
         return m.n_layers * per_block
     checkpointed = math.ceil(m.n_layers / stride)
     return checkpointed * 2 * m.d_model * tokens + (m.n_layers - checkpointed) * per_block + per_block
+
+
+def local_tokens(run: RunConfig) -> int:
+    """Tokens one GPU runs per micro-step: the micro-batch's (2L each for block diffusion), 1/N of each
+    under sequence parallelism."""
+    t = run.trainer
+    return t.micro_batch_size * t.seq_len * block_factor(run) // run.cluster.sequence_parallel
+
+
+def all_to_all_bytes(run: RunConfig) -> float:
+    """Sent per GPU per micro-step by the Ulysses all-to-alls: q and the output (n_heads x head_dim per
+    token), k and v (n_kv_heads x head_dim), bf16, (N-1)/N of each leaving the GPU, forward and backward."""
+    m, n = run.model, run.cluster.sequence_parallel
+    width = 2 * (m.n_heads + m.n_kv_heads) * m.head_size
+    return 2 * m.n_layers * 2 * width * local_tokens(run) * (n - 1) / n
 
 
 def block_factor(run: RunConfig) -> int:
@@ -102,7 +123,7 @@ def plan_flops_per_token(run: RunConfig) -> int:
 
 def loss_bytes(run: RunConfig) -> float:
     m, t = run.model, run.trainer
-    rows = MASKED_SHARE * t.micro_batch_size * t.seq_len
+    rows = MASKED_SHARE * t.micro_batch_size * t.seq_len / run.cluster.sequence_parallel
     chunk_rows = max(1, CHUNK_ELEMENTS // m.vocab_size)
     chunk = min(rows, chunk_rows) * m.vocab_size * 4 * 2
     accumulator = m.vocab_size * m.d_model * 4 if rows > chunk_rows else 0
@@ -114,7 +135,8 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     gpus = c.nodes * c.gpus_per_node
     params = total_params(m)
     fpt = plan_flops_per_token(run)
-    accumulation = t.global_batch_size // (t.micro_batch_size * gpus)
+    sp = c.sequence_parallel
+    accumulation = t.global_batch_size // (t.micro_batch_size * (gpus // sp))
     tokens_per_step = t.global_batch_size * t.seq_len
     states = 16 * params / gpus
     gathered = 2 * 2 * block_params(m) + (1 if m.tie_embeddings else 2) * 2 * 2 * m.vocab_size * m.d_model
@@ -128,11 +150,13 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     peak = peak_tflops(device_name or "", c.peak_tflops) if (device_name or c.peak_tflops) else None
     budget = t.max_tokens if t.max_tokens is not None else (t.max_steps * tokens_per_step if t.max_steps else None)
     step_s = tokens_per_step * fpt / (gpus * peak * 1e12 * mfu) if peak else None
-    return Plan(model=m.name, gpus=gpus, params=params, active_params=active_params(m), flops_per_token=fpt,
+    return Plan(model=m.name, gpus=gpus, sequence_parallel=sp, params=params, active_params=active_params(m),
+                flops_per_token=fpt,
                 tokens_per_step=tokens_per_step,
                 accumulation=accumulation, model_states_gb=states / GB, gathered_gb=gathered / GB,
                 activations_gb=configured / GB, activations_none_gb=acts[0] / GB, activations_full_gb=acts[1] / GB,
                 loss_gb=loss / GB, total_gb=total / GB, gpu_memory_gb=c.gpu_memory_gb, comm_gb_per_step=comm / GB,
+                all_to_all_gb_per_step=accumulation * all_to_all_bytes(run) / GB,
                 peak_tflops=peak, mfu=mfu, step_s=step_s,
                 tokens_per_day=tokens_per_step / step_s * 86400 if step_s else None, token_budget=budget,
                 gpu_hours=budget * fpt / (peak * 1e12 * mfu) / 3600 if peak and budget else None)
@@ -161,7 +185,9 @@ def report(p: Plan, run: RunConfig) -> str:
         f"{p.flops_per_token / 1e9:.1f} GFLOPs per token "
         f"(seq {t.seq_len})",
         f"layout: {p.gpus} GPUs ({run.cluster.name}), micro batch {t.micro_batch_size}, global {t.global_batch_size}"
-        f" -> {p.accumulation} accumulation steps, {p.tokens_per_step:,} tokens per step",
+        f" -> {p.accumulation} accumulation steps, {p.tokens_per_step:,} tokens per step"
+        + (f"; sequence parallel {p.sequence_parallel}: {t.seq_len // p.sequence_parallel:,} tokens of each sequence "
+           f"per GPU" if p.sequence_parallel > 1 else ""),
         "memory per GPU (GB):",
         row(f"model states (ZeRO-3, 16 B/param / {p.gpus})", p.model_states_gb),
         row("gathered weights (2 blocks, embedding, head)", p.gathered_gb),
@@ -169,7 +195,9 @@ def report(p: Plan, run: RunConfig) -> str:
         + f"   (none {p.activations_none_gb:.1f}, full {p.activations_full_gb:.1f})",
         row("loss (masked rows, one logits chunk)", p.loss_gb),
         row("total", p.total_gb) + f"   of {fmt(p.gpu_memory_gb, 'g')}",
-        f"communication per step per GPU: {p.comm_gb_per_step:,.1f} GB",
+        f"communication per step per GPU: {p.comm_gb_per_step:,.1f} GB"
+        + (f" (ZeRO-3), {p.all_to_all_gb_per_step:,.1f} GB (sequence-parallel all-to-all)"
+           if p.sequence_parallel > 1 else ""),
         f"at {100 * p.mfu:.0f}% MFU of {fmt(p.peak_tflops, 'g')} TFLOP/s: step {fmt(p.step_s, '.2f')} s, "
         f"{fmt(p.tokens_per_day and p.tokens_per_day / 1e9, ',.1f')}B tokens/day",
         f"token budget {fmt(p.token_budget and p.token_budget / 1e9, ',.1f')}B: "
@@ -192,7 +220,8 @@ def main(argv: list[str]) -> Plan:
     try:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu {args.mfu:g} must be in (0, 1]: the share of the peak the run reaches, e.g. 0.4")
-        probe = compose_config(args.overrides, world_size=1)  # the cluster's size, then validate for it
+        # the cluster's size (any sequence-parallel size divides nothing yet), then validate for it
+        probe = compose_config([*args.overrides, "cluster.sequence_parallel=1"], world_size=1)
         run = compose_config(args.overrides, world_size=probe.cluster.nodes * probe.cluster.gpus_per_node)
         resolve_vocab(run)  # model.vocab_size=null (model=tiny, small): the shards' vocabulary
         plan = make_plan(run, args.mfu, args.gpu)

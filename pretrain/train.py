@@ -51,6 +51,7 @@ from pretrain.checkpoint.resume_check import (
 from pretrain.checkpoint.universal import load_dir_for
 from pretrain.checks import load_config, validate_data
 from pretrain.config import ConfigError, RunConfig, total_steps
+from pretrain.engine import sequence_parallel
 from pretrain.engine.build import build_engine, check_device, init_distributed, world_size_from_env
 from pretrain.engine.device import bound_cpu_kernel_caches
 from pretrain.engine.lr_schedule import decay_beyond_end, warmup_beyond_end
@@ -162,6 +163,7 @@ def lock_run_dir(run: RunConfig, rank: int) -> run_lock.RunLock | None:
 
 def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) -> None:
     """Refuses a checkpoint of another model shape or other data (before the engine is built)."""
+    sequence_parallel.check_resume(resume.manifest.get("config", {}), run, str(resume.directory))
     refused, allowed = compare(resume.manifest.get("config", {}), config_dict(run),
                                resume.manifest.get("data_fingerprint"), manifest.fingerprint())
     if refused:
@@ -295,7 +297,10 @@ def train(cfg: DictConfig) -> None:
     if resume is not None:
         saved = checkpoint.load(engine, resume, load_dir)
         reapply_optimizer_settings(engine, run.optim)
-    stream_args = dict(micro_batch_size=run.trainer.micro_batch_size, rank=rank, world_size=world, seed=run.seed,
+    # The ranks of a sequence-parallel group read the same sequences: the stream's ranks are the groups.
+    layout = sequence_parallel.Layout.of(run, rank, world)
+    stream_args = dict(micro_batch_size=run.trainer.micro_batch_size, rank=layout.dp_rank, world_size=layout.dp_size,
+                       seed=run.seed,
                        shuffle_buffer=run.data.shuffle_buffer, num_workers=run.data.num_workers, url=run.data.url,
                        on_corrupt=run.data.on_corrupt, batches_per_item=run.data.batches_per_item,
                        doc_starts=run.model.document_mask)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from pretrain.config import ConfigError, RunConfig, total_steps
+from pretrain.engine import sequence_parallel
 from pretrain.engine.expert_balance import keep_bias_fp32
 from pretrain.engine.lr_schedule import lr_fraction, step_to_position
 from pretrain.hf.folder_files import FormatError, read_json
@@ -180,12 +181,16 @@ def report_init_from(model: torch.nn.Module, folder: str) -> None:
 def build_engine(run: RunConfig, world_size: int):
     """The model, built shard by shard under ZeRO-3 (an 8B model is never whole on one rank), wrapped
     in a DeepSpeed engine with its optimizer and lr schedule."""
-    ds_config = deepspeed_config(run, world_size)
+    # cluster.sequence_parallel: DeepSpeed learns the groups from its parallel_state_sp module (the `mpu`):
+    # ZeRO-3 still shards and reduces over the whole world, but averages over world / N, and its batch
+    # math counts world / N data-parallel ranks, as ours does.
+    mpu = sequence_parallel.init_groups(run.cluster.sequence_parallel)
+    ds_config = deepspeed_config(run, sequence_parallel.data_parallel_size(run, world_size))
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     torch.manual_seed(run.seed)  # the same initial weights on every rank and every run
     # No dtype argument: DeepSpeed 0.19 ignores it on the CPU accelerator (bf16 whatever was asked);
     # without one, zero.Init takes the dtype from the config's bf16 section, which follows precision.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3, mpu=mpu):
         model = LLaDAModel(run.model)
     if run.model.init_from:  # continued pretraining or SFT from an exported folder
         from pretrain.hf.pretrained import copy_weights_into
@@ -202,6 +207,6 @@ def build_engine(run: RunConfig, world_size: int):
         compile_blocks(model)
     optimizer = make_optimizer(model, run)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           lr_scheduler=lr_scheduler(optimizer, run))
+                                           lr_scheduler=lr_scheduler(optimizer, run), mpu=mpu)
     keep_bias_fp32(engine.module)  # model.moe: the expert bias stays fp32 whatever the weights' dtype
     return engine

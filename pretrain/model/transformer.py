@@ -183,6 +183,27 @@ def check_config(m: ModelConfig, seq_len: int, activation_checkpointing: str | i
         raise ConfigError(str(e)) from None
 
 
+class WholeSequence:
+    """The pass over whole sequences: the identity of a sequence-parallel shard (pretrain/engine/
+    sequence_parallel.SequenceShard, which the training loop passes when cluster.sequence_parallel > 1:
+    this rank's slice of the sequence, and attention wrapped in the all-to-all)."""
+
+    def local(self, t: torch.Tensor, halves: int, dim: int = 1) -> torch.Tensor:
+        return t
+
+    def length(self, n: int) -> int:
+        return n
+
+    def attention(self, backend):
+        return backend
+
+    def gathered(self, docs, length: int, halves: int):
+        return docs
+
+
+WHOLE_SEQUENCE = WholeSequence()
+
+
 class LLaDAModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -227,12 +248,15 @@ class LLaDAModel(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
                clean_ids: torch.Tensor | None = None, block_size: int | None = None,
-               attention_mask: torch.Tensor | None = None, cache: KVCache | BlockKVCache | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, cache: KVCache | BlockKVCache | None = None,
+               shard=WHOLE_SEQUENCE) -> torch.Tensor:
         """input_ids [B, L] -> the last block's output [B, L, d] (before the final norm). With `clean_ids`
         [B, L] (block diffusion, pretrain/model/block_attention.py): one pass over input_ids followed by
         clean_ids, both at positions 0..L-1, under the block mask of `block_size`; the noisy half's output.
         Sampling only: `attention_mask` [B, L_all] (True or 1 = a token, 0 = padding no one attends to);
-        `cache`: the input is the cache's window of a sequence of length L_all (pretrain/model/kv_cache.py)."""
+        `cache`: the input is the cache's window of a sequence of length L_all (pretrain/model/kv_cache.py).
+        `shard` (training under sequence parallelism): the blocks run on this rank's slice of the sequence
+        (of each half of the block pass) and return it: [B, L / N, d]; the masks stay whole-sequence."""
         if cache is not None and (cache.mode == "block") != (block_size is not None):
             raise ValueError(f"cache={cache.mode} does not serve this pass (block_size={block_size}): "
                              "kv_cache.make_cache picks the cache of a model")
@@ -268,31 +292,40 @@ class LLaDAModel(nn.Module):
                 docs = None if doc_start is None else sdpa_attention.documents(doc_start)
             attention = sdpa_attention
             docs = keys if docs is None else docs & keys
+        halves = 1 if clean_ids is None else 2
+        n_all = x.shape[1]
+        x, cos, sin = shard.local(x, halves), shard.local(cos, halves, dim=0), shard.local(sin, halves, dim=0)
+        docs = shard.gathered(docs, n_all, halves)
+        attention = shard.attention(attention or self.attention)
         k = self.checkpoint_every
         for i, block in enumerate(t.blocks):
             if k and i % k == 0 and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, docs, attention, use_reentrant=False)
             else:
                 x = block(x, cos, sin, docs, attention, None if cache is None else cache.layer(i))
-        return x[:, :L]
+        return x[:, :shard.length(L)]
 
     def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, masked: torch.Tensor | None = None,
                 clean_ids: torch.Tensor | None = None, block_size: int | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | BlockKVCache | None = None):
+                attention_mask: torch.Tensor | None = None, cache: KVCache | BlockKVCache | None = None,
+                shard=WHOLE_SEQUENCE):
         """input_ids [B, L] -> logits [B, L, vocab]. No time input: the mask ratio is read off the input.
         With `targets` [B, L] and `masked` [B, L] bool (training): the head and cross-entropy on the
         masked positions only -> (cross-entropy, argmax == target), one per masked position in
         row-major order (the order of `logits[masked]`); the full logits never exist.
         `doc_start` [B, L] bool: attend only within each document (model.document_mask).
         `clean_ids` [B, L] and `block_size`: block diffusion's x_t-with-x_0 pass (`hidden`).
-        `attention_mask`, `cache`: sampling (see `hidden`)."""
+        `attention_mask`, `cache`: sampling (see `hidden`). `shard` (sequence parallelism, training): the
+        head runs on this rank's slice of the rows, and `targets` and `masked` are sliced the same way.
+        """
         t = self.transformer
-        x = self.hidden(input_ids, doc_start, clean_ids, block_size, attention_mask, cache)
+        x = self.hidden(input_ids, doc_start, clean_ids, block_size, attention_mask, cache, shard)
         if self.cfg.shift_prediction:
             x = shift_hidden(x)
         if targets is None:
             return t.ff_out(t.ln_f(x))
+        masked, targets = shard.local(masked, 1), shard.local(targets, 1)
         return t.ff_out(t.ln_f(x[masked]), targets[masked])
 
 

@@ -127,8 +127,10 @@ class LogWindow:
         self.steps += 1
         self.step_seconds += seconds
 
-    def summarize(self, normalize: str, world: int, flops_token: int, peak: float | None) -> dict[str, float]:
-        """The window's metrics, the same on every rank (a collective: every rank must call it)."""
+    def summarize(self, normalize: str, world: int, flops_token: int, peak: float | None,
+                  copies: int = 1) -> dict[str, float]:
+        """The window's metrics, the same on every rank (a collective: every rank must call it). `copies`:
+        how many ranks added each sequence (a sequence-parallel group's N, each with the group's sums)."""
         counts = torch.tensor([self.micro_batches, self.tokens], dtype=torch.float64, device=self.device)
         summed = torch.cat([self.loss_sum[None], counts, self.by_time.sums.flatten()])
         dist.all_reduce(summed)
@@ -140,7 +142,7 @@ class LogWindow:
         seconds, data_share, *peak_memory = slowest.tolist()
         return {"loss": loss_sum / micro_batches,
                 **loss_metrics(summed[3:].view(6, self.n_buckets), normalize),
-                **throughput_metrics(tokens, max(seconds, 1e-9), self.steps, world, flops_token, peak),
+                **throughput_metrics(tokens / copies, max(seconds, 1e-9), self.steps, world, flops_token, peak),
                 "data_wait_share": data_share, **dict(zip(memory, peak_memory, strict=True))}
 
 

@@ -233,29 +233,36 @@ def diffusion_loss_and_stats(logits: torch.Tensor, x0: torch.Tensor, batch: Nois
 
 def model_loss_and_stats(model, x0: torch.Tensor, batch: NoisyBatch, normalize: str = "tokens",
                          doc_start: torch.Tensor | None = None,
-                         block_size: int | None = None) -> tuple[torch.Tensor, SequenceStats]:
+                         block_size: int | None = None, shard=None) -> tuple[torch.Tensor, SequenceStats]:
     """What training calls: the same loss and statistics as diffusion_loss_and_stats(model(ids), ...),
     but the model applies its output head to the masked positions only (pretrain/model/output_head.py),
     so the [B, L, vocab] logits never exist. `model` is the LLaDAModel or the engine wrapping it.
     `block_size` (block diffusion): the model also reads the clean x0 under the block mask; None (or
-    callers' B = L, see objective/block.py) is LLaDA's pass over the noisy sequence alone."""
+    callers' B = L, see objective/block.py) is LLaDA's pass over the noisy sequence alone. `shard`
+    (sequence parallelism, pretrain/engine/sequence_parallel.py): the model computes this rank's slice of
+    the masked rows, and the loss is that slice's share of the whole sequences' loss (the sum of the
+    group's losses is the unsplit loss); the statistics are the slice's, for the loop to add up."""
     clean = {} if block_size is None else {"clean_ids": x0, "block_size": block_size}
-    ce, correct = model(batch.input_ids, doc_start=doc_start, targets=x0, masked=batch.masked, **clean)
-    return loss_and_stats_from_ce(ce, correct, x0, batch, normalize)
+    split = {} if shard is None else {"shard": shard}
+    ce, correct = model(batch.input_ids, doc_start=doc_start, targets=x0, masked=batch.masked, **clean, **split)
+    return loss_and_stats_from_ce(ce, correct, x0, batch, normalize, shard)
 
 
 def loss_and_stats_from_ce(ce: torch.Tensor, correct: torch.Tensor, x0: torch.Tensor, batch: NoisyBatch,
-                           normalize: str) -> tuple[torch.Tensor, SequenceStats]:
+                           normalize: str, shard=None) -> tuple[torch.Tensor, SequenceStats]:
     """The loss from the cross-entropy `ce` [N] (fp32) and argmax hits `correct` [N] of the masked
-    positions, in the row-major order of x0[batch.masked]."""
+    positions, in the row-major order of x0[batch.masked]. With `shard`, of this rank's slice of the
+    positions (shard.local): the sum is the slice's, the normalisers (B * L, the masked count) are the
+    whole sequences', which every rank of the group holds."""
     B, L = x0.shape
-    rows = batch.masked
+    local = (lambda t: t) if shard is None else (lambda t: shard.local(t, 1))  # noqa: E731
     per_token = batch.weight.expand(B, L)
     if batch.response_len is not None and normalize == "tokens":
         per_token = per_token * (L / batch.response_len.clamp_min(1))  # sum / (B * L) below -> per sequence / B
-    weighted = ce * per_token[rows]
+    rows = local(batch.masked)
+    weighted = ce * local(per_token)[rows]
     total = weighted.sum()
-    loss = total / (B * L) if normalize == "tokens" else total / rows.sum().clamp_min(1)
+    loss = total / (B * L) if normalize == "tokens" else total / batch.masked.sum().clamp_min(1)
     with torch.no_grad():
         seq = rows.nonzero()[:, 0]  # the sequence of each masked row, in the order logits[rows] takes them
         per_seq = lambda v: torch.zeros(B, device=x0.device).index_add_(0, seq, v.float())  # noqa: E731

@@ -79,3 +79,34 @@ def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "Plan a run before any GPU hour is spent" in capsys.readouterr().out
+
+
+LONG = ["model=llada_8b", "cluster=gpu_node", "trainer.seq_len=32768", "model.max_sequence_length=32768",
+        "trainer.micro_batch_size=1", "trainer.global_batch_size=64", "trainer.activation_checkpointing=full"]
+
+
+def test_sequence_parallelism_splits_the_activations_not_the_flops():
+    # llada_8b at 32k on 8 GPUs: whole sequences per GPU, then each split over all 8 (Ulysses)
+    whole = make_plan(compose_config(LONG, world_size=8), 0.4, "H100")
+    split = make_plan(compose_config([*LONG, "cluster.sequence_parallel=8"], world_size=8), 0.4, "H100")
+    assert split.sequence_parallel == 8 and whole.sequence_parallel == 1
+    assert split.activations_none_gb == pytest.approx(whole.activations_none_gb / 8)
+    assert split.activations_full_gb == pytest.approx(whole.activations_full_gb / 8)
+    assert split.accumulation == 8 * whole.accumulation  # 1 data-parallel rank instead of 8
+    assert split.model_states_gb == whole.model_states_gb and split.step_s == whole.step_s
+    assert whole.all_to_all_gb_per_step == 0 < split.all_to_all_gb_per_step
+    assert whole.activations_none_gb > 80 > split.total_gb  # 32k without checkpointing needs the split
+
+
+def test_cli_plans_32k_with_sequence_parallelism_and_refuses_a_size_that_does_not_divide():
+    cmd = [sys.executable, "-m", "pretrain.plan", *LONG]
+    out = subprocess.run([*cmd, "cluster.sequence_parallel=8"], cwd=REPO, env=child_env(), capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert "sequence parallel 8: 4,096 tokens of each sequence per GPU" in out.stdout
+    assert "(sequence-parallel all-to-all)" in out.stdout
+    assert json.loads(out.stdout.strip().splitlines()[-1])["sequence_parallel"] == 8
+    bad = subprocess.run([*cmd, "cluster.sequence_parallel=3"], cwd=REPO, env=child_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("error: cluster.sequence_parallel=3 does not divide the world size 8: each group of "
+                                  "3 ranks splits its sequences, so the world must be whole groups")
