@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
+from data_pipeline.confined import UnsafeFileError, read_capped
 from data_pipeline.shards import DataError, Manifest
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain.checkpoint import choice
@@ -116,8 +117,26 @@ def check_shapes(found: dict[str, torch.Size], cfg: ModelConfig, where: str) -> 
         raise SourceError(f"{where}: {extra[0]} is not a parameter of the model")
 
 
+RUN_CONFIG_MAX_BYTES = 4 << 20  # a run's config.yaml is a few KB
+
+
+def read_run_config(run_dir: Path):
+    """The run's config.yaml, read as data/confined.py reads what data names: inside the run directory,
+    a regular file, at most RUN_CONFIG_MAX_BYTES, and none of its content echoed in an error."""
+    try:
+        text = read_capped(run_dir, "config.yaml", RUN_CONFIG_MAX_BYTES).decode("utf-8")
+        cfg = OmegaConf.create(text)
+    except (UnsafeFileError, FileNotFoundError) as e:
+        raise SourceError(str(e)) from None
+    except Exception:  # YAML errors quote the text: never echoed
+        cfg = None
+    if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("model"), DictConfig):
+        raise SourceError(f"{run_dir / 'config.yaml'}: not a run's config (a YAML mapping with a model section)")
+    return cfg
+
+
 def _run_source(run_dir: Path, step: int | None) -> Source:
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = read_run_config(run_dir)
     model = model_config(OmegaConf.to_container(cfg.model, resolve=True))
     check_model_values(model, f"{run_dir}/config.yaml")
     try:
@@ -156,7 +175,7 @@ def open_source(path: str | Path, step: int | None = None) -> Source:
         if step is not None:
             raise SourceError(f"--step {step}: {path} is an exported folder, it has one set of weights")
         return _folder_source(path)
-    if (path / "config.yaml").is_file():
+    if (path / "config.yaml").exists() or (path / "config.yaml").is_symlink():  # read_run_config checks what it is
         return _run_source(path, step)
     raise SourceError(f"{path} is neither a run directory (config.yaml, checkpoints/) nor an exported "
                       f"Hugging Face folder (config.json)")

@@ -243,3 +243,28 @@ def test_the_pre_data_resume_check_skips_a_manifest_without_config(tmp_path):
     other = compose_config([f"run_dir={tmp_path / 'run'}", "model=tiny", "model.n_layers=2"])
     with pytest.raises(ConfigError, match="step00000002 was trained with another model"):
         refuse_before_data(other)
+
+
+@pytest.mark.parametrize("plant", ["link-outside", "link-dev-zero", "fifo", "large", "not-a-config"])
+def test_a_hostile_run_config_is_refused_in_one_line_never_read(tmp_path, secret, plant):
+    """export, evaluate and generate open a run through open_source, which reads its config.yaml."""
+    from pretrain.hf.pretrained import SourceError, open_source
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = run / "config.yaml"
+    if plant == "link-outside":
+        config.symlink_to(secret)
+    elif plant == "link-dev-zero":
+        config.symlink_to("/dev/zero")
+    elif plant == "fifo":
+        os.mkfifo(config)
+    elif plant == "large":
+        config.write_text("model: {}\n# " + SECRET * 300_000)
+    else:
+        config.write_text(SECRET + "\n")
+    with within(10), pytest.raises(SourceError) as e:
+        open_source(run)
+    message = str(e.value)
+    assert str(config) in message and "\n" not in message
+    assert SECRET not in message and "root:" not in message
