@@ -1,6 +1,9 @@
 """Warm start from an autoregressive Hugging Face model: `model.init_from=FOLDER` where FOLDER holds a
-Llama (`LlamaForCausalLM`, Llama 3's RoPE scaling included), Qwen2 or Qwen3 causal LM (config.json and
-safetensors, one file or sharded). Dream 7B (from Qwen2.5), DiffuLLaMA (from Llama 2), RND1 and dllm's
+Llama (`LlamaForCausalLM`, Llama 3's RoPE scaling included), Qwen2, Qwen3 or Qwen3-MoE causal LM
+(config.json and safetensors, one file or sharded). A Qwen3-MoE source gives `model.moe`: softmax
+routing over its experts, top `num_experts_per_tok`, its `norm_topk_prob`, no shared expert, its
+`mlp_only_layers` as the first dense layers; its per-expert tensors (`mlp.experts.{j}.*_proj`) are
+stacked into ours, its router (`mlp.gate`) is ours. Dream 7B (from Qwen2.5), DiffuLLaMA (from Llama 2), RND1 and dllm's
 A2D recipes (from Qwen3) start this way.
 
     python -m pretrain.hf.causal_import FOLDER [NAME]   # prints the model section that FOLDER gives a run
@@ -42,10 +45,15 @@ from pretrain.config import ModelConfig
 from pretrain.hf.folder_files import INDEX, WEIGHTS, weight_map, weights_path
 from pretrain.hf.format import FormatError, read_config
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Qwen3MoeForCausalLM": "qwen3_moe"}
 # The model.* keys that decide the weights' shapes and meaning: the run's must be the source's.
 MATCHED = ("n_layers", "d_model", "n_heads", "n_kv_heads", "mlp_hidden_size", "head_dim", "rope_theta",
-           "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "rope_scaling")
+           "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "rope_scaling", "moe")
+# The model.moe keys that decide the weights' meaning (the rest, expert bias and auxiliary losses, are
+# the run's training choices; a Qwen3-MoE source suggests its router_aux_loss_coef).
+MOE_MATCHED = ("num_experts", "top_k", "expert_hidden_size", "num_shared_experts", "first_dense_layers",
+               "score_func", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob")
 LAYER_NAMES = {  # theirs (under model.layers.{i}.) -> ours (under transformer.blocks.{i}.)
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ff_norm.weight",
     "self_attn.q_proj.weight": "q_proj.weight", "self_attn.k_proj.weight": "k_proj.weight",
@@ -54,7 +62,9 @@ LAYER_NAMES = {  # theirs (under model.layers.{i}.) -> ours (under transformer.b
     "self_attn.v_proj.bias": "v_proj.bias", "self_attn.q_norm.weight": "q_norm.weight",
     "self_attn.k_norm.weight": "k_norm.weight", "mlp.gate_proj.weight": "ff_proj.weight",
     "mlp.up_proj.weight": "up_proj.weight", "mlp.down_proj.weight": "ff_out.weight",
+    "mlp.gate.weight": "moe.router.weight",  # Qwen3-MoE's router
 }
+EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")  # mlp.experts.{j}.{name}.weight -> moe.experts.{name} [E, ...]
 TOP_NAMES = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight",
              "lm_head.weight": "transformer.ff_out.weight"}
 
@@ -92,13 +102,40 @@ def source_fields(config: dict, where: str) -> dict:
         raise FormatError(f"{where}/config.json: rope_scaling={scaling} is not supported (only Llama 3's)")
     d, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // heads
-    return dict(n_layers=config["num_hidden_layers"], d_model=d, n_heads=heads,
+    moe = moe_fields(config, where) if kind == "qwen3_moe" else None
+    return dict(moe=moe, n_layers=config["num_hidden_layers"], d_model=d, n_heads=heads,
                 n_kv_heads=config.get("num_key_value_heads") or heads, mlp_hidden_size=config["intermediate_size"],
                 vocab_size=config["vocab_size"], max_sequence_length=config.get("max_position_embeddings", 4096),
                 rope_theta=float(config.get("rope_theta", 10000.0)), rms_norm_eps=float(config["rms_norm_eps"]),
                 head_dim=None if head_dim * heads == d else head_dim, qkv_bias=kind == "qwen2",
-                qk_norm=kind == "qwen3", tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                qk_norm=kind in ("qwen3", "qwen3_moe"), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
                 rope_scaling=None if scaling is None else {k: scaling[k] for k in sorted(scaling) if k != "type"})
+
+
+def moe_fields(config: dict, where: str) -> dict:
+    """model.moe of a Qwen3-MoE config.json: its MoE layers must be every layer after its dense ones."""
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if key not in config:
+            raise FormatError(f"{where}/config.json has no {key!r}")
+    dense = sorted(config.get("mlp_only_layers") or [])
+    step = config.get("decoder_sparse_step", 1)
+    if step != 1 or dense != list(range(len(dense))):
+        raise FormatError(f"{where}/config.json: decoder_sparse_step={step}, mlp_only_layers={dense} is not "
+                          "supported (our MoE layers are every layer after the first dense ones)")
+    return dict(num_experts=config["num_experts"], top_k=config["num_experts_per_tok"],
+                expert_hidden_size=config["moe_intermediate_size"], num_shared_experts=0,
+                first_dense_layers=len(dense), score_func="softmax", expert_bias=False, bias_update_rate=0.0,
+                n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                aux_loss_coef=float(config.get("router_aux_loss_coef", 0.0)), z_loss_coef=0.0)
+
+
+def matched(key: str, value):
+    """What must agree between the run and the source: for model.moe, its MOE_MATCHED keys."""
+    if key != "moe" or value is None:
+        return value
+    get = value.get if isinstance(value, dict) else lambda k: getattr(value, k)
+    return {k: get(k) for k in MOE_MATCHED}
 
 
 # -- the mask token ----------------------------------------------------------------------------------
@@ -141,9 +178,10 @@ def check_source(folder: str, model: ModelConfig, data_tokenizer: str | None) ->
     fields = source_fields(config, folder)
     weights_index(folder)  # refuses pickle-only folders before any work
     for key in MATCHED:
-        if getattr(model, key) != fields[key]:
-            raise FormatError(f"{folder}/config.json gives model.{key}={fields[key]!r}, but model.{key}="
-                              f"{getattr(model, key)!r} (model={model.name}; python -m pretrain.hf.causal_import "
+        theirs, ours = matched(key, fields[key]), matched(key, getattr(model, key))
+        if ours != theirs:
+            raise FormatError(f"{folder}/config.json gives model.{key}={theirs!r}, but model.{key}="
+                              f"{ours!r} (model={model.name}; python -m pretrain.hf.causal_import "
                               f"{folder} prints the config that fits)")
     mask = mask_choice(folder, data_tokenizer, fields["vocab_size"])
     vocab = resolved_vocab(fields["vocab_size"], mask)
@@ -173,16 +211,22 @@ class CausalWeights:
     ours: dict[str, tuple[str, str]]  # our name -> (their name, file)
     mask: dict
     vocab: int
+    stacked: dict[str, list[tuple[str, str]]]  # our experts' name -> each expert's (their name, file), in order
 
     @staticmethod
     def open(folder: str | Path, model: ModelConfig) -> CausalWeights:
         folder = Path(folder)
-        ours = {}
+        ours, experts = {}, {}
         for theirs, file in weights_index(folder).items():
             if theirs in TOP_NAMES:
                 name = TOP_NAMES[theirs]
             elif theirs.startswith("model.layers."):
                 i, rest = theirs[len("model.layers."):].split(".", 1)
+                parts = rest.split(".")
+                if (len(parts) == 5 and parts[:2] == ["mlp", "experts"] and parts[2].isdigit()
+                        and parts[3] in EXPERT_NAMES and parts[4] == "weight"):
+                    experts[(f"transformer.blocks.{i}.moe.experts.{parts[3]}", int(parts[2]))] = (theirs, file)
+                    continue
                 if rest not in LAYER_NAMES:
                     raise FormatError(f"{folder}: tensor {theirs} has no place in our block")
                 name = f"transformer.blocks.{i}.{LAYER_NAMES[rest]}"
@@ -193,9 +237,21 @@ class CausalWeights:
             ours[name] = (theirs, file)
         if model.tie_embeddings:
             ours.pop("transformer.ff_out.weight", None)  # some tied checkpoints store the head as well
-        return CausalWeights(folder, ours, model.mask_token, model.vocab_size)
+        stacked = {}
+        for (name, j), entry in sorted(experts.items()):
+            stacked.setdefault(name, []).append(entry)
+            if j != len(stacked[name]) - 1:
+                raise FormatError(f"{folder}: {name.replace('transformer.blocks.', 'layer ')}: expert {j} follows "
+                                  f"{len(stacked[name]) - 1} experts (their numbers must run 0, 1, ...)")
+        return CausalWeights(folder, ours, model.mask_token, model.vocab_size, stacked)
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.stacked:  # one tensor per expert -> ours, stacked [E, ...]
+            tensors = []
+            for theirs, file in self.stacked[name]:
+                with safe_open(weights_path(self.folder, file), framework="pt") as f:
+                    tensors.append(f.get_tensor(theirs))
+            return torch.stack(tensors)
         theirs, file = self.ours[name]
         with safe_open(weights_path(self.folder, file), framework="pt") as f:
             tensor = f.get_tensor(theirs)
@@ -222,6 +278,10 @@ class CausalWeights:
             if name in ("transformer.wte.weight", "transformer.ff_out.weight"):
                 shape[0] = max(shape[0], self.vocab)
             shapes[name] = torch.Size(shape)
+        for name, entries in self.stacked.items():
+            theirs, file = entries[0]
+            with safe_open(weights_path(self.folder, file), framework="pt") as f:
+                shapes[name] = torch.Size([len(entries), *f.get_slice(theirs).get_shape()])
         return shapes
 
     def check_names(self, expected: dict[str, torch.Size]) -> None:
@@ -232,7 +292,7 @@ class CausalWeights:
             if tuple(found[name]) != tuple(shape):
                 raise FormatError(f"{self.folder}: {self.ours[name][0]} has shape {list(found[name])}, the model "
                                   f"expects {list(shape)}")
-        extra = [self.ours[n][0] for n in found if n not in expected]
+        extra = [self.ours[n][0] if n in self.ours else self.stacked[n][0][0] for n in found if n not in expected]
         if extra:
             raise FormatError(f"{self.folder}: tensor {extra[0]} has no place in the model")
 

@@ -41,7 +41,12 @@ SOURCES = {
               dict(rope_theta=1e6, tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", ["<|endoftext|>"], 0,
               dict(rope_theta=1e6, tie_word_embeddings=False, head_dim=32)),
+    # a mixture of experts: layer 0 dense (mlp_only_layers), layer 1 with 4 experts, top 2, normalised
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", ["<|endoftext|>"], 0,
+                  dict(rope_theta=1e6, tie_word_embeddings=False, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0])),
 }
+DENSE = ["llama", "qwen2", "qwen3"]
 SHAPES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, rms_norm_eps=1e-6)
 
@@ -181,7 +186,7 @@ def test_refusals_name_the_cause(sources, tmp_path):
     assert "qkv_bias: true" in model_yaml(str(folder), "q") and "qk_norm: false" in model_yaml(str(folder), "q")
 
 
-@pytest.mark.parametrize("kind", list(SOURCES))
+@pytest.mark.parametrize("kind", DENSE)  # a MoE source's run: test_a_qwen3_moe_source_...
 def test_zero3_run_from_each_source_resumes_exactly_and_exports(sources, kind, tmp_path, capsys):
     folder, shards = sources[kind]
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
@@ -234,10 +239,6 @@ def read_config_yaml(run_dir) -> dict:
     return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 @pytest.mark.parametrize("kind", ["qwen2"])
 def test_init_from_alone_takes_the_architecture_from_the_folder(sources, kind, tmp_path):
     """As from_pretrained: no model= preset, no data.tokenizer (the shards' copy of the source's is compared
@@ -264,3 +265,33 @@ def test_init_from_alone_takes_the_architecture_from_the_folder(sources, kind, t
     proc = subprocess.run([sys.executable, "-m", "pretrain.hf.causal_import", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m pretrain.hf.causal_import FOLDER")
+
+
+def test_a_qwen3_moe_source_gives_the_mixture_of_experts_and_trains_from_it(sources, tmp_path):
+    """model.moe from the folder (softmax routing, top k, no shared expert, its dense layers), a preset that
+    disagrees refused naming model.moe, and two ZeRO-3 steps on 2 ranks from its weights (the experts
+    stacked from one tensor set per expert)."""
+    folder, shards = sources["qwen3_moe"]
+    alone = [*ARGS[1:], f"model.init_from={folder}", f"data.dir={shards}"]
+    moe = compose_config(alone).model.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_hidden_size, moe.num_shared_experts, moe.first_dense_layers,
+            moe.score_func, moe.norm_topk_prob, moe.routed_scaling_factor) == (4, 2, 32, 0, 1, "softmax", True, 1.0)
+    assert "moe: {" in model_yaml(str(folder), "q")
+    refused = r"gives model.moe=\{'num_experts': 4, 'top_k': 2.*but model.moe=\{'num_experts': 4, 'top_k': 1"
+    with pytest.raises(ConfigError, match=refused):
+        compose_config(ARGS + overrides(folder, shards) + ["model.moe.top_k=1"])
+    weights = CausalWeights.open(folder, compose_config(alone).model)
+    source = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    expert = source.model.layers[1].mlp.experts[3]
+    assert torch.equal(weights.get("transformer.blocks.1.moe.experts.down_proj")[3], expert.down_proj.weight)
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                "pretrain.train"]
+    proc = run_train(launcher, tmp_path / "run", shards, *ARGS, *overrides(folder, shards), "trainer.max_steps=2",
+                     timeout=600)  # run_train names model=tiny: the folder's values as overrides
+    params = sum(p.numel() for p in LLaDAModel(compose_config(alone).model).parameters())  # with the mask's row
+    assert f"init_from: loaded {params:,} parameters from {folder}" in proc.stdout
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
