@@ -56,7 +56,9 @@ def compare(saved: dict, current: dict, saved_data: str | None, current_data: st
 def refusal(where, refused: list[str]) -> str:
     """The one line a refused resume raises; where only the context keys changed, it names the way that works."""
     way = "use another run_dir, or resume=never with a fresh one"
-    if all(r.split(":")[0].startswith(CONTEXT_KEYS) for r in refused):
+    keys = [r.split(":")[0] for r in refused]  # a new length also means new shards: their fingerprint differs
+    if any(k.startswith(CONTEXT_KEYS) for k in keys) and all(k.startswith(CONTEXT_KEYS) or k == "data fingerprint"
+                                                             for k in keys):
         way = ("to train at a longer context, export this run (python -m pretrain.export) and start a new run_dir "
                "with model.init_from (docs/long_context.md)")
     return f"{where} was trained with another model or data; refusing to resume ({'; '.join(refused)}): {way}"

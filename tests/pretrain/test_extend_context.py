@@ -104,5 +104,7 @@ def test_the_refusal_names_the_stage_only_for_context_keys():
     assert refusal("ck", ["trainer.seq_len: 64 -> 128", "model.rope_scaling.factor: None -> 8.0"]).endswith(
         "export this run (python -m pretrain.export) and start a new run_dir with model.init_from "
         "(docs/long_context.md)")
+    assert "export this run" in refusal("ck", ["trainer.seq_len: 64 -> 128", "data fingerprint: a -> b (other shards)"])
+    assert "export this run" not in refusal("ck", ["data fingerprint: a -> b (other shards in data.dir)"])
     assert refusal("ck", ["trainer.seq_len: 64 -> 128", "seed: 0 -> 1"]).endswith(
         "use another run_dir, or resume=never with a fresh one")
