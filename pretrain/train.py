@@ -46,6 +46,7 @@ from pretrain.checkpoint.resume_check import (
     config_dict,
     flatten,
     reapply_optimizer_settings,
+    refusal,
     refuse_before_data,
 )
 from pretrain.checkpoint.universal import load_dir_for
@@ -167,8 +168,7 @@ def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) 
     refused, allowed = compare(resume.manifest.get("config", {}), config_dict(run),
                                resume.manifest.get("data_fingerprint"), manifest.fingerprint())
     if refused:
-        raise ConfigError(f"{resume.directory} was trained with another model or data; refusing to resume "
-                          f"({'; '.join(refused)}): use another run_dir, or resume=never with a fresh one")
+        raise ConfigError(refusal(resume.directory, refused))
     if allowed and dist.get_rank() == 0:
         print(f"resume: changed since {resume.tag}: {'; '.join(allowed)}", flush=True)
 

@@ -11,7 +11,7 @@ from tests.conftest import child_env
 ENTRY_POINTS = ["pretrain.train", "pretrain.model", "data_pipeline.build", "data_pipeline.tokenizer",
                 "data_pipeline.validate", "pretrain.export", "pretrain.evaluate", "pretrain.generate",
                 "pretrain.lm_eval", "pretrain.report", "pretrain.plan", "launch.submit", "launch.local_cluster",
-                "launch.run"]
+                "launch.run", "pretrain.hf.needle"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

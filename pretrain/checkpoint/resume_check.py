@@ -22,6 +22,9 @@ MUST_MATCH = ("model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_he
               "model.moe.num_shared_experts", "model.moe.first_dense_layers", "model.moe.score_func",
               "model.moe.expert_bias", "model.moe.n_group", "model.moe.topk_group", "model.moe.routed_scaling_factor",
               "model.moe.norm_topk_prob")
+# What a context-extension stage changes: not a resume (the data stream's state is for other windows and the
+# lr schedule for another run) but a new run from an export with model.init_from (docs/long_context.md).
+CONTEXT_KEYS = ("trainer.seq_len", "model.max_sequence_length", "model.rope_theta", "model.rope_scaling")
 # Where the run is and what it logs; not worth a line.
 IGNORED_PREFIXES = ("run_dir", "logging.", "resume", "sample.", "deepspeed.checkpoint")
 
@@ -50,6 +53,17 @@ def compare(saved: dict, current: dict, saved_data: str | None, current_data: st
     return refused, allowed
 
 
+def refusal(where, refused: list[str]) -> str:
+    """The one line a refused resume raises; where only the context keys changed, it names the way that works."""
+    way = "use another run_dir, or resume=never with a fresh one"
+    keys = [r.split(":")[0] for r in refused]  # a new length also means new shards: their fingerprint differs
+    if any(k.startswith(CONTEXT_KEYS) for k in keys) and all(k.startswith(CONTEXT_KEYS) or k == "data fingerprint"
+                                                             for k in keys):
+        way = ("to train at a longer context, export this run (python -m pretrain.export) and start a new run_dir "
+               "with model.init_from (docs/long_context.md)")
+    return f"{where} was trained with another model or data; refusing to resume ({'; '.join(refused)}): {way}"
+
+
 def refuse_before_data(run) -> None:
     """resume=auto: the model shape, trainer.seq_len, seed and shuffle of the newest checkpoint that
     passes the resume's checks (hashes aside: choice.verify) are compared with this run's before any
@@ -72,8 +86,7 @@ def refuse_before_data(run) -> None:
         refused = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in MUST_MATCH
                    if current.get(k) is not None and saved.get(k) != current.get(k)]
         if refused:
-            raise ConfigError(f"{root / tag} was trained with another model or data; refusing to resume "
-                              f"({'; '.join(refused)}): use another run_dir, or resume=never with a fresh one")
+            raise ConfigError(refusal(root / tag, refused))
         return
 
 

@@ -176,6 +176,14 @@ def report_init_from(model: torch.nn.Module, folder: str) -> None:
     known = isinstance(info.get("step"), int) and isinstance(info.get("source"), str)
     step = f"step {info['step']} of {info['source'][:200]}" if known else "step unknown"
     print(f"init_from: loaded {params:,} parameters from {folder} ({step})", flush=True)
+    from pretrain.hf.causal_import import is_llada
+    from pretrain.hf.format import context_changes, model_config_from_hf, read_config
+
+    config = read_config(folder)
+    if is_llada(config):  # a context extension (docs/long_context.md): the positions move, say so once
+        changes = context_changes(model_config_from_hf(config, folder), model.cfg)
+        if changes:
+            print(f"init_from: context extension: {'; '.join(changes)}", flush=True)
 
 
 def build_engine(run: RunConfig, world_size: int):

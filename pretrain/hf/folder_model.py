@@ -3,9 +3,10 @@
 Without `model=` on the command line (Hydra's override list tells it from the default), the model
 section's architecture keys are set from FOLDER/config.json: a LLaDA export (pretrain.export) or a
 Llama / Qwen2 / Qwen3 causal LM (pretrain/hf/causal_import.py). A `model.KEY=...` given on the command
-line still wins, and is then checked against the folder like any other value. An explicit `model=`
-keeps its preset: one that disagrees with the folder is refused by the start-up checks, as before.
-Only config.json is read here (no weights); the folder's other checks come after, with the rest.
+line or set by an `experiment=` preset still wins, and is then checked against the folder like any other
+value. An explicit `model=` keeps its preset: one that disagrees with the folder is refused by the
+start-up checks, as before. Only config.json is read here (no weights); the folder's other checks come
+after, with the rest.
 """
 
 from __future__ import annotations
@@ -27,11 +28,32 @@ def named_on_command_line(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
+def set_by_preset(overrides: list[str]) -> set[str]:
+    """The model keys an `experiment=NAME` preset sets (conf/experiment/NAME.yaml), as `model.KEY`, and
+    `model` itself where it picks a model group: a preset's value wins over the folder's as a command
+    line's does (experiment=extend_context sets the new RoPE and length an export is continued at)."""
+    from omegaconf import OmegaConf
+
+    from data_pipeline.config import CONF_DIR
+
+    names = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "experiment"]
+    keys = set()
+    for name in names:
+        path = CONF_DIR / "experiment" / f"{name}.yaml"
+        if not path.is_file():
+            continue  # Hydra has already refused an unknown preset
+        preset = OmegaConf.to_container(OmegaConf.load(path))
+        keys |= {f"model.{k}" for k in (preset.get("model") or {})}
+        if any(isinstance(d, dict) and "override /model" in d for d in preset.get("defaults") or []):
+            keys.add("model")
+    return keys
+
+
 def model_from_folder(cfg: DictConfig, overrides: list[str]) -> bool:
     """Sets cfg.model's architecture from model.init_from's config.json when `model=` is not among the
     overrides; returns whether it did. Raises FormatError for a folder it cannot read."""
     folder = cfg.model.get("init_from")
-    given = named_on_command_line(overrides)
+    given = named_on_command_line(overrides) | set_by_preset(overrides)
     if not folder or "model" in given:
         return False
     config = read_config(folder)

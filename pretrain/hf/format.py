@@ -165,17 +165,31 @@ def model_config(section: dict) -> ModelConfig:
     return OmegaConf.to_object(merged)
 
 
+# What a context-extension stage (docs/long_context.md) may change when it starts from an export: they
+# fix where positions sit, not any weight's shape, so the weights load as they are.
+CONTEXT_FIELDS = ("max_sequence_length", "rope_theta", "rope_scaling")
+
+
 def check_matches(found: ModelConfig, expected: ModelConfig, where: str) -> None:
-    """The first size key where the folder's model differs from the run's `model=` config."""
+    """The first size key where the folder's model differs from the run's `model=` config; the
+    CONTEXT_FIELDS may differ (context_changes lists them)."""
     for key, field in SIZES.items():
         a, b = getattr(found, field), getattr(expected, field)
+        if field in CONTEXT_FIELDS:
+            continue
         if b is not None and a != b:  # None: model.vocab_size=null, resolved from the data later
             raise FormatError(f"{where}/config.json: {key}={a}, but model.{field}={b} (model={expected.name})")
-    for field in ("head_dim", "qkv_bias", "qk_norm", "tie_embeddings", "rope_scaling", "shift_prediction"):
+    for field in ("head_dim", "qkv_bias", "qk_norm", "tie_embeddings", "shift_prediction"):
         a, b = getattr(found, field), getattr(expected, field)
         if a != b:
             raise FormatError(f"{where}/config.json gives model.{field}={a!r}, but model.{field}={b!r} "
                               f"(model={expected.name})")
+
+
+def context_changes(found: ModelConfig, expected: ModelConfig) -> list[str]:
+    """'model.KEY: folder's -> run's' for each CONTEXT_FIELDS value the run changes."""
+    return [f"model.{f}: {getattr(found, f)!r} -> {getattr(expected, f)!r}" for f in CONTEXT_FIELDS
+            if getattr(found, f) != getattr(expected, f)]
 
 
 # -- weights ----------------------------------------------------------------------------------------

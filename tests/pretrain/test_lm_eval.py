@@ -16,6 +16,7 @@ import torch
 
 from pretrain.evaluate import evaluate_choices
 from pretrain.generate import main as generate_main
+from pretrain.hf.needle import write_task
 from pretrain.hf.pretrained import load_model, open_source
 from pretrain.lm_eval import lm_eval_argv, main
 from pretrain.model.kv_cache import KVCache
@@ -94,7 +95,7 @@ def read_output(folder: Path) -> tuple[dict, dict]:
     return results, samples
 
 
-TASKS = ["--tasks", "llada_mc,llada_gen,llada_ppl", "--model_args", f"mc_num={MC_NUM}", "--log_samples"]
+TASKS = ["--tasks", "llada_mc,llada_gen,llada_ppl,needle", "--model_args", f"mc_num={MC_NUM}", "--log_samples"]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,7 @@ def harness(trained_run, tmp_path_factory):
     full = cut_completion(row.tolist(), tok.decode, source.eos_id)[1]
     stop = full[len(full) // 2: len(full) // 2 + 1] or "e"
     write_tasks(root / "tasks", stop)
+    write_task(str(trained_run), root / "tasks", lengths=[64], depths=[0.0, 1.0], per_cell=2)  # pretrain/hf/needle.py
     saved = sys.argv, {k: os.environ.get(k) for k in hf_env(root)}
     os.environ.update(hf_env(root))
     try:
@@ -124,7 +126,7 @@ def harness(trained_run, tmp_path_factory):
 @pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)  # precision plays no part here
 def test_local_tasks_run_end_to_end_and_the_planted_answers_rank_first(harness):
     _, _, _, results, samples = harness
-    assert set(samples) == {"llada_mc", "llada_gen", "llada_ppl"}
+    assert set(samples) == {"llada_mc", "llada_gen", "llada_ppl", "needle"}
     for doc in PLANTED:
         ll = [float(r[0][0]) for r in samples["llada_mc"][doc]["resps"]]
         assert max(range(len(ll)), key=ll.__getitem__) == ITEMS[doc]["answer"]
@@ -143,6 +145,23 @@ def test_loglikelihood_equals_pretrain_evaluate_on_the_same_pairs_and_seed(harne
     for doc in range(len(ITEMS)):
         ll = [float(r[0][0]) for r in samples["llada_mc"][doc]["resps"]]
         assert ll == pytest.approx([-x for x in ours["nll"][doc]], rel=1e-5)
+
+
+@pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)
+def test_the_needle_task_runs_end_to_end_with_our_estimator(harness, trained_run):
+    # No pass bar on a 64-token model trained 30 steps; what must hold: lm-eval scored every item of the
+    # written task, with the choices' likelihoods that pretrain.evaluate gives on the same items and seed.
+    root, _, _, results, samples = harness
+    items = [json.loads(line) for line in (root / "tasks" / "needle.jsonl").read_text().splitlines()]
+    assert len(items) == 4 and sorted(samples["needle"]) == list(range(4))
+    source = open_source(trained_run)
+    ours = evaluate_choices(load_model(source), source, items, MC_NUM, 16, 0, "cpu")
+    for doc, item in enumerate(items):
+        ll = [float(r[0][0]) for r in samples["needle"][doc]["resps"]]
+        assert ll == pytest.approx([-x for x in ours["nll"][doc]], rel=1e-5)
+        assert samples["needle"][doc]["acc"] == float(max(range(4), key=ll.__getitem__) == item["answer"])
+    accs = [samples["needle"][d]["acc"] for d in range(4)]
+    assert results["needle"]["acc,none"] == pytest.approx(sum(accs) / 4)
 
 
 @pytest.mark.parametrize("trained_run", ["fp32"], indirect=True)
