@@ -164,7 +164,9 @@ def lock_run_dir(run: RunConfig, rank: int) -> run_lock.RunLock | None:
 
 def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) -> None:
     """Refuses a checkpoint of another model shape or other data (before the engine is built)."""
-    sequence_parallel.check_resume(resume.manifest.get("config", {}), run, str(resume.directory))
+    line = sequence_parallel.resume_line(resume.manifest.get("config", {}), run)
+    if line and dist.get_rank() == 0:
+        print(line, flush=True)
     refused, allowed = compare(resume.manifest.get("config", {}), config_dict(run),
                                resume.manifest.get("data_fingerprint"), manifest.fingerprint())
     if refused:
@@ -295,7 +297,8 @@ def train(cfg: DictConfig) -> None:
     write_setup(run, engine, cfg, world)
     saved = None
     if resume is not None:
-        saved = checkpoint.load(engine, resume, load_dir)
+        same_layout = sequence_parallel.saved_size(resume.manifest.get("config", {})) == run.cluster.sequence_parallel
+        saved = checkpoint.load(engine, resume, load_dir, same_layout)
         reapply_optimizer_settings(engine, run.optim)
     # The ranks of a sequence-parallel group read the same sequences: the stream's ranks are the groups.
     layout = sequence_parallel.Layout.of(run, rank, world)

@@ -308,9 +308,10 @@ class Resume:
         return int(self.manifest.get("world_size", 0))
 
 
-def load(engine, resume: Resume, load_dir: Path) -> dict:
+def load(engine, resume: Resume, load_dir: Path, same_data_layout: bool = True) -> dict:
     """Restores `resume` into `engine` from `load_dir` (checkpoints/, or its universal/ form at another
-    world size) and returns this rank's trainer state. At another world size every rank gets rank 0's
+    world size) and returns this rank's trainer state. At another world size (or another data-parallel
+    layout: `same_data_layout` False, e.g. another cluster.sequence_parallel) every rank gets rank 0's
     state without the per-rank RNG states: the stream re-plans from it (every rank of the old run
     had consumed the same number of micro-batches), and the loop re-seeds the masking RNG."""
     try:
@@ -327,7 +328,7 @@ def load(engine, resume: Resume, load_dir: Path) -> dict:
     if path is None:
         raise CheckpointError(f"{load_dir / resume.tag}: DeepSpeed could not load it")
     rank, world = dist.get_rank(), dist.get_world_size()
-    same_layout = resume.world_size == world
+    same_layout = resume.world_size == world and same_data_layout
     state = read_json(resume.directory / f"trainer_state_rank{rank if same_layout else 0}.json", "the trainer state")
     if not same_layout:
         for key in ("mask_rng", "torch_rng", "cuda_rng"):

@@ -181,11 +181,18 @@ def add_up(shard: SequenceShard | None, loss: torch.Tensor, stats):
                                           correct=correct)
 
 
-def check_resume(saved_config: dict, run: RunConfig, where: str) -> None:
-    """A resume keeps the sequence-parallel size: each rank's saved data stream is its data-parallel
-    rank's of the old layout (another size at another world goes through the universal checkpoint,
-    not supported yet). A checkpoint from before the key existed was trained with 1."""
-    old = (saved_config.get("cluster") or {}).get("sequence_parallel", 1)
-    new = run.cluster.sequence_parallel
-    require(old == new, f"{where} was trained with cluster.sequence_parallel={old}, this run asks for {new}: a resume "
-                        f"keeps the size (each rank's saved data stream belongs to the old data-parallel layout)")
+def saved_size(saved_config: dict) -> int:
+    """The sequence-parallel size a checkpoint was trained with (1 before the key existed)."""
+    return int((saved_config.get("cluster") or {}).get("sequence_parallel", 1) or 1)
+
+
+def resume_line(saved_config: dict, run: RunConfig) -> str | None:
+    """One line when a resume changes the size: another data-parallel layout, so every rank starts from
+    rank 0's trainer state and the data stream re-plans (data_pipeline/stream.py: every window not yet
+    read is read once); ZeRO-3's shards are cut over the whole world either way, so at the same world
+    size the engine loads them as they are, at another through the universal checkpoint."""
+    old, new = saved_size(saved_config), run.cluster.sequence_parallel
+    if old == new:
+        return None
+    return (f"resume: cluster.sequence_parallel {old} -> {new}: the data-parallel ranks change, the data stream "
+            f"re-plans from rank 0's state")
