@@ -106,6 +106,13 @@ class UlyssesAttention:
         return self.layer(q, k, v, 0, None, docs)  # batch first; no rotary here (applied before, per position)
 
 
+def gathered_order(length: int, halves: int, size: int, device) -> torch.Tensor:
+    """The position in the whole pass of each token of the gathered sequence: the all-to-all gathers the
+    ranks' slices in rank order, each rank's slice being its part of every half."""
+    parts = torch.arange(length, device=device).chunk(halves)
+    return torch.cat([torch.cat([p.chunk(size)[r] for p in parts]) for r in range(size)])
+
+
 class SequenceShard:
     """This rank's slice of each sequence in the training pass (LLaDAModel.hidden calls it).
 
@@ -137,33 +144,47 @@ class SequenceShard:
         return self.wrappers[id(backend)]
 
     def order(self, length: int, halves: int, device) -> torch.Tensor:
-        """The position in the whole pass of each token of the gathered sequence."""
         key = (length, halves, str(device))
         if key not in self._orders:
-            parts = torch.arange(length, device=device).chunk(halves)
-            self._orders[key] = torch.cat([torch.cat([p.chunk(self.size)[r] for p in parts]) for r in range(self.size)])
+            self._orders[key] = gathered_order(length, halves, self.size, device)
         return self._orders[key]
 
     def gathered(self, docs, length: int, halves: int):
-        """A dense mask [.., length, length] of the whole pass, in the gathered order (None passes)."""
-        if docs is None or halves == 1:
+        """A dense mask [.., length, length] of the whole pass, in the gathered order (None passes, and so
+        does a FlexAttention BlockMask: GatheredFlexAttention built it in that order)."""
+        if docs is None or halves == 1 or not isinstance(docs, torch.Tensor):
             return docs
         o = self.order(length, halves, docs.device)
         return docs.index_select(-2, o).index_select(-1, o)
 
 
+class GatheredFlexAttention:
+    """The block pass's FlexAttention under SP: its BlockMask is built in the gathered order (a BlockMask
+    cannot be permuted afterwards, as SequenceShard.gathered permutes a dense mask)."""
+
+    def __init__(self, flex, size: int):
+        self.flex, self.size = flex, size
+
+    def mask(self, seq_len: int, block_size: int, device, doc_start: torch.Tensor | None = None):
+        order = gathered_order(2 * seq_len, 2, self.size, device)
+        return self.flex.mask(seq_len, block_size, device, doc_start, order=order)
+
+    def __call__(self, q, k, v, block_mask):
+        return self.flex(q, k, v, block_mask)
+
+
 def make_shard(model, layout: Layout) -> SequenceShard | None:
-    """The training pass's shard for this rank (None: SP 1). The block pass's mask is the dense one
-    under SP (the FlexAttention BlockMask cannot be permuted into the gathered order), so the model's
-    block backend becomes SDPA's here."""
+    """The training pass's shard for this rank (None: SP 1). The block pass keeps its backend: a dense
+    mask (SDPA) is permuted into the gathered order, FlexAttention's BlockMask is built in it."""
     if layout.size == 1:
         return None
     from pretrain.model.attention import sdpa_attention
-    from pretrain.model.block_attention import SDPABlockAttention
+    from pretrain.model.block_attention import FlexBlockAttention
 
-    model.block_attention = SDPABlockAttention()
-    return SequenceShard(init_groups(layout.size).get_sequence_parallel_group(), layout.size, layout.sp_rank,
-                         (model.attention, model.block_attention, sdpa_attention))
+    group = init_groups(layout.size).get_sequence_parallel_group()
+    if isinstance(model.block_attention, FlexBlockAttention):
+        model.block_attention = GatheredFlexAttention(model.block_attention, layout.size)
+    return SequenceShard(group, layout.size, layout.sp_rank, (model.attention, model.block_attention, sdpa_attention))
 
 
 def add_up(shard: SequenceShard | None, loss: torch.Tensor, stats):

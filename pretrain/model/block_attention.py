@@ -84,19 +84,25 @@ class FlexBlockAttention:
         self.flex = torch.compile(flex_attention) if compiled else flex_attention
         self._cache: dict[tuple[int, int, str], object] = {}
 
-    def mask(self, seq_len: int, block_size: int, device, doc_start: torch.Tensor | None = None):
-        key = (seq_len, block_size, str(device))
+    def mask(self, seq_len: int, block_size: int, device, doc_start: torch.Tensor | None = None,
+             order: torch.Tensor | None = None):
+        """`order` (sequence parallelism, pretrain/engine/sequence_parallel.py): the pass's tokens arrive in
+        another order, order[i] being the position in the pass of token i; the mask is built in that order
+        (a BlockMask cannot be permuted afterwards, as a dense mask can)."""
+        key = (seq_len, block_size, str(device), order is not None)
         if doc_start is None and key in self._cache:
             return self._cache[key]
         n = 2 * seq_len
+        place = (lambda i: i) if order is None else (lambda i: order[i])  # noqa: E731
         if doc_start is None:
             def mask_mod(b, h, q, kv):
-                return may_attend(q, kv, seq_len, block_size)
+                return may_attend(place(q), place(kv), seq_len, block_size)
             batch = None
         else:
             seg = doubled_segments(doc_start.to(device))
 
             def mask_mod(b, h, q, kv):
+                q, kv = place(q), place(kv)
                 return may_attend(q, kv, seq_len, block_size) & (seg[b, q] == seg[b, kv])
             batch = seg.shape[0]
         block_mask = self.create_block_mask(mask_mod, batch, None, n, n, device=device, BLOCK_SIZE=flex_tile(n))

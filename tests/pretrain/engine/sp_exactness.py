@@ -2,7 +2,8 @@
 gradients over whole sequences against the same under sequence parallelism 2 (DeepSpeed's
 DistributedAttention over gloo), for plain, packed (document mask), block diffusion and both; fp32.
 Rank 0 prints one JSON line: per case, both losses, the largest gradient difference and the largest
-gradient, and the length of the hidden states each rank computed."""
+gradient, and the length of the hidden states each rank computed; for the block cases also the split loss
+through FlexAttention (forward only: its backward needs a GPU)."""
 
 import json
 import sys
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from pretrain.checks import compose_config
 from pretrain.engine import sequence_parallel as sp
 from pretrain.engine.build import init_distributed
+from pretrain.model.block_attention import FlexBlockAttention
 from pretrain.model.transformer import LLaDAModel
 from pretrain.objective.diffusion import forward_process, make_schedule, model_loss_and_stats
 
@@ -53,6 +55,15 @@ for name, kwargs in cases.items():
                  "grad_max": max(w.abs().max().item() for w in want),
                  "masked": summed.masked.tolist(), "masked_want": noisy.masked.sum(1).float().tolist(),
                  "hidden_len": hidden.shape[1]}
+# FlexAttention (what a block model trains with on a GPU), forward only: its backward needs a GPU. Under SP
+# its BlockMask is built in the all-to-all's gathered order (GatheredFlexAttention).
+model.block_attention = FlexBlockAttention(compiled=False)
+flex_shard = sp.make_shard(model, sp.Layout.of(run, rank, world))
+assert isinstance(model.block_attention, sp.GatheredFlexAttention)
+with torch.no_grad():
+    for name in ("block", "block_packed"):
+        part, stats = model_loss_and_stats(model, x0, noisy, normalize, shard=flex_shard, **cases[name])
+        out[name]["flex_split"] = sp.add_up(flex_shard, part, stats)[0].item()
 if rank == 0:
     print(json.dumps(out), flush=True)
 dist.barrier()

@@ -88,6 +88,14 @@ def test_split_sequences_give_the_whole_sequences_loss_and_gradients(model_cases
     assert r["masked"] == r["masked_want"]  # the statistics the metrics log, added up over the group
 
 
+@pytest.mark.parametrize("case", ["block", "block_packed"])
+def test_flex_attention_under_sp_builds_its_block_mask_in_the_gathered_order(model_cases, case):
+    # forward only on the CPU (FlexAttention's backward needs a GPU): the split loss through FlexAttention's
+    # BlockMask equals the whole sequences' through the dense mask
+    r = model_cases[case]
+    assert r["flex_split"] == pytest.approx(r["whole"], rel=1e-5)
+
+
 def test_the_document_mask_and_the_block_pattern_are_kept_when_split(model_cases):
     # the four cases differ from each other by more than the split differs from the whole: a split that lost
     # the documents or the block pattern would fail the test above
