@@ -89,9 +89,11 @@ def test_the_block_model_exports_loads_offline_through_the_shipped_code_and_samp
         assert torch.equal(got, want), cache
 
 
-def test_lm_eval_generates_from_a_block_model_with_the_exact_cache_as_without(block_run):
+def test_lm_eval_generates_from_a_block_model_with_the_exact_cache_as_without(block_run, monkeypatch):
     """generate_until of the llada harness: cache=block gives the completions of no cache, which are the
     block sampler's for each prompt alone (batched requests, left-padded, decoded row by row)."""
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process, whatever an earlier test left in the env
+        monkeypatch.delenv(key, raising=False)
     from lm_eval.api.instance import Instance
 
     from pretrain.hf.harness import LLaDAHarness

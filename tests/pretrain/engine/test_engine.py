@@ -118,8 +118,9 @@ def test_the_cpu_engine_counts_its_numa_nodes_once_not_per_gradient_bucket(tmp_p
 # The ranks' identity when srun starts them without a launcher.
 
 def test_ranks_started_by_srun_take_their_ids_from_slurm(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # world_size_from_env sets them: restored after the test
+        monkeypatch.setenv(key, "")  # (a delenv of an absent key records nothing, and WORLD_SIZE=16 leaked)
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "1")
