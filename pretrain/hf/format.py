@@ -174,9 +174,9 @@ def check_matches(found: ModelConfig, expected: ModelConfig, where: str) -> None
     """The first size key where the folder's model differs from the run's `model=` config; the
     CONTEXT_FIELDS may differ (context_changes lists them)."""
     for key, field in SIZES.items():
-        a, b = getattr(found, field), getattr(expected, field)
         if field in CONTEXT_FIELDS:
             continue
+        a, b = getattr(found, field), getattr(expected, field)
         if b is not None and a != b:  # None: model.vocab_size=null, resolved from the data later
             raise FormatError(f"{where}/config.json: {key}={a}, but model.{field}={b} (model={expected.name})")
     for field in ("head_dim", "qkv_bias", "qk_norm", "tie_embeddings", "shift_prediction"):

@@ -69,22 +69,28 @@ def tree(directory: Path) -> dict[str, bytes]:
             for p in sorted(directory.rglob("*"))}
 
 
+def plant_file(path: Path, plant: str, secret: Path, text: str) -> None:
+    """What someone else put under a name the run reads: a link out of the run, a link to /dev/zero, a FIFO,
+    a folder, or a regular file holding `text` (any other plant)."""
+    if plant == "link-outside":
+        path.symlink_to(secret)
+    elif plant == "link-dev-zero":
+        path.symlink_to("/dev/zero")
+    elif plant == "fifo":
+        os.mkfifo(path)
+    elif plant == "folder":
+        path.mkdir()
+    else:
+        path.write_text(text)
+
+
 # -- class 2: pointers, locks, manifests and what they list ----------------------------------------------
 @pytest.mark.parametrize("plant", ["link-outside", "link-dev-zero", "fifo", "large", "folder"])
 def test_a_hostile_latest_is_described_never_read(tmp_path, secret, plant):
     root = tmp_path / "run" / "checkpoints"
     root.mkdir(parents=True)
     latest = root / "latest"
-    if plant == "link-outside":
-        latest.symlink_to(secret)
-    elif plant == "link-dev-zero":
-        latest.symlink_to("/dev/zero")
-    elif plant == "fifo":
-        os.mkfifo(latest)
-    elif plant == "large":
-        latest.write_text(SECRET * 1000)
-    else:
-        latest.mkdir()
+    plant_file(latest, plant, secret, SECRET * 1000)
     with within(10):
         text = choice.read_pointer(latest)
     assert SECRET not in (text or "") and "root:" not in (text or "")
@@ -97,14 +103,7 @@ def test_a_hostile_run_lock_is_an_unreadable_lock_and_never_read(tmp_path, secre
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     lock = run_dir / run_lock.LOCK
-    if plant == "link-outside":
-        lock.symlink_to(secret)
-    elif plant == "link-dev-zero":
-        lock.symlink_to("/dev/zero")
-    elif plant == "fifo":
-        os.mkfifo(lock)
-    else:
-        lock.write_text(json.dumps({"host": "h", "pid": 1, "pad": SECRET * 1000}))
+    plant_file(lock, plant, secret, json.dumps({"host": "h", "pid": 1, "pad": SECRET * 1000}))
     with within(10), pytest.raises(run_lock.RunLockError) as err:
         run_lock.acquire(str(run_dir), stale_s=60)
     assert "not a lock this framework wrote (unreadable)" in str(err.value)
@@ -253,16 +252,7 @@ def test_a_hostile_run_config_is_refused_in_one_line_never_read(tmp_path, secret
     run = tmp_path / "run"
     run.mkdir()
     config = run / "config.yaml"
-    if plant == "link-outside":
-        config.symlink_to(secret)
-    elif plant == "link-dev-zero":
-        config.symlink_to("/dev/zero")
-    elif plant == "fifo":
-        os.mkfifo(config)
-    elif plant == "large":
-        config.write_text("model: {}\n# " + SECRET * 300_000)
-    else:
-        config.write_text(SECRET + "\n")
+    plant_file(config, plant, secret, "model: {}\n# " + SECRET * 300_000 if plant == "large" else SECRET + "\n")
     with within(10), pytest.raises(SourceError) as e:
         open_source(run)
     message = str(e.value)
