@@ -19,7 +19,7 @@ from data_pipeline.shards import Manifest
 from data_pipeline.tokenizer import fingerprint, load_tokenizer
 from pretrain.config import ConfigError, RunConfig, check_values, parse_config, require, total_steps
 from pretrain.domains import check_domains
-from pretrain.engine import ds_config, sequence_parallel
+from pretrain.engine import ds_config, expert_parallel, sequence_parallel
 from pretrain.engine.device import resolve_precision
 from pretrain.engine.zero_sizes import resolve_zero_sizes
 from pretrain.hf.causal_import import is_llada
@@ -74,6 +74,7 @@ def check_run(run: RunConfig, world_size: int) -> None:
     diffusion.check_config(run.mask, run.trainer.seq_len)
     block.check_config(run.block, run.model, run.mask, run.trainer.seq_len)
     ds_config.check_config(run)
+    expert_parallel.check_config(run, world_size)
     if run.sample.at_end:  # a bad sampling setting would otherwise fail only after training
         s = run.sample
         try:

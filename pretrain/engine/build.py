@@ -19,7 +19,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from pretrain.config import ConfigError, RunConfig, total_steps
-from pretrain.engine import sequence_parallel
+from pretrain.engine import expert_parallel, sequence_parallel
 from pretrain.engine.expert_balance import keep_bias_fp32
 from pretrain.engine.lr_schedule import lr_fraction, step_to_position
 from pretrain.hf.folder_files import FormatError, read_json
@@ -194,6 +194,9 @@ def build_engine(run: RunConfig, world_size: int):
     # math counts world / N data-parallel ranks, as ours does.
     mpu = sequence_parallel.init_groups(run.cluster.sequence_parallel)
     ds_config = deepspeed_config(run, sequence_parallel.data_parallel_size(run, world_size))
+    ep = expert_parallel.size(run)
+    if ep is not None:  # model.moe under DeepSpeed's AutoEP: it replaces the MoE blocks in initialize()
+        ds_config["expert_parallel"] = expert_parallel.ds_section(run.model.moe, ep, run.cluster.device)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     torch.manual_seed(run.seed)  # the same initial weights on every rank and every run
     # No dtype argument: DeepSpeed 0.19 ignores it on the CPU accelerator (bf16 whatever was asked);
@@ -213,8 +216,12 @@ def build_engine(run: RunConfig, world_size: int):
     model.set_activation_checkpointing(run.trainer.activation_checkpointing)
     if run.trainer.compile:
         compile_blocks(model)
+    if ep is not None:
+        expert_parallel.lend_bias(model)
     optimizer = make_optimizer(model, run)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lr_scheduler(optimizer, run), mpu=mpu)
+    if ep is not None:
+        expert_parallel.adopt(engine.module, run.model.moe)
     keep_bias_fp32(engine.module)  # model.moe: the expert bias stays fp32 whatever the weights' dtype
     return engine

@@ -7,7 +7,6 @@ module refuses it. `check_config` is the engine's start-up check (run by pretrai
 from __future__ import annotations
 
 from pretrain.config import ConfigError, RunConfig, require
-from pretrain.engine import expert_parallel
 from pretrain.engine.device import PRECISION_CHOICES
 
 OPTIMIZER_IMPLS = ("torch", "deepspeed_fused")  # built by pretrain/engine/build.py's OPTIMIZERS
@@ -18,7 +17,6 @@ def check_config(run: RunConfig) -> None:
             f"trainer.precision={run.trainer.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     require(run.optim.impl in OPTIMIZER_IMPLS,
             f"optim.impl={run.optim.impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
-    expert_parallel.check_config(run)  # model.moe: expert parallelism and its limits
     check_section(run.deepspeed)
 
 
@@ -35,7 +33,7 @@ DEEPSPEED_KEYS = frozenset("""
     compression_training autotuning nebula timers weight_quantization hybrid_engine disable_allgather
     sparse_gradients eigenvalue progressive_layer_drop quantize_training
     use_data_before_expert_parallelism graph_harvesting compile tensor_parallel disable_python_gc
-    use_node_local_storage
+    use_node_local_storage expert_parallel
 """.split())
 
 # Keys the framework derives from trainer.* and optim.*, so there is one place to set each.
@@ -46,6 +44,7 @@ DERIVED_DEEPSPEED_KEYS = {
     "gradient_clipping": "optim.grad_clip",
     "bf16": "trainer.precision",
     "fp16": "trainer.precision",
+    "expert_parallel": "cluster.expert_parallel",
 }
 
 

@@ -79,20 +79,21 @@ class Router(nn.Module):
         counts = torch.bincount(idx.flatten(), minlength=m.num_experts)
         if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:  # not a checkpointed recompute
             self.load = self.load.to(counts.device) + counts.float()
-        self.loss = self.balance_loss(logits, scores, counts) if torch.is_grad_enabled() else None
+        self.loss = balance_loss(m, logits, scores, counts) if torch.is_grad_enabled() else None
         return idx, weights
 
-    def balance_loss(self, logits, scores, counts) -> torch.Tensor | None:
-        m = self.cfg
-        loss = None
-        if m.aux_loss_coef > 0:  # E x sum_i f_i P_i: f the share of choices, P the mean normalised score
-            f = counts.float() * m.num_experts / (logits.shape[0] * m.top_k)
-            p = (scores / scores.sum(-1, keepdim=True)).mean(0)
-            loss = m.aux_loss_coef * (f * p).sum()
-        if m.z_loss_coef > 0:
-            z = m.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-            loss = z if loss is None else loss + z
-        return loss
+
+def balance_loss(m: MoEConfig, logits, scores, counts) -> torch.Tensor | None:
+    """The auxiliary and z-losses of one router's forward (fp32 logits and scores [T, E], counts [E])."""
+    loss = None
+    if m.aux_loss_coef > 0:  # E x sum_i f_i P_i: f the share of choices, P the mean normalised score
+        f = counts.float() * m.num_experts / (logits.shape[0] * m.top_k)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        loss = m.aux_loss_coef * (f * p).sum()
+    if m.z_loss_coef > 0:
+        z = m.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        loss = z if loss is None else loss + z
+    return loss
 
 
 class Experts(nn.Module):
@@ -141,7 +142,10 @@ class MoEFeedForward(nn.Module):
 
 
 def routers(model: nn.Module) -> list[Router]:
-    return [m for m in model.modules() if isinstance(m, Router)]
+    """The model's routers, in layer order; under expert parallelism AutoEP's, as the engine left them
+    (pretrain/engine/expert_parallel.py's EPRouter: the same cfg, expert_bias, load and loss)."""
+    ep = getattr(model, "ep_routers", None)
+    return ep if ep is not None else [m for m in model.modules() if isinstance(m, Router)]
 
 
 def router_loss(model: nn.Module) -> torch.Tensor | float:

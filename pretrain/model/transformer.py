@@ -353,12 +353,13 @@ def count_params(model: nn.Module) -> dict[str, int]:
     def numel(p):  # ZeRO-3 leaves an empty placeholder in place of each partitioned parameter
         return getattr(p, "ds_numel", p.numel())
 
-    total = sum(numel(p) for p in model.parameters())
+    cfg, m = model.cfg, model.cfg.moe
+    # The routed experts from the config: under expert parallelism (AutoEP) a rank holds only its own.
+    routed = 0 if m is None else (3 * cfg.d_model * m.expert_hidden_size * m.num_experts
+                                  * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers)))
+    total = routed + sum(numel(p) for name, p in model.named_parameters() if ".moe.experts." not in name)
     embeddings = {id(p): p for p in (model.transformer.wte.weight, model.transformer.ff_out.weight)}  # once if tied
     embedding = sum(numel(p) for p in embeddings.values())
-    idle = sum(numel(b.moe.experts.gate_proj) + numel(b.moe.experts.up_proj) + numel(b.moe.experts.down_proj)
-               for b in model.transformer.blocks if b.moe is not None)  # all routed experts' weights ...
-    m = model.cfg.moe
-    idle = idle * (m.num_experts - m.top_k) // m.num_experts if m else 0  # ... less the top_k a token uses
+    idle = routed * (m.num_experts - m.top_k) // m.num_experts if m else 0  # all but the top_k a token uses
     return {"params": total, "non_embedding_params": total - embedding,
             "active_params": total - idle, "active_non_embedding_params": total - embedding - idle}
