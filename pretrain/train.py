@@ -52,7 +52,7 @@ from pretrain.checkpoint.resume_check import (
 from pretrain.checkpoint.universal import load_dir_for
 from pretrain.checks import load_config, validate_data
 from pretrain.config import ConfigError, RunConfig, total_steps
-from pretrain.engine import sequence_parallel
+from pretrain.engine import expert_parallel, sequence_parallel
 from pretrain.engine.build import build_engine, check_device, init_distributed, world_size_from_env
 from pretrain.engine.device import bound_cpu_kernel_caches
 from pretrain.engine.lr_schedule import decay_beyond_end, warmup_beyond_end
@@ -165,6 +165,7 @@ def lock_run_dir(run: RunConfig, rank: int) -> run_lock.RunLock | None:
 def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) -> None:
     """Refuses a checkpoint of another model shape or other data (before the engine is built)."""
     line = sequence_parallel.resume_line(resume.manifest.get("config", {}), run)
+    expert_parallel.reshard(resume.manifest.get("config", {}), run)  # a switch to or from AutoEP: refused here
     if line and dist.get_rank() == 0:
         print(line, flush=True)
     refused, allowed = compare(resume.manifest.get("config", {}), config_dict(run),
@@ -291,7 +292,8 @@ def train(cfg: DictConfig) -> None:
     engine_run = run
     if resume is not None:
         check_resume(run, resume, manifest)
-        load_dir, ds_section = load_dir_for(resume, run.run_dir, run.deepspeed)
+        load_dir, ds_section = load_dir_for(resume, run.run_dir, run.deepspeed,
+                                            expert_parallel.reshard(resume.manifest.get("config", {}), run))
         engine_run = dataclasses.replace(run, deepspeed=ds_section)
     engine = build_engine(engine_run, world)
     write_setup(run, engine, cfg, world)

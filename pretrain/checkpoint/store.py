@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import safe_load
+from pretrain.checkpoint import ds_names, safe_load
 from pretrain.checkpoint.files import (
     MANIFEST,
     CheckpointError,
@@ -327,6 +327,8 @@ def load(engine, resume: Resume, load_dir: Path, same_data_layout: bool = True) 
                                        f"files never hold; refused without unpickling ({_one_line(e)})") from None
     if path is None:
         raise CheckpointError(f"{load_dir / resume.tag}: DeepSpeed could not load it")
+    if load_dir != resume.directory.parent:  # the universal form: DeepSpeed restores no buffer from it
+        restore_buffers(engine.module, resume.directory)
     rank, world = dist.get_rank(), dist.get_world_size()
     same_layout = resume.world_size == world and same_data_layout
     state = read_json(resume.directory / f"trainer_state_rank{rank if same_layout else 0}.json", "the trainer state")
@@ -334,6 +336,19 @@ def load(engine, resume: Resume, load_dir: Path, same_data_layout: bool = True) 
         for key in ("mask_rng", "torch_rng", "cuda_rng"):
             state.pop(key, None)
     return state
+
+
+def restore_buffers(module: torch.nn.Module, directory: Path) -> None:
+    """The module's saved buffers (model.moe's expert biases: state that moves every step) from the
+    checkpoint's model states, which every rank wrote alike; DeepSpeed's universal load leaves them at
+    their initial values."""
+    from pretrain.checkpoint.zero_files import load_engine_file
+
+    saved = load_engine_file(ds_names.model_files(directory)[0]).get("module") or {}
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in saved and saved[name].shape == buf.shape:
+                buf.copy_(saved[name].to(buf.dtype))
 
 
 # -- RNG states as JSON ------------------------------------------------------------------------------

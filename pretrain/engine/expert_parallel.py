@@ -64,6 +64,25 @@ def check_config(run: RunConfig, world_size: int | None = None) -> None:
             f"expert per group")
 
 
+def saved_size(saved_config: dict) -> int | None:
+    """The cluster.expert_parallel a checkpoint was trained with (null before the key existed)."""
+    return (saved_config.get("cluster") or {}).get("expert_parallel")
+
+
+def reshard(saved_config: dict, run: RunConfig) -> str | None:
+    """Why a resume must recut the experts through DeepSpeed's universal checkpoint (another EP size),
+    or None. A switch between the pure-torch experts and AutoEP is refused: their layers are saved under
+    other names and layouts, and that is a new run from the export (model.init_from)."""
+    old, new = saved_size(saved_config), size(run)
+    if old == new:
+        return None
+    if old is None or new is None:
+        raise ConfigError(f"cluster.expert_parallel: {old} -> {new}: the pure-torch experts and AutoEP's layers "
+                          f"are checkpointed under other names; export the run (python -m pretrain.export) and "
+                          f"start a new one from it with model.init_from (docs/moe.md)")
+    return f"was written at cluster.expert_parallel={old}, this run has {new} (the experts move between ranks)"
+
+
 def ds_section(m: MoEConfig, n: int, device: str) -> dict:
     """AutoEP's `expert_parallel` section for our MoE block."""
     section = {

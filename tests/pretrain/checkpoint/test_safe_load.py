@@ -60,14 +60,14 @@ def test_weights_only_even_where_deepspeed_asks_for_a_full_unpickle(tmp_path):
 
 
 def test_the_universal_conversion_refuses_a_planted_pickle_and_does_not_run_it(checkpoint_copy, tmp_path):
-    from pretrain.checkpoint.universal import _convert
+    from pretrain.checkpoint.universal import _source_id, convert_once
 
     marker = tmp_path / "pwned"
     torch.save({"module": Payload(marker)}, checkpoint_copy / MODEL_STATES)
     resume = Resume(checkpoint_copy.name, checkpoint_copy, read_manifest(checkpoint_copy))
     root = checkpoint_copy.parent / "universal"
     with pytest.raises(CheckpointError, match="conversion to DeepSpeed's universal checkpoint failed"):
-        _convert(resume, root)
+        convert_once(resume.directory, root, resume.tag, _source_id(resume))
     assert not marker.exists() and not (root / checkpoint_copy.name).exists()
 
 
@@ -81,9 +81,10 @@ sys.path.insert(0, {repo!r})
 from pathlib import Path
 from pretrain.checkpoint.files import read_manifest
 from pretrain.checkpoint.store import Resume
-from pretrain.checkpoint.universal import _convert
+from pretrain.checkpoint.universal import _source_id, convert_once
 d = Path({ckpt!r})
-_convert(Resume(d.name, d, read_manifest(d)), d.parent / "universal")
+r = Resume(d.name, d, read_manifest(d))
+convert_once(d, d.parent / "universal", r.tag, _source_id(r))
 """
 
 
