@@ -28,7 +28,8 @@ from pretrain.checkpoint.store import PARTIAL, Resume, ckpt_dir, config_hash
 DONE = "converted.json"
 
 
-def load_dir_for(resume: Resume, run_dir: str, deepspeed_section: dict, reshard: str | None = None) -> tuple[Path, dict]:
+def load_dir_for(resume: Resume, run_dir: str, deepspeed_section: dict,
+                 reshard: str | None = None) -> tuple[Path, dict]:
     """Where the engine loads `resume` from at this run's world size, and the DeepSpeed config
     section to build the engine with (with load_universal set when a conversion was needed).
     `reshard`: why the shards must be recut at the same world size (another cluster.expert_parallel)."""

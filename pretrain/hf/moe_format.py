@@ -201,11 +201,11 @@ def export_llada2(folder: Path, state: dict[str, torch.Tensor], m: ModelConfig, 
 def checkpoint_buffers(directory: Path) -> dict[str, torch.Tensor]:
     """The module's buffers (the expert biases) as DeepSpeed saved them with the model states."""
     from pretrain.checkpoint import ds_names
+    from pretrain.checkpoint.expert_files import buffers
     from pretrain.checkpoint.zero_files import load_engine_file
 
     states = load_engine_file(ds_names.model_files(directory)[0])
-    module = states.get("module") or {}
-    return {k: v.float() for k, v in module.items() if re.search(r"\.expert_bias$", k)}
+    return {k: v.float() for k, v in buffers(states).items() if re.search(r"\.expert_bias$", k)}
 
 
 def folder_buffers(folder: str | Path, m: ModelConfig) -> dict[str, torch.Tensor]:

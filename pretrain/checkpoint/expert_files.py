@@ -1,0 +1,86 @@
+"""Whole parameters, under our model's names, out of a checkpoint written under expert parallelism
+(cluster.expert_parallel: DeepSpeed's AutoEP layers).
+
+AutoEP keeps on each rank only its experts, sharded by ZeRO-3 over the ranks holding the same ones, so
+zero_files.py's whole-world reassembly does not apply (DeepSpeed's zero_to_fp32 refuses these files too).
+DeepSpeed's ds_to_universal is expert-aware: it writes every parameter whole, the experts in their
+logical [num_experts, ...] shape. Such a checkpoint is read from that form, converted once into the
+run's checkpoints/universal/<tag> (the folder a resume at another size uses) and reused after.
+
+AutoEP's layers are named after its own modules; they are mapped back to ours (pretrain/model/moe.py)
+here, so the export, evaluation and sampling see the model they would see without expert parallelism.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint.files import CheckpointError, read_manifest
+
+# AutoEP's names (deepspeed/module_inject/auto_ep_layer.py) -> ours, within transformer.blocks.{i}.moe.
+OUR_NAMES = (
+    (r"\.moe\.router\.gate\.weight$", ".moe.router.weight"),
+    (r"\.moe\.router\.e_score_correction_bias$", ".moe.router.expert_bias"),
+    (r"\.moe\.experts\.w1$", ".moe.experts.gate_proj"),
+    (r"\.moe\.experts\.w3$", ".moe.experts.up_proj"),
+    (r"\.moe\.experts\.w2$", ".moe.experts.down_proj"),
+    (r"\.moe\.shared_experts\.", ".moe.shared."),
+)
+
+
+def our_name(name: str) -> str:
+    for pattern, ours in OUR_NAMES:
+        name = re.sub(pattern, ours, name)
+    return name
+
+
+def is_expert_parallel(states: dict) -> bool:
+    """A model-states file written by an engine with AutoEP layers."""
+    return bool(states.get("ds_autoep_layers"))
+
+
+class ExpertCheckpoint:
+    """zero_files.ZeroCheckpoint's interface (shapes, tensors) over DeepSpeed's universal form."""
+
+    def __init__(self, directory: Path, states: dict):
+        from pretrain.checkpoint.store import config_hash
+        from pretrain.checkpoint.universal import convert_once
+
+        self.directory = directory
+        source = config_hash(read_manifest(directory)["files"])  # a replaced checkpoint converts again
+        self.root = convert_once(directory, directory.parent / "universal", directory.name, source) / "zero"
+        groups = states["param_shapes"]
+        self.names = [n for g in (groups if isinstance(groups, list) else [groups]) for n in g]
+        self.local_shapes = {n: s for g in (groups if isinstance(groups, list) else [groups]) for n, s in g.items()}
+
+    def _load(self, name: str) -> torch.Tensor:
+        path = self.root / name / "fp32.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{self.directory}: the universal form lacks {name} ({path})")
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(saved, dict):  # an expert parameter: {"param": [E, ...], "is_expert_param": True, ...}
+            return saved["param"]
+        return saved.view(self.local_shapes[name])  # any other: flat, its shape is the model's
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        out = {}
+        for name in self.names:
+            shape = self.local_shapes[name]
+            if re.search(r"\.moe\.experts\.w[123]$", name):
+                shape = self._load(name).shape  # the logical shape: all experts
+            out[our_name(name)] = torch.Size(shape)
+        return out
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names:
+            yield our_name(name), self._load(name).float().clone()
+
+
+def buffers(states: dict) -> dict[str, torch.Tensor]:
+    """The module's saved buffers under our names (AutoEP's e_score_correction_bias is our expert_bias)."""
+    return {our_name(k): v for k, v in (states.get("module") or {}).items()}
