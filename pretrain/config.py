@@ -133,7 +133,7 @@ class ClusterConfig:
     device: str
     timeout_s: float  # process-group timeout: how long a collective waits for a dead or stopped peer
     sequence_parallel: int  # ranks that split each sequence (Ulysses, pretrain/engine/sequence_parallel.py)
-    expert_parallel: int | None  # model.moe: null pure-torch experts; N: AutoEP over N ranks (engine/expert_parallel.py)
+    expert_parallel: int | None  # model.moe: null pure-torch experts; N: AutoEP on N ranks (engine/expert_parallel.py)
     shm_comm: bool  # CPU only: DeepSpeed's shared-memory all-reduce (a gcc build on first use) instead of gloo alone
     nodes: int  # the planner's layout (pretrain/plan.py); the launcher decides the real one
     gpus_per_node: int
