@@ -19,6 +19,12 @@ Sequence parallelism (cluster.sequence_parallel = N, pretrain/engine/sequence_pa
 holds 1/N of every sequence, so activations and the loss's rows are per L / N tokens; the batch math
 counts GPUs / N data-parallel ranks (N times the accumulation steps); each block's attention moves
 q, k, v and its output through an all-to-all in the forward and again in the backward.
+Expert parallelism (cluster.expert_parallel = N, pretrain/engine/expert_parallel.py): a GPU holds the
+experts of its EP rank, num_experts / N of each MoE layer, sharded over the GPUs / N ranks that hold the
+same ones, so the model states per GPU are those of ZeRO-3 without EP (16 x params / GPUs either way);
+what changes is the gather: a block's forward gathers num_experts / N experts, not all of them (less
+gathered memory, less all-gather traffic), and each MoE layer sends its tokens' top_k copies to their
+experts and back (an all-to-all of d_model per copy, forward and backward).
 Checked against bench/gpu.py on one H200 (BENCHMARKS.md): llada_8b with 8 layers at micro batch 4,
 64.5 GB measured without checkpointing and 48.5 GB with it.
 """
@@ -76,6 +82,8 @@ class Plan:
     gpu_memory_gb: float | None
     comm_gb_per_step: float  # sent+received per GPU (ring all-gather / reduce-scatter)
     all_to_all_gb_per_step: float  # sent per GPU by sequence parallelism's all-to-alls (0 without it)
+    expert_parallel: int  # GPUs that share a layer's experts (1: every GPU gathers every expert)
+    expert_all_to_all_gb_per_step: float  # sent per GPU by expert parallelism's token all-to-alls (0 without)
     peak_tflops: float | None
     mfu: float
     step_s: float | None
@@ -109,6 +117,25 @@ def all_to_all_bytes(run: RunConfig) -> float:
     return 2 * m.n_layers * 2 * width * local_tokens(run) * (n - 1) / n
 
 
+def routed_params(m) -> int:
+    """One MoE layer's routed experts (0 for a dense model)."""
+    e = m.moe
+    return 0 if e is None else 3 * m.d_model * e.expert_hidden_size * e.num_experts
+
+
+def moe_layers(m) -> int:
+    return sum(m.is_moe_layer(i) for i in range(m.n_layers)) if m.moe is not None else 0
+
+
+def expert_all_to_all_bytes(run: RunConfig) -> float:
+    """Sent per GPU per micro-step by expert parallelism: each token's top_k copies (d_model, bf16) to their
+    experts and back, forward and backward, (N-1)/N of them to another GPU."""
+    m, n = run.model, run.cluster.expert_parallel or 1
+    if m.moe is None or n == 1:
+        return 0.0
+    return moe_layers(m) * 2 * 2 * local_tokens(run) * m.moe.top_k * m.d_model * 2 * (n - 1) / n
+
+
 def block_factor(run: RunConfig) -> int:
     """2 when any step of the run trains blocks (x_t with x_0, 2L tokens): memory is the schedule's peak."""
     return 2 if min(all_sizes(run.block, run.trainer.seq_len)) < run.trainer.seq_len else 1
@@ -139,14 +166,18 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     accumulation = t.global_batch_size // (t.micro_batch_size * (gpus // sp))
     tokens_per_step = t.global_batch_size * t.seq_len
     states = 16 * params / gpus
-    gathered = 2 * 2 * block_params(m) + (1 if m.tie_embeddings else 2) * 2 * 2 * m.vocab_size * m.d_model
+    ep = c.expert_parallel or 1
+    away = routed_params(m) * (ep - 1) // ep  # a MoE block's experts held by other EP ranks: never gathered here
+    gathered = 2 * 2 * (block_params(m) - away) + (1 if m.tie_embeddings else 2) * 2 * 2 * m.vocab_size * m.d_model
     acts = {k: activation_bytes(run, k) for k in (0, 1, checkpoint_stride(t.activation_checkpointing))}
     configured = acts[checkpoint_stride(t.activation_checkpointing)]
     loss = loss_bytes(run)
     total = states + gathered + configured + loss
     # ZeRO-3 per micro-step: all-gather weights for the forward and again for the backward, and
     # reduce-scatter gradients; each moves (N-1)/N of 2 bytes x params through every GPU.
-    comm = accumulation * 3 * 2 * params * (gpus - 1) / gpus
+    experts = routed_params(m) * moe_layers(m)  # under EP gathered over the gpus / ep ranks holding the same
+    comm = accumulation * 3 * 2 * ((params - experts) * (gpus - 1) / gpus
+                                   + experts / ep * (gpus // ep - 1) / (gpus // ep))
     peak = peak_tflops(device_name or "", c.peak_tflops) if (device_name or c.peak_tflops) else None
     budget = t.max_tokens if t.max_tokens is not None else (t.max_steps * tokens_per_step if t.max_steps else None)
     step_s = tokens_per_step * fpt / (gpus * peak * 1e12 * mfu) if peak else None
@@ -156,7 +187,8 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
                 accumulation=accumulation, model_states_gb=states / GB, gathered_gb=gathered / GB,
                 activations_gb=configured / GB, activations_none_gb=acts[0] / GB, activations_full_gb=acts[1] / GB,
                 loss_gb=loss / GB, total_gb=total / GB, gpu_memory_gb=c.gpu_memory_gb, comm_gb_per_step=comm / GB,
-                all_to_all_gb_per_step=accumulation * all_to_all_bytes(run) / GB,
+                all_to_all_gb_per_step=accumulation * all_to_all_bytes(run) / GB, expert_parallel=ep,
+                expert_all_to_all_gb_per_step=accumulation * expert_all_to_all_bytes(run) / GB,
                 peak_tflops=peak, mfu=mfu, step_s=step_s,
                 tokens_per_day=tokens_per_step / step_s * 86400 if step_s else None, token_budget=budget,
                 gpu_hours=budget * fpt / (peak * 1e12 * mfu) / 3600 if peak and budget else None)
@@ -196,8 +228,11 @@ def report(p: Plan, run: RunConfig) -> str:
         row("loss (masked rows, one logits chunk)", p.loss_gb),
         row("total", p.total_gb) + f"   of {fmt(p.gpu_memory_gb, 'g')}",
         f"communication per step per GPU: {p.comm_gb_per_step:,.1f} GB"
-        + (f" (ZeRO-3), {p.all_to_all_gb_per_step:,.1f} GB (sequence-parallel all-to-all)"
-           if p.sequence_parallel > 1 else ""),
+        + (" (ZeRO-3)" if p.sequence_parallel > 1 or p.expert_parallel > 1 else "")
+        + (f", {p.all_to_all_gb_per_step:,.1f} GB (sequence-parallel all-to-all)" if p.sequence_parallel > 1 else "")
+        + (f"; expert parallel {p.expert_parallel}: {p.expert_all_to_all_gb_per_step:,.1f} GB (token all-to-all), "
+           f"{run.model.moe.num_experts // p.expert_parallel} experts of each MoE layer per GPU"
+           if p.expert_parallel > 1 else ""),
         f"at {100 * p.mfu:.0f}% MFU of {fmt(p.peak_tflops, 'g')} TFLOP/s: step {fmt(p.step_s, '.2f')} s, "
         f"{fmt(p.tokens_per_day and p.tokens_per_day / 1e9, ',.1f')}B tokens/day",
         f"token budget {fmt(p.token_budget and p.token_budget / 1e9, ',.1f')}B: "
@@ -221,7 +256,8 @@ def main(argv: list[str]) -> Plan:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu {args.mfu:g} must be in (0, 1]: the share of the peak the run reaches, e.g. 0.4")
         # the cluster's size (any sequence-parallel size divides nothing yet), then validate for it
-        probe = compose_config([*args.overrides, "cluster.sequence_parallel=1"], world_size=1)
+        probe = compose_config([*args.overrides, "cluster.sequence_parallel=1", "cluster.expert_parallel=null"],
+                               world_size=1)
         run = compose_config(args.overrides, world_size=probe.cluster.nodes * probe.cluster.gpus_per_node)
         resolve_vocab(run)  # model.vocab_size=null (model=tiny, small): the shards' vocabulary
         plan = make_plan(run, args.mfu, args.gpu)

@@ -110,3 +110,25 @@ def test_cli_plans_32k_with_sequence_parallelism_and_refuses_a_size_that_does_no
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("error: cluster.sequence_parallel=3 does not divide the world size 8: each group of "
                                   "3 ranks splits its sequences, so the world must be whole groups")
+
+
+MOE = ["model=llada2_mini", "cluster=gpu_node", "cluster.nodes=2"]  # 16 GPUs
+
+
+def test_expert_parallelism_moves_the_gather_not_the_model_states():
+    """llada2_mini on 16 GPUs: without EP each MoE block's forward gathers all 256 experts; at EP 8 a GPU gathers
+    its 32, so the gathered memory and the ZeRO-3 traffic fall, the states do not, and tokens travel instead."""
+    whole = make_plan(compose_config(MOE, world_size=16), 0.4, "H100")
+    ep = make_plan(compose_config([*MOE, "cluster.expert_parallel=8"], world_size=16), 0.4, "H100")
+    routed = 3 * 2048 * 512 * 256  # one MoE layer's experts
+    assert ep.model_states_gb == whole.model_states_gb and ep.step_s == whole.step_s
+    assert whole.gathered_gb - ep.gathered_gb == pytest.approx(2 * 2 * routed * 7 / 8 / 1e9)
+    experts = 19 * routed  # layers 1-19 of 20 are MoE
+    zero3 = lambda p, n: 3 * 2 * p * (n - 1) / n  # noqa: E731  all-gather twice + reduce-scatter, per micro-step
+    assert ep.comm_gb_per_step == pytest.approx(whole.accumulation * (zero3(whole.params - experts, 16)
+                                                                      + zero3(experts / 8, 2)) / 1e9)
+    tokens = 4 * 4096  # one micro-batch per GPU: each token's 8 copies out and back, forward and backward, bf16
+    assert whole.expert_all_to_all_gb_per_step == 0
+    assert ep.expert_all_to_all_gb_per_step == pytest.approx(whole.accumulation * 19 * 4 * tokens * 8 * 2048 * 2
+                                                             * 7 / 8 / 1e9)
+    assert "expert parallel 8: " in report(ep, compose_config([*MOE, "cluster.expert_parallel=8"], world_size=16))
