@@ -43,6 +43,7 @@ def test_report_of_one_run(resumed_run):
     assert proc.returncode == 0, proc.stderr
     assert_pictures(run_dir / "report", ALL_PNGS)
     assert {Path(p).name for p in proc.stdout.split()} == ALL_PNGS  # the paths written, one a line
+    assert "moe_" not in proc.stderr  # a dense run: no MoE panel is missing (it was five lines of noise)
 
 
 def test_report_of_two_runs_draws_both_on_the_same_axes(resumed_run, other_run, tmp_path):
