@@ -18,7 +18,8 @@ from tests.test_docs import docs_env, tracked_copy
 BENCHES = sorted(p.stem for p in (REPO / "bench").glob("*.py") if '__name__ == "__main__"' in p.read_text())
 # The JSON key of each bench's side-by-side comparison (a ratio, or what the ratio is made of).
 COMPARED = {"block": "nelbo", "data": "build_ratio", "demo_quality": "gap", "engine": "step_time_over_ours",
-            "export_memory": "ratio_deepspeed_over_ours", "fault_drill": "rows", "gpu": "cases", "model": "ratio",
+            "expert_parallel": "over_pure_torch", "export_memory": "ratio_deepspeed_over_ours", "fault_drill": "rows",
+            "gpu": "cases", "model": "ratio",
             "moe": "ratio_moe_over_dense", "precision": "heldout", "sampling": "rows",
             "sequence_parallel": "sp2_over_sp1", "variance": "variance_ratio",
             "warm_start": "curves"}
