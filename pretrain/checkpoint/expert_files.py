@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint import ds_names, zero_files
 from pretrain.checkpoint.files import CheckpointError, read_manifest
+from pretrain.checkpoint.store import config_hash
+from pretrain.checkpoint.universal import convert_once
 
 # AutoEP's names (deepspeed/module_inject/auto_ep_layer.py) -> ours, within transformer.blocks.{i}.moe.
 OUR_NAMES = (
@@ -38,18 +41,22 @@ def our_name(name: str) -> str:
     return name
 
 
-def is_expert_parallel(states: dict) -> bool:
-    """A model-states file written by an engine with AutoEP layers."""
-    return bool(states.get("ds_autoep_layers"))
+def open_checkpoint(directory: str | Path) -> zero_files.ZeroCheckpoint | ExpertCheckpoint:
+    """Any run's checkpoint tag directory as whole parameters under our names (zero_files.py's reader, or
+    the universal form's for an expert-parallel one)."""
+    directory = Path(directory)
+    files = ds_names.model_files(directory)
+    if files:
+        states = zero_files.load_engine_file(files[0])
+        if states.get("ds_autoep_layers"):  # written by an engine with AutoEP layers
+            return ExpertCheckpoint(directory, states)
+    return zero_files.open_checkpoint(directory)
 
 
 class ExpertCheckpoint:
     """zero_files.ZeroCheckpoint's interface (shapes, tensors) over DeepSpeed's universal form."""
 
     def __init__(self, directory: Path, states: dict):
-        from pretrain.checkpoint.store import config_hash
-        from pretrain.checkpoint.universal import convert_once
-
         self.directory = directory
         source = config_hash(read_manifest(directory)["files"])  # a replaced checkpoint converts again
         self.root = convert_once(directory, directory.parent / "universal", directory.name, source) / "zero"

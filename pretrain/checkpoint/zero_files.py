@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import ds_names, expert_files
+from pretrain.checkpoint import ds_names
 
 
 class CheckpointError(ValueError):
@@ -85,15 +85,16 @@ class ZeroCheckpoint:
                                       f"its parameters need {offset}")
 
 
-def open_checkpoint(directory: str | Path) -> ZeroCheckpoint | expert_files.ExpertCheckpoint:
+def open_checkpoint(directory: str | Path) -> ZeroCheckpoint:
     """Reads the layout of a DeepSpeed checkpoint tag directory (the tensors stay mapped on disk)."""
     directory = Path(directory)
     model_files = ds_names.model_files(directory)
     if not model_files:
         raise CheckpointError(f"{directory}: no *_model_states.pt (not a DeepSpeed checkpoint directory)")
     states = load_engine_file(model_files[0])
-    if expert_files.is_expert_parallel(states):  # AutoEP's layers: read through DeepSpeed's universal form
-        return expert_files.ExpertCheckpoint(directory, states)
+    if states.get("ds_autoep_layers"):  # AutoEP's layers: pretrain/checkpoint/expert_files.py reads them
+        raise CheckpointError(f"{directory}: written under expert parallelism (cluster.expert_parallel); "
+                              f"read it with pretrain.checkpoint.expert_files.open_checkpoint")
     param_shapes = states["param_shapes"]
     if isinstance(param_shapes, dict):
         param_shapes = [param_shapes]

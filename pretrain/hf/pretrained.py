@@ -20,7 +20,7 @@ from data_pipeline.shards import DataError, Manifest
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain.checkpoint import choice
 from pretrain.checkpoint import store as checkpoint
-from pretrain.checkpoint.zero_files import open_checkpoint
+from pretrain.checkpoint.expert_files import open_checkpoint
 from pretrain.config import ModelConfig
 from pretrain.hf.folder_check import check_model_folder, check_model_values, compare_shapes
 from pretrain.hf.folder_files import weights_path
