@@ -64,7 +64,13 @@ def model_from_folder(cfg: DictConfig, overrides: list[str]) -> bool:
     keys = (*ARCHITECTURE, "shift_prediction") if is_llada(config) else ARCHITECTURE  # an export's own reading
     with open_dict(cfg.model):
         for key in keys:
-            if f"model.{key}" not in given:
-                cfg.model[key] = fields[key]
+            if f"model.{key}" in given:
+                continue
+            value, inner = fields[key], {k.split(".", 2)[2] for k in given if k.startswith(f"model.{key}.")}
+            if inner and isinstance(value, dict) and cfg.model.get(key) is not None:
+                # +model.moe.top_k=1 with a mixture-of-experts folder: the command line's value stays, to be
+                # checked against the folder's like any other (pretrain/hf/causal_import.check_source)
+                value = {**value, **{k: cfg.model[key][k] for k in inner if k in cfg.model[key]}}
+            cfg.model[key] = value
         cfg.model.name = Path(folder).name
     return True
