@@ -1,10 +1,11 @@
 """`model.init_from=FOLDER` alone, as `from_pretrained` does it: the architecture from the folder.
 
 Without `model=` on the command line (Hydra's override list tells it from the default), the model
-section's architecture keys are set from FOLDER/config.json: a LLaDA export (pretrain.export) or a
-Llama / Qwen2 / Qwen3 causal LM (pretrain/hf/causal_import.py). A `model.KEY=...` given on the command
-line or set by an `experiment=` preset still wins, and is then checked against the folder like any other
-value. An explicit `model=` keeps its preset: one that disagrees with the folder is refused by the
+section's architecture keys are set from FOLDER/config.json: a LLaDA export (pretrain.export), a
+Llama / Qwen2 / Qwen3 (-MoE) causal LM or a LLaDA-MoE folder (pretrain/hf/causal_import.py). A
+`model.KEY=...` given on the command line or set by an `experiment=` preset still wins, and is then checked
+against the folder like any other value (`+model.moe.KEY=...` too: the folder fills the other model.moe
+keys). An explicit `model=` keeps its preset: one that disagrees with the folder is refused by the
 start-up checks, as before. Only config.json is read here (no weights); the folder's other checks come
 after, with the rest.
 """

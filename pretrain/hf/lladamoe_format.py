@@ -36,6 +36,9 @@ the Hub's config.json). open_source takes config.json's mask_token_id when there
 `<|mask|>` in the folder's tokenizer.json. A warm start (model.init_from) takes the data's mask token, as
 for any causal source (causal_import.mask_choice): the data pipeline knows `<|mdm_mask|>` and reserved
 tokens, not `<|mask|>`, so it appends `<|mdm_mask|>`, whose rows start as the mean of the tokenizer's.
+For the same reason shards built with its tokenizer carry that mask id, not `<|mask|>`'s: evaluate --data on
+them and pretrain.export of the folder itself refuse the difference (generate, evaluate --choices and a
+run started from the folder, and its exports, work).
 """
 
 from __future__ import annotations
