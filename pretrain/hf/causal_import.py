@@ -4,7 +4,8 @@ Llama (`LlamaForCausalLM`, Llama 3's RoPE scaling included), Qwen2, Qwen3 or Qwe
 routing over its experts, top `num_experts_per_tok`, its `norm_topk_prob`, no shared expert, its
 `mlp_only_layers` as the first dense layers; its per-expert tensors (`mlp.experts.{j}.*_proj`) are
 stacked into ours, its router (`mlp.gate`) is ours. Dream 7B (from Qwen2.5), DiffuLLaMA (from Llama 2), RND1 and dllm's
-A2D recipes (from Qwen3) start this way.
+A2D recipes (from Qwen3) start this way. LLaDA-MoE-7B-A1B (`LLaDAMoEModelLM`, bidirectional, Qwen3-MoE's names)
+is read the same way, its config.json mapped by pretrain/hf/lladamoe_format.py.
 
     python -m pretrain.hf.causal_import FOLDER [NAME]   # prints the model section that FOLDER gives a run
 
@@ -44,12 +45,16 @@ from data_pipeline.tokenizer import MASK, ensure_special_tokens, fingerprint, ma
 from pretrain.config import ModelConfig
 from pretrain.hf.folder_files import INDEX, WEIGHTS, weight_map, weights_path
 from pretrain.hf.format import FormatError, read_config
+from pretrain.hf.lladamoe_format import ARCHITECTURES as LLADAMOE_ARCHITECTURES
+from pretrain.hf.lladamoe_format import LAYER_NAMES as LLADAMOE_LAYER_NAMES
+from pretrain.hf.lladamoe_format import is_lladamoe
+from pretrain.hf.lladamoe_format import source_fields as lladamoe_fields
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                 "Qwen3MoeForCausalLM": "qwen3_moe"}
+                 "Qwen3MoeForCausalLM": "qwen3_moe", **LLADAMOE_ARCHITECTURES}
 # The model.* keys that decide the weights' shapes and meaning: the run's must be the source's.
 MATCHED = ("n_layers", "d_model", "n_heads", "n_kv_heads", "mlp_hidden_size", "head_dim", "rope_theta",
-           "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "rope_scaling", "moe")
+           "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "rope_scaling", "partial_rotary_factor", "moe")
 # The model.moe keys that decide the weights' meaning (the rest, expert bias and auxiliary losses, are
 # the run's training choices; a Qwen3-MoE source suggests its router_aux_loss_coef).
 MOE_MATCHED = ("num_experts", "top_k", "expert_hidden_size", "num_shared_experts", "first_dense_layers",
@@ -63,6 +68,7 @@ LAYER_NAMES = {  # theirs (under model.layers.{i}.) -> ours (under transformer.b
     "self_attn.k_norm.weight": "k_norm.weight", "mlp.gate_proj.weight": "ff_proj.weight",
     "mlp.up_proj.weight": "up_proj.weight", "mlp.down_proj.weight": "ff_out.weight",
     "mlp.gate.weight": "moe.router.weight",  # Qwen3-MoE's router
+    **LLADAMOE_LAYER_NAMES,  # LLaDA-MoE's shared expert
 }
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")  # mlp.experts.{j}.{name}.weight -> moe.experts.{name} [E, ...]
 TOP_NAMES = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight",
@@ -70,7 +76,8 @@ TOP_NAMES = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.
 
 
 def is_llada(config: dict) -> bool:
-    return config.get("model_type") == "llada"
+    """A LLaDA export (ours, or GSAI-ML's); LLaDA-MoE's Hub config.json says model_type "llada" too."""
+    return config.get("model_type") == "llada" and not is_lladamoe(config)
 
 
 def source_kind(config: dict, where: str) -> str:
@@ -86,6 +93,8 @@ def source_kind(config: dict, where: str) -> str:
 def source_fields(config: dict, where: str) -> dict:
     """The model.* values of a source's config.json; refuses what our block does not compute."""
     kind = source_kind(config, where)
+    if kind == "llada_moe":
+        return lladamoe_fields(config, where)
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
                 "rms_norm_eps"):
         if key not in config:
@@ -109,7 +118,8 @@ def source_fields(config: dict, where: str) -> dict:
                 rope_theta=float(config.get("rope_theta", 10000.0)), rms_norm_eps=float(config["rms_norm_eps"]),
                 head_dim=None if head_dim * heads == d else head_dim, qkv_bias=kind == "qwen2",
                 qk_norm=kind in ("qwen3", "qwen3_moe"), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                rope_scaling=None if scaling is None else {k: scaling[k] for k in sorted(scaling) if k != "type"})
+                rope_scaling=None if scaling is None else {k: scaling[k] for k in sorted(scaling) if k != "type"},
+                partial_rotary_factor=1.0)
 
 
 def moe_fields(config: dict, where: str) -> dict:
@@ -149,7 +159,7 @@ def mask_choice(folder: str | Path, data_tokenizer: str | None, rows: int) -> di
     if not source.is_file():
         raise FormatError(f"{folder}: no tokenizer.json (the mask token and the data come from the source's)")
     if not data_tokenizer:
-        raise FormatError(f"{folder} is an autoregressive model: tokenize the data with its tokenizer, "
+        raise FormatError(f"{folder} is not a LLaDA export: tokenize the data with its tokenizer, "
                           f"data.tokenizer={source}")
     try:
         raw = Tokenizer.from_file(str(source))
@@ -180,8 +190,10 @@ def check_source(folder: str, model: ModelConfig, data_tokenizer: str | None) ->
     for key in MATCHED:
         theirs, ours = matched(key, fields[key]), matched(key, getattr(model, key))
         if ours != theirs:
+            first = next((f"model.{key}.{k} differs; " for k in MOE_MATCHED if key == "moe" and ours and theirs
+                          and ours[k] != theirs[k]), "")
             raise FormatError(f"{folder}/config.json gives model.{key}={theirs!r}, but model.{key}="
-                              f"{ours!r} (model={model.name}; python -m pretrain.hf.causal_import "
+                              f"{ours!r} ({first}model={model.name}; python -m pretrain.hf.causal_import "
                               f"{folder} prints the config that fits)")
     mask = mask_choice(folder, data_tokenizer, fields["vocab_size"])
     vocab = resolved_vocab(fields["vocab_size"], mask)
@@ -255,7 +267,7 @@ class CausalWeights:
         theirs, file = self.ours[name]
         with safe_open(weights_path(self.folder, file), framework="pt") as f:
             tensor = f.get_tensor(theirs)
-        if name in ("transformer.wte.weight", "transformer.ff_out.weight") and self.mask["new_rows"]:
+        if name in ("transformer.wte.weight", "transformer.ff_out.weight") and self.mask and self.mask["new_rows"]:
             tensor = self.with_new_rows(tensor)
         return tensor
 

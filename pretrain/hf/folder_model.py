@@ -1,10 +1,11 @@
 """`model.init_from=FOLDER` alone, as `from_pretrained` does it: the architecture from the folder.
 
 Without `model=` on the command line (Hydra's override list tells it from the default), the model
-section's architecture keys are set from FOLDER/config.json: a LLaDA export (pretrain.export) or a
-Llama / Qwen2 / Qwen3 causal LM (pretrain/hf/causal_import.py). A `model.KEY=...` given on the command
-line or set by an `experiment=` preset still wins, and is then checked against the folder like any other
-value. An explicit `model=` keeps its preset: one that disagrees with the folder is refused by the
+section's architecture keys are set from FOLDER/config.json: a LLaDA export (pretrain.export), a
+Llama / Qwen2 / Qwen3 (-MoE) causal LM or a LLaDA-MoE folder (pretrain/hf/causal_import.py). A
+`model.KEY=...` given on the command line or set by an `experiment=` preset still wins, and is then checked
+against the folder like any other value (`+model.moe.KEY=...` too: the folder fills the other model.moe
+keys). An explicit `model=` keeps its preset: one that disagrees with the folder is refused by the
 start-up checks, as before. Only config.json is read here (no weights); the folder's other checks come
 after, with the rest.
 """
@@ -64,7 +65,13 @@ def model_from_folder(cfg: DictConfig, overrides: list[str]) -> bool:
     keys = (*ARCHITECTURE, "shift_prediction") if is_llada(config) else ARCHITECTURE  # an export's own reading
     with open_dict(cfg.model):
         for key in keys:
-            if f"model.{key}" not in given:
-                cfg.model[key] = fields[key]
+            if f"model.{key}" in given:
+                continue
+            value, inner = fields[key], {k.split(".", 2)[2] for k in given if k.startswith(f"model.{key}.")}
+            if inner and isinstance(value, dict) and cfg.model.get(key) is not None:
+                # +model.moe.top_k=1 with a mixture-of-experts folder: the command line's value stays, to be
+                # checked against the folder's like any other (pretrain/hf/causal_import.check_source)
+                value = {**value, **{k: cfg.model[key][k] for k in inner if k in cfg.model[key]}}
+            cfg.model[key] = value
         cfg.model.name = Path(folder).name
     return True

@@ -22,6 +22,7 @@ from pretrain.checkpoint import choice
 from pretrain.checkpoint import store as checkpoint
 from pretrain.checkpoint.expert_files import open_checkpoint
 from pretrain.config import ModelConfig
+from pretrain.hf import lladamoe_format
 from pretrain.hf.folder_check import check_model_folder, check_model_values, compare_shapes
 from pretrain.hf.folder_files import weights_path
 from pretrain.hf.format import FormatError, HFWeights, model_config, read_config
@@ -68,6 +69,7 @@ class Source:
     data_dir: Path | None  # a run's shard directory (its held-out split is the default eval set)
     checkpoint_dir: Path | None  # a run's checkpoint tag directory
     step: int | None
+    lladamoe: bool = False  # a LLaDA-MoE folder (pretrain/hf/lladamoe_format.py)
 
     @property
     def is_run(self) -> bool:
@@ -80,6 +82,8 @@ class Source:
         """(name, tensor) one parameter at a time: fp32 from a checkpoint, the stored dtype from a folder."""
         if self.is_run:
             yield from open_checkpoint(self.checkpoint_dir).tensors()
+        elif self.lladamoe:
+            yield from lladamoe_format.folder_tensors(self.path, self.model)
         elif self.model.moe is not None:  # LLaDA 2.0's MoE format (pretrain/hf/moe_format.py)
             yield from ((n, t) for n, t in LLaDA2Weights(self.path, self.model).tensors()
                         if not n.endswith("expert_bias"))
@@ -97,6 +101,8 @@ class Source:
         """The model's buffers that are state (model.moe's expert biases), fp32; none for a dense model."""
         if self.model.moe is None:
             return {}
+        if self.lladamoe:
+            return lladamoe_format.folder_buffers(self.model)
         return checkpoint_buffers(self.checkpoint_dir) if self.is_run else folder_buffers(self.path, self.model)
 
 
@@ -156,6 +162,12 @@ def _run_source(run_dir: Path, step: int | None) -> Source:
 
 def _folder_source(folder: Path) -> Source:
     config = read_config(folder)
+    if lladamoe_format.is_lladamoe(config):  # LLaDA-MoE: values, then names and shapes from the headers
+        if "eos_token_id" not in config:
+            raise FormatError(f"{folder}/config.json has no 'eos_token_id'")
+        tokenizer = weights_path(folder, "tokenizer.json", "a model folder holds its tokenizer")
+        return Source(folder, lladamoe_format.folder_model(config, folder), config["eos_token_id"],
+                      lladamoe_format.mask_id(config, folder), tokenizer, None, None, None, lladamoe=True)
     if is_llada2(config):  # LLaDA 2.0's MoE format: its reader checks names and shapes as it loads
         model = model_config_from_llada2(config, str(folder))
         check_model_values(model, f"{folder}/config.json")
