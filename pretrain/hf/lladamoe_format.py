@@ -43,7 +43,6 @@ run started from the folder, and its exports, work).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -140,21 +139,7 @@ def source_fields(config: dict, where: str) -> dict:
                 partial_rotary_factor=float(factor))
 
 
-# -- open_source: the folder as a trained model (evaluate, generate, export) --------------------------
-def folder_model(config: dict, folder: str | Path) -> ModelConfig:
-    """The folder's ModelConfig, its values checked and its weights' names and shapes compared (headers only)."""
-    from pretrain.hf.causal_import import CausalWeights
-    from pretrain.hf.folder_check import check_model_values, expected_shapes
-    from pretrain.hf.format import model_config
-
-    where = f"{folder}/config.json"
-    model = model_config({**source_fields(config, str(folder)), "name": Path(folder).name, "attention": "auto",
-                          "mask_token": None})
-    check_model_values(model, where)
-    CausalWeights.open(folder, model).check_names(expected_shapes(model))
-    return model
-
-
+# -- open_source: the folder as a trained model (evaluate, generate, export; pretrain/hf/pretrained.py) --
 def mask_id(config: dict, folder: str | Path) -> int:
     """config.json's mask_token_id, else the id of <|mask|> in the folder's tokenizer.json."""
     from tokenizers import Tokenizer
@@ -166,15 +151,6 @@ def mask_id(config: dict, folder: str | Path) -> int:
     if found is None:
         raise FormatError(f"{folder}/config.json has no 'mask_token_id' and its tokenizer.json has no {MASK}")
     return found
-
-
-def folder_tensors(folder: str | Path, model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, tensor), one at a time, the experts stacked."""
-    from pretrain.hf.causal_import import CausalWeights
-
-    weights = CausalWeights.open(folder, model)
-    for name in [*weights.ours, *weights.stacked]:
-        yield name, weights.get(name)
 
 
 def folder_buffers(model: ModelConfig) -> dict[str, torch.Tensor]:

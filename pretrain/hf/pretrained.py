@@ -83,7 +83,10 @@ class Source:
         if self.is_run:
             yield from open_checkpoint(self.checkpoint_dir).tensors()
         elif self.lladamoe:
-            yield from lladamoe_format.folder_tensors(self.path, self.model)
+            from pretrain.hf.causal_import import CausalWeights
+
+            weights = CausalWeights.open(self.path, self.model)  # Qwen3-MoE's names, the experts stacked
+            yield from ((name, weights.get(name)) for name in [*weights.ours, *weights.stacked])
         elif self.model.moe is not None:  # LLaDA 2.0's MoE format (pretrain/hf/moe_format.py)
             yield from ((n, t) for n, t in LLaDA2Weights(self.path, self.model).tensors()
                         if not n.endswith("expert_bias"))
@@ -160,13 +163,25 @@ def _run_source(run_dir: Path, step: int | None) -> Source:
                   chosen.directory, int(chosen.manifest["step"]))
 
 
+def _lladamoe_model(config: dict, folder: Path) -> ModelConfig:
+    """A LLaDA-MoE folder's ModelConfig, its values checked and its weights' names and shapes compared
+    (headers only)."""
+    from pretrain.hf.causal_import import CausalWeights
+
+    model = model_config({**lladamoe_format.source_fields(config, str(folder)), "name": folder.name,
+                          "attention": "auto", "mask_token": None})
+    check_model_values(model, f"{folder}/config.json")
+    CausalWeights.open(folder, model).check_names(expected_shapes(model))
+    return model
+
+
 def _folder_source(folder: Path) -> Source:
     config = read_config(folder)
     if lladamoe_format.is_lladamoe(config):  # LLaDA-MoE: values, then names and shapes from the headers
         if "eos_token_id" not in config:
             raise FormatError(f"{folder}/config.json has no 'eos_token_id'")
         tokenizer = weights_path(folder, "tokenizer.json", "a model folder holds its tokenizer")
-        return Source(folder, lladamoe_format.folder_model(config, folder), config["eos_token_id"],
+        return Source(folder, _lladamoe_model(config, folder), config["eos_token_id"],
                       lladamoe_format.mask_id(config, folder), tokenizer, None, None, None, lladamoe=True)
     if is_llada2(config):  # LLaDA 2.0's MoE format: its reader checks names and shapes as it loads
         model = model_config_from_llada2(config, str(folder))
