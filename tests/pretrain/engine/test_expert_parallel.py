@@ -106,16 +106,42 @@ def test_resume_at_another_ep_size_goes_through_the_universal_checkpoint(ep2_run
     assert [again[4][f"moe_bias/{layer}"] for layer in LAYERS] == [first[4][f"moe_bias/{layer}"] for layer in LAYERS]
 
 
-def test_export_of_an_ep_run_equals_the_reference_export(ep2_run, moe_run, tmp_path):
+@pytest.fixture(scope="module")
+def reference_export(moe_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("moe-export") / "hf"
+    export(moe_run, folder, dtype="fp32")
+    return folder
+
+
+def test_export_of_an_ep_run_equals_the_reference_export(ep2_run, reference_export, tmp_path):
     """The checkpoint holds AutoEP's names and each rank's experts; the export reads it through the universal
     form under our names, so it is the reference run's export (both trained 4 steps from the same start)."""
     ours = export(ep2_run, tmp_path / "ep2", dtype="fp32")
-    reference = export(moe_run, tmp_path / "ref", dtype="fp32")
-    assert ours["params"] == reference["params"]
-    a, b = load_file(tmp_path / "ep2" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert ours["step"] == 4
+    a, b = load_file(tmp_path / "ep2" / "model.safetensors"), load_file(reference_export / "model.safetensors")
     assert set(a) == set(b) and any(".mlp.experts.7." in k for k in a) and any("expert_bias" in k for k in a)
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-4), name
+
+
+def test_init_from_an_export_at_ep2_carries_the_weights_and_the_biases(reference_export, tmp_path, demo_shards):
+    """The way from the pure-torch experts to AutoEP (or back): a new run from the export. At lr 1e-30 the
+    weights after a step are the source's; each expert bias moved by one update (+-0.001 or 0) from the
+    source's, which had moved for 4 steps: a bias restarted at zero would be up to 0.004 away."""
+    run_dir = tmp_path / "run"
+    run_train(launcher(), run_dir, demo_shards, *MOE_ARGS, "logging.mode=disabled", "cluster.expert_parallel=2",
+              f"model.init_from={reference_export}", "optim.lr=1e-30", "trainer.max_steps=1", "trainer.ckpt_every=0")
+    export(run_dir, tmp_path / "again", dtype="fp32")
+    a, b = load_file(tmp_path / "again" / "model.safetensors"), load_file(reference_export / "model.safetensors")
+    assert set(a) == set(b)
+    biases = [k for k in a if k.endswith("expert_bias")]
+    assert len(biases) == len(LAYERS) and all(b[k].abs().max() > 0.002 for k in biases)
+    for name in a:
+        if name in biases:
+            moved = (a[name] - b[name]).abs()
+            assert torch.allclose(moved, torch.where(moved > 5e-4, 1e-3, 0.0), atol=1e-6), name
+        else:
+            assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.parametrize("overrides, world, message", [
