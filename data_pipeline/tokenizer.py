@@ -5,7 +5,8 @@ pads SFT responses) and MASK (the noise). Either is added when a loaded tokenize
 A source model's tokenizer (a warm start, pretrain/hf/causal_import.py) keeps its own end-of-text
 token (`EOS_NAMES`: Llama 3's <|end_of_text|>, Llama 2's </s>), and a token it reserves unused
 (Llama 3's <|reserved_special_token_N|>, the lowest id) serves as MASK, so that no row of the source's
-embedding has to be added; only a tokenizer with neither gets MASK appended.
+embedding has to be added; a diffusion LM's tokenizer keeps its own (LLaDA-MoE's <|mask|>, with its trained
+rows); only a tokenizer with none of these gets MASK appended.
 
     python -m data_pipeline.tokenizer OUT.json data=files data.inputs=[corpus/] data.vocab_size=32000
 """
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 MASK = "<|mdm_mask|>"
+DIFFUSION_MASKS = (MASK, "<|mask|>")  # a diffusion LM's own mask token: LLaDA's; LLaDA-MoE's and LLaDA 2.0's
 EOS_NAMES = (EOS, "<|end_of_text|>", "</s>")  # the first one a tokenizer has is its EOS
 RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")  # Llama 3's names for unused special tokens
 # A document longer than this is tokenized a segment at a time: `tokenizers` needs some 100-200 bytes
@@ -89,9 +91,11 @@ def eos_token(tok: Tokenizer) -> str:
 
 
 def mask_token(tok: Tokenizer) -> str:
-    """MASK if the tokenizer has it, else its lowest reserved special token, else MASK (to be added)."""
-    if tok.token_to_id(MASK) is not None:
-        return MASK
+    """A diffusion LM's own mask token if the tokenizer has one (DIFFUSION_MASKS, in that order), else its
+    lowest reserved special token, else MASK (to be added)."""
+    for token in DIFFUSION_MASKS:
+        if tok.token_to_id(token) is not None:
+            return token
     reserved = [(i, t.content) for i, t in tok.get_added_tokens_decoder().items() if RESERVED.fullmatch(t.content)]
     return min(reserved)[1] if reserved else MASK
 

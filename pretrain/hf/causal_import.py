@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from data_pipeline.tokenizer import MASK, ensure_special_tokens, fingerprint, mask_token
+from data_pipeline.tokenizer import DIFFUSION_MASKS, ensure_special_tokens, fingerprint, mask_token
 from pretrain.config import ModelConfig
 from pretrain.hf.folder_files import INDEX, WEIGHTS, weight_map, weights_path
 from pretrain.hf.format import FormatError, read_config
@@ -170,7 +170,7 @@ def mask_choice(folder: str | Path, data_tokenizer: str | None, rows: int) -> di
     if fingerprint(data) != fingerprint(ours):
         raise FormatError(f"data.tokenizer={data_tokenizer} is not {source} (the data must use the source's tokens)")
     token = mask_token(ours)
-    origin = "added" if raw.token_to_id(token) is None else "tokenizer" if token == MASK else "reserved"
+    origin = "added" if raw.token_to_id(token) is None else "tokenizer" if token in DIFFUSION_MASKS else "reserved"
     added = sorted(ours.token_to_id(t) for t in ours.get_vocab(with_added_tokens=True) if raw.token_to_id(t) is None)
     return {"token": token, "id": ours.token_to_id(token), "origin": origin, "new_rows": added,
             "mean_of": min(raw.get_vocab_size(with_added_tokens=True), rows)}

@@ -33,12 +33,9 @@ model.embed_tokens, model.norm, lm_head as Llama's.
 
 The mask token: LLaDA-MoE was trained with `<|mask|>` (id 156895; the model card's mask_id, absent from
 the Hub's config.json). open_source takes config.json's mask_token_id when there is one, else the id of
-`<|mask|>` in the folder's tokenizer.json. A warm start (model.init_from) takes the data's mask token, as
-for any causal source (causal_import.mask_choice): the data pipeline knows `<|mdm_mask|>` and reserved
-tokens, not `<|mask|>`, so it appends `<|mdm_mask|>`, whose rows start as the mean of the tokenizer's.
-For the same reason shards built with its tokenizer carry that mask id, not `<|mask|>`'s: evaluate --data on
-them and pretrain.export of the folder itself refuse the difference (generate, evaluate --choices and a
-run started from the folder, and its exports, work).
+`<|mask|>` in the folder's tokenizer.json. The data pipeline takes a tokenizer's own diffusion mask token
+(data_pipeline/tokenizer.DIFFUSION_MASKS: `<|mdm_mask|>`, then `<|mask|>`), so shards built with its
+tokenizer and a warm start (model.init_from, causal_import.mask_choice) use `<|mask|>` with its trained rows.
 """
 
 from __future__ import annotations

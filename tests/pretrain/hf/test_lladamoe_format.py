@@ -224,8 +224,8 @@ def test_open_source_reads_the_folder_and_generate_runs(folders, tmp_path, capsy
 
 
 def test_init_from_alone_gives_the_mixture_of_experts_and_its_weights(folders):
-    """compose_config with model.init_from alone: the folder's model.moe; the mask token is the data's (the
-    data pipeline adds <|mdm_mask|>); the weights copied into the run's model give the published logits."""
+    """compose_config with model.init_from alone: the folder's model.moe; the mask token is the folder's own
+    <|mask|> (no row added); the weights copied into the run's model give the published logits."""
     folder, c = folders["published"]
     alone = ["trainer.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
              "trainer.precision=fp32", "logging.mode=disabled", "sample.at_end=false",
@@ -236,8 +236,8 @@ def test_init_from_alone_gives_the_mixture_of_experts_and_its_weights(folders):
     assert (m.moe.num_experts, m.moe.top_k, m.moe.expert_hidden_size, m.moe.num_shared_experts,
             m.moe.first_dense_layers, m.moe.score_func, m.moe.norm_topk_prob, m.moe.aux_loss_coef) == \
         (4, 2, 32, 0, 1, "softmax", False, 0.01)
-    assert m.mask_token["origin"] == "added" and m.mask_token["token"] == "<|mdm_mask|>"
-    assert m.vocab_size == c["vocab_size"]  # the added token's row is one of the padded rows
+    assert m.mask_token["origin"] == "tokenizer" and m.mask_token["token"] == "<|mask|>"
+    assert m.mask_token["new_rows"] == [] and m.vocab_size == c["vocab_size"]
     with pytest.raises(ConfigError, match=r"gives model.rope_theta=50000.0, but model.rope_theta=10000.0"):
         compose_config([*alone, "model.rope_theta=10000.0"])
     with pytest.raises(ConfigError, match=r"gives model.n_layers=3, but model.n_layers=4 \(model=tiny"):
@@ -245,15 +245,12 @@ def test_init_from_alone_gives_the_mixture_of_experts_and_its_weights(folders):
     model = LLaDAModel(m).eval()
     copy_weights_into(model, str(folder))  # no process group: this process writes every tensor
     sd = load_file(str(folder / "model.safetensors"))
-    new = m.mask_token["id"]  # its rows (embedding and head) are the mean of the tokenizer's; the rest as published
-    assert new == 400 and not (IDS == new).any()
-    others = [i for i in range(c["vocab_size"]) if i != new]
+    assert m.mask_token["id"] == 1  # <|mask|>'s id in the folder's tokenizer: its trained rows, as published
     with torch.no_grad():
         got, expected = model(IDS), published_forward(sd, c, IDS)
-        for ours, theirs in ((model.transformer.wte.weight, "model.embed_tokens.weight"),
-                             (model.transformer.ff_out.weight, "lm_head.weight")):
-            assert torch.allclose(ours[new], sd[theirs][:400].mean(0)) and torch.equal(ours[others], sd[theirs][others])
-    assert (got[..., others] - expected[..., others]).abs().max() <= 1e-5
+        assert torch.equal(model.transformer.wte.weight, sd["model.embed_tokens.weight"])
+        assert torch.equal(model.transformer.ff_out.weight, sd["lm_head.weight"])
+    assert (got - expected).abs().max() <= 1e-5
 
 
 def test_an_override_that_disagrees_is_refused_naming_the_key(folders):
@@ -303,3 +300,19 @@ def test_what_cannot_be_represented_is_refused_in_one_line(folders, tmp_path, ke
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_export_writes_the_folder_in_llada2s_format_with_equal_logits(folders, tmp_path):
+    """pretrain.export of a LLaDA-MoE folder itself (its mask token is the tokenizer's <|mask|>, as the
+    data's): LLaDA 2.0's MoE format, softmax routing and the shared expert kept, read back to equal logits."""
+    from pretrain.export import export
+    from pretrain.hf.pretrained import load_model
+
+    folder, _ = folders["shared"]
+    export(folder, tmp_path / "llada2", dtype="fp32")
+    config = json.loads((tmp_path / "llada2" / "config.json").read_text())
+    assert (config["model_type"], config["score_function"], config["norm_topk_prob"], config["num_shared_experts"],
+            config["mask_token_id"]) == ("llada2_moe", "softmax", False, 2, 1)
+    with torch.no_grad():
+        ours, again = load_model(open_source(folder))(IDS), load_model(open_source(tmp_path / "llada2"))(IDS)
+    assert torch.equal(ours, again)
