@@ -156,6 +156,7 @@ DOMAINS: dict[str, Domain] = {
     "cluster.timeout_s": POSITIVE,
     "cluster.nodes": AT_LEAST_1,
     "cluster.sequence_parallel": AT_LEAST_1,
+    "cluster.expert_parallel": nullable(AT_LEAST_1),  # divides num_experts and the world: expert_parallel.py
     "cluster.gpus_per_node": AT_LEAST_1,
     "cluster.gpu_memory_gb": nullable(POSITIVE),
     "cluster.peak_tflops": nullable(Domain("must be positive (or null: looked up by device name)",
