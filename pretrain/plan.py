@@ -57,8 +57,7 @@ def total_params(m) -> int:
 def active_params(m) -> int:
     """The parameters one token uses: all but the routed experts it is not sent to (model.moe)."""
     e = m.moe
-    idle = 0 if e is None else sum(3 * m.d_model * e.expert_hidden_size * (e.num_experts - e.top_k)
-                                   for i in range(m.n_layers) if m.is_moe_layer(i))
+    idle = 0 if e is None else m.layer_expert_params * m.moe_layers * (e.num_experts - e.top_k) // e.num_experts
     return total_params(m) - idle
 
 
@@ -117,23 +116,13 @@ def all_to_all_bytes(run: RunConfig) -> float:
     return 2 * m.n_layers * 2 * width * local_tokens(run) * (n - 1) / n
 
 
-def routed_params(m) -> int:
-    """One MoE layer's routed experts (0 for a dense model)."""
-    e = m.moe
-    return 0 if e is None else 3 * m.d_model * e.expert_hidden_size * e.num_experts
-
-
-def moe_layers(m) -> int:
-    return sum(m.is_moe_layer(i) for i in range(m.n_layers)) if m.moe is not None else 0
-
-
 def expert_all_to_all_bytes(run: RunConfig) -> float:
     """Sent per GPU per micro-step by expert parallelism: each token's top_k copies (d_model, bf16) to their
     experts and back, forward and backward, (N-1)/N of them to another GPU."""
     m, n = run.model, run.cluster.expert_parallel or 1
     if m.moe is None or n == 1:
         return 0.0
-    return moe_layers(m) * 2 * 2 * local_tokens(run) * m.moe.top_k * m.d_model * 2 * (n - 1) / n
+    return m.moe_layers * 2 * 2 * local_tokens(run) * m.moe.top_k * m.d_model * 2 * (n - 1) / n
 
 
 def block_factor(run: RunConfig) -> int:
@@ -167,7 +156,7 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     tokens_per_step = t.global_batch_size * t.seq_len
     states = 16 * params / gpus
     ep = c.expert_parallel or 1
-    away = routed_params(m) * (ep - 1) // ep  # a MoE block's experts held by other EP ranks: never gathered here
+    away = m.layer_expert_params * (ep - 1) // ep  # a MoE block's experts held by other EP ranks: never gathered here
     gathered = 2 * 2 * (block_params(m) - away) + (1 if m.tie_embeddings else 2) * 2 * 2 * m.vocab_size * m.d_model
     acts = {k: activation_bytes(run, k) for k in (0, 1, checkpoint_stride(t.activation_checkpointing))}
     configured = acts[checkpoint_stride(t.activation_checkpointing)]
@@ -175,7 +164,7 @@ def make_plan(run: RunConfig, mfu: float, device_name: str | None = None) -> Pla
     total = states + gathered + configured + loss
     # ZeRO-3 per micro-step: all-gather weights for the forward and again for the backward, and
     # reduce-scatter gradients; each moves (N-1)/N of 2 bytes x params through every GPU.
-    experts = routed_params(m) * moe_layers(m)  # under EP gathered over the gpus / ep ranks holding the same
+    experts = m.layer_expert_params * m.moe_layers  # under EP gathered over the gpus / ep ranks holding the same
     comm = accumulation * 3 * 2 * ((params - experts) * (gpus - 1) / gpus
                                    + experts / ep * (gpus // ep - 1) / (gpus // ep))
     peak = peak_tflops(device_name or "", c.peak_tflops) if (device_name or c.peak_tflops) else None

@@ -162,10 +162,11 @@ def lock_run_dir(run: RunConfig, rank: int) -> run_lock.RunLock | None:
     return lock
 
 
-def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) -> None:
-    """Refuses a checkpoint of another model shape or other data (before the engine is built)."""
+def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) -> str | None:
+    """Refuses a checkpoint of another model shape or other data (before the engine is built); returns why
+    the shards must be recut at the same world size (another cluster.expert_parallel), or None."""
     line = sequence_parallel.resume_line(resume.manifest.get("config", {}), run)
-    expert_parallel.reshard(resume.manifest.get("config", {}), run)  # a switch to or from AutoEP: refused here
+    reshard = expert_parallel.reshard(resume.manifest.get("config", {}), run)  # to or from AutoEP: refused here
     if line and dist.get_rank() == 0:
         print(line, flush=True)
     refused, allowed = compare(resume.manifest.get("config", {}), config_dict(run),
@@ -174,6 +175,7 @@ def check_resume(run: RunConfig, resume: checkpoint.Resume, manifest: Manifest) 
         raise ConfigError(refusal(resume.directory, refused))
     if allowed and dist.get_rank() == 0:
         print(f"resume: changed since {resume.tag}: {'; '.join(allowed)}", flush=True)
+    return reshard
 
 
 def print_sample(run: RunConfig, engine, manifest: Manifest) -> None:
@@ -291,9 +293,8 @@ def train(cfg: DictConfig) -> None:
     resume = choice.find_resume(run.run_dir) if run.resume == "auto" else None
     engine_run = run
     if resume is not None:
-        check_resume(run, resume, manifest)
-        load_dir, ds_section = load_dir_for(resume, run.run_dir, run.deepspeed,
-                                            expert_parallel.reshard(resume.manifest.get("config", {}), run))
+        reshard = check_resume(run, resume, manifest)
+        load_dir, ds_section = load_dir_for(resume, run.run_dir, run.deepspeed, reshard)
         engine_run = dataclasses.replace(run, deepspeed=ds_section)
     engine = build_engine(engine_run, world)
     write_setup(run, engine, cfg, world)

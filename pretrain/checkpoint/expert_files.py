@@ -61,31 +61,25 @@ class ExpertCheckpoint:
         source = config_hash(read_manifest(directory)["files"])  # a replaced checkpoint converts again
         self.root = convert_once(directory, directory.parent / "universal", directory.name, source) / "zero"
         groups = states["param_shapes"]
-        self.names = [n for g in (groups if isinstance(groups, list) else [groups]) for n in g]
-        self.local_shapes = {n: s for g in (groups if isinstance(groups, list) else [groups]) for n, s in g.items()}
-
-    def _load(self, name: str) -> torch.Tensor:
-        path = self.root / name / "fp32.pt"
-        if not path.is_file():
-            raise CheckpointError(f"{self.directory}: the universal form lacks {name} ({path})")
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if isinstance(saved, dict):  # an expert parameter: {"param": [E, ...], "is_expert_param": True, ...}
-            return saved["param"]
-        return saved.view(self.local_shapes[name])  # any other: flat, its shape is the model's
+        local = {n: s for g in (groups if isinstance(groups, list) else [groups]) for n, s in g.items()}
+        experts = {layer["module_path"]: layer["num_experts"] for layer in states["ds_autoep_layers"]}
+        # A rank's experts are [num_experts / EP, ...]; the universal form holds them all, [num_experts, ...].
+        self.shapes_by_name = {n: torch.Size([experts[n.rsplit(".experts.", 1)[0]], *s[1:]])
+                               if re.search(r"\.moe\.experts\.w[123]$", n) else torch.Size(s) for n, s in local.items()}
 
     @property
     def shapes(self) -> dict[str, torch.Size]:
-        out = {}
-        for name in self.names:
-            shape = self.local_shapes[name]
-            if re.search(r"\.moe\.experts\.w[123]$", name):
-                shape = self._load(name).shape  # the logical shape: all experts
-            out[our_name(name)] = torch.Size(shape)
-        return out
+        return {our_name(n): s for n, s in self.shapes_by_name.items()}
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.names:
-            yield our_name(name), self._load(name).float().clone()
+        for name, shape in self.shapes_by_name.items():
+            path = self.root / name / "fp32.pt"
+            if not path.is_file():
+                raise CheckpointError(f"{self.directory}: the universal form lacks {name} ({path})")
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # an expert parameter is {"param": [E, ...], "is_expert_param": True, ...}; any other a flat tensor
+            tensor = saved["param"] if isinstance(saved, dict) else saved
+            yield our_name(name), tensor.float().reshape(shape).clone()
 
 
 def buffers(states: dict) -> dict[str, torch.Tensor]:

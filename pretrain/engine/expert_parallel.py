@@ -38,10 +38,10 @@ MOE_LAYERS = r"transformer\.blocks\.\d+\.moe"  # pretrain/model/transformer.py's
 
 
 def size(run: RunConfig) -> int | None:
-    return getattr(run.cluster, "expert_parallel", None)
+    return run.cluster.expert_parallel
 
 
-def check_config(run: RunConfig, world_size: int | None = None) -> None:
+def check_config(run: RunConfig, world_size: int) -> None:
     section = run.deepspeed if isinstance(run.deepspeed, dict) else {}  # its expert_parallel: ds_config.py refuses
     sp = getattr(run.cluster, "sequence_parallel", 1) or 1
     if run.model.moe is not None and sp > 1:
@@ -55,7 +55,7 @@ def check_config(run: RunConfig, world_size: int | None = None) -> None:
     require(m is not None, f"{key}: expert parallelism needs a mixture of experts (model.moe); this model is "
                            f"dense (set cluster.expert_parallel=null)")
     require(m.num_experts % n == 0, f"{key} does not divide model.moe.num_experts={m.num_experts}")
-    require(world_size is None or world_size % n == 0, f"{key} does not divide the world size {world_size}")
+    require(world_size % n == 0, f"{key} does not divide the world size {world_size}")
     stage = section.get("zero_optimization", {}).get("stage", 0)
     require(stage == 3, f"{key}: AutoEP is wired for ZeRO-3 here (deepspeed.zero_optimization.stage={stage})")
     require(m.n_group == 1 or m.num_experts // m.n_group >= 2,
@@ -138,12 +138,11 @@ class EPRouter:
         counts = outputs[2]
         if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:  # not a checkpointed recompute
             self.load = self.load.to(counts.device) + counts.float()
-        if torch.is_grad_enabled():
+        self.loss = None
+        if torch.is_grad_enabled() and (self.cfg.aux_loss_coef > 0 or self.cfg.z_loss_coef > 0):
             logits = router.gate.logits
             scores = torch.sigmoid(logits) if self.cfg.score_func == "sigmoid" else logits.softmax(-1)
             self.loss = balance_loss(self.cfg, logits, scores, counts)
-        else:
-            self.loss = None
         router.gate.logits = None
 
 

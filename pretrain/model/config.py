@@ -69,3 +69,13 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.moe.first_dense_layers
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    @property
+    def layer_expert_params(self) -> int:
+        """One MoE layer's routed experts, all of them (0 for a dense model)."""
+        e = self.moe
+        return 0 if e is None else 3 * self.d_model * e.expert_hidden_size * e.num_experts

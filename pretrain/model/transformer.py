@@ -354,9 +354,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
         return getattr(p, "ds_numel", p.numel())
 
     cfg, m = model.cfg, model.cfg.moe
-    # The routed experts from the config: under expert parallelism (AutoEP) a rank holds only its own.
-    routed = 0 if m is None else (3 * cfg.d_model * m.expert_hidden_size * m.num_experts
-                                  * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers)))
+    routed = cfg.layer_expert_params * cfg.moe_layers  # from the config: under AutoEP a rank holds only its own
     total = routed + sum(numel(p) for name, p in model.named_parameters() if ".moe.experts." not in name)
     embeddings = {id(p): p for p in (model.transformer.wte.weight, model.transformer.ff_out.weight)}  # once if tied
     embedding = sum(numel(p) for p in embeddings.values())
